@@ -1,0 +1,15 @@
+"""Everything: `from fasterai.all import *`."""
+from .sparsifier import *  # noqa: F401,F403
+from .sparsifier import __all__ as _sparsifier
+from .pruner import *  # noqa: F401,F403
+from .pruner import __all__ as _pruner
+from .graph import *  # noqa: F401,F403
+from .graph import __all__ as _graph
+from .criteria import CRITERIA
+from .granularity import GRANULARITIES
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _errors
+from .report import *  # noqa: F401,F403
+from .report import __all__ as _report
+
+__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, 'CRITERIA', 'GRANULARITIES']

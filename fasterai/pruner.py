@@ -1,0 +1,117 @@
+"""Pruner: rebuild a sparse model smaller, without the channels whose whole group is zero."""
+import copy
+
+import torch
+
+from .errors import PruningError
+from .graph import trace
+from .surgery import shrink
+
+__all__ = ['Pruner', 'dead_channels']
+
+
+def _zero_rows(t, start, length):
+    "Which of rows [start, start+length) of `t` are exactly zero everywhere."
+    return (t.detach()[start:start + length].flatten(1) == 0).all(1)
+
+
+def dead_channels(group, modules):
+    """Which channels of `group` are exactly zero wherever a layer reads them (so removing them is exact).
+
+    A channel is dead when every producer's weight row and bias are zero, and every BatchNorm on the way
+    outputs zero for a zero input in train and eval mode (beta = 0, and gamma = 0 or running mean = 0).
+    """
+    dead = torch.zeros(group.size, dtype=torch.bool)
+    if not group.prunable: return dead
+    dead[:] = True
+    for s in group.slices:
+        m, rows = modules[s.module], slice(s.start, s.start + s.length)
+        if s.role == 'out':
+            ok = _zero_rows(m.weight, s.offset, s.length)
+            if m.bias is not None: ok &= _zero_rows(m.bias[:, None], s.offset, s.length)
+        elif s.role == 'norm':
+            ok = torch.ones(s.length, dtype=torch.bool)
+            if m.affine: ok &= _zero_rows(m.bias[:, None], s.offset, s.length)
+            scale_zero = _zero_rows(m.weight[:, None], s.offset, s.length) if m.affine else torch.zeros_like(ok)
+            mean_zero = (_zero_rows(m.running_mean[:, None], s.offset, s.length) if m.running_mean is not None
+                         else torch.ones_like(ok))
+            ok &= scale_zero | mean_zero
+        else:
+            continue
+        dead[rows] &= ok.cpu()
+    if dead.all(): dead[0] = False   # a layer keeps at least one channel
+    return dead
+
+
+def _channels(module, role):
+    "How many channels `module` has on the side of `role`."
+    if role == 'norm': return module.num_features
+    attr = {'out': ('out_channels', 'out_features'), 'in': ('in_channels', 'in_features')}[role]
+    return next(getattr(module, a) for a in attr if hasattr(module, a))
+
+
+def plan(graph):
+    "Module name -> {role: indices to keep}, for every module that loses channels."
+    modules, drops = graph.modules(), {}
+    for g in graph.groups:
+        dead = dead_channels(g, modules)
+        if not dead.any(): continue
+        for s in g.slices:
+            idx = dead[s.start:s.start + s.length].nonzero().flatten() + s.offset
+            if s.block != 1: idx = (idx[:, None] * s.block + torch.arange(s.block)).flatten()
+            drops.setdefault((s.module, s.role), []).append(idx)
+    keep = {}
+    for (name, role), idx in drops.items():
+        k = torch.ones(_channels(modules[name], role), dtype=torch.bool)
+        k[torch.cat(idx)] = False
+        keep.setdefault(name, {})[role] = k.nonzero().flatten()
+    return keep
+
+
+def _outputs(out):
+    "The tensors in a model output (a tensor, or nested tuples, lists and dicts of them)."
+    if isinstance(out, torch.Tensor): return [out]
+    if isinstance(out, dict): out = list(out.values())
+    if isinstance(out, (list, tuple)): return [t for o in out for t in _outputs(o)]
+    return []
+
+
+@torch.no_grad()
+def check_same_function(model, pruned, input_shape, rtol=1e-4):
+    "Run both models in eval mode on one random input; raise PruningError if their outputs differ."
+    p = next(model.parameters(), None)
+    device, dtype = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    modes = model.training, pruned.training
+    model.eval(); pruned.eval()
+    try:
+        ref, got = _outputs(model(x)), _outputs(pruned(x))
+    except RuntimeError as e:
+        raise PruningError(f'the pruned {type(model).__name__} fails to run: {e}') from e
+    finally:
+        model.train(modes[0]); pruned.train(modes[1])
+    for a, b in zip(ref, got):
+        scale = a.abs().max().item()
+        diff = (a - b).abs().max().item() if a.shape == b.shape else float('inf')
+        if not diff <= rtol * max(scale, 1e-12):
+            raise PruningError(f'the pruned {type(model).__name__} differs from the sparse one by {diff:.3g} '
+                               f'(output scale {scale:.3g}); please report this model')
+
+
+class Pruner:
+    """Returns a physically smaller copy of a model: every channel whose whole group is zero is removed.
+
+    `example_input`: a tensor or shape for tracing (guessed from the first layer when None).
+    `verify`: run the sparse and pruned models on one random input and raise if they differ.
+    """
+    def __init__(self, example_input=None, verify=True):
+        self.example_input, self.verify = example_input, verify
+
+    def prune_model(self, model):
+        "A new model of the same class, computing the same function without the zero channels."
+        pruned = copy.deepcopy(model)
+        graph = trace(pruned, self.example_input)
+        for name, keep in plan(graph).items():
+            shrink(pruned.get_submodule(name), keep)
+        if self.verify: check_same_function(model, pruned, graph.input_shape)
+        return pruned

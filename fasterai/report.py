@@ -1,0 +1,89 @@
+"""Measure a model: parameters, MACs (torch.utils.flop_counter), CPU latency (torch.utils.benchmark), shapes."""
+import torch
+import torch.nn as nn
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models']
+
+
+def _input(model, example_input):
+    if isinstance(example_input, torch.Tensor): return example_input
+    p = next(model.parameters())
+    return torch.randn(tuple(example_input), generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+
+
+def count_params(model):
+    "Number of parameters."
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model, example_input):
+    "Multiply-accumulates of one forward pass on `example_input` (a tensor or a shape), in eval mode."
+    was = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(_input(model, example_input))
+    finally:
+        model.train(was)
+    return counter.get_total_flops() // 2
+
+
+def latency_ms(model, example_input, min_run_time=1.0, threads=None):
+    "Median CPU latency in milliseconds of one eval-mode forward pass (torch.utils.benchmark)."
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            timer = Timer('model(x)', globals={'model': model, 'x': _input(model, example_input)},
+                          num_threads=threads or torch.get_num_threads())
+            return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    finally:
+        model.train(was)
+
+
+def layer_shapes(model):
+    "Qualified name -> (type name, weight shape, parameters) for every layer that holds parameters itself."
+    out = {}
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if not own: continue
+        w = getattr(m, 'weight', None)
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(own[0].shape)
+        out[name] = (type(m).__name__, shape, sum(p.numel() for p in own))
+    return out
+
+
+def _table(rows):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return '\n'.join('  '.join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def compare_models(dense, pruned, example_input, latency_input=None, extra=(), min_run_time=1.0):
+    """A printable before/after table: `extra` rows (name, before, after), params, MACs, latency, layer shapes.
+
+    MACs are counted on `example_input`; latency is timed on `latency_input` (default: `example_input`).
+    """
+    lat_in = latency_input if latency_input is not None else example_input
+    lat_shape = tuple(lat_in.shape if isinstance(lat_in, torch.Tensor) else lat_in)
+    p0, p1 = count_params(dense), count_params(pruned)
+    m0, m1 = count_macs(dense, example_input), count_macs(pruned, example_input)
+    t0, t1 = latency_ms(dense, lat_in, min_run_time), latency_ms(pruned, lat_in, min_run_time)
+    rows = [('', 'before', 'after', 'after/before'), *extra,
+            ('parameters', f'{p0:,}', f'{p1:,}', f'{p1 / p0:.3f}'),
+            ('MACs per image', f'{m0 // _batch(example_input):,}', f'{m1 // _batch(example_input):,}', f'{m1 / m0:.3f}'),
+            (f'CPU latency, batch {lat_shape[0]} (median ms)', f'{t0:.2f}', f'{t1:.2f}', f'{t1 / t0:.3f}')]
+    s0, s1 = layer_shapes(dense), layer_shapes(pruned)
+    layers = [('layer', 'before', 'after', 'params after')]
+    for name, (kind, shape, _) in s0.items():
+        after = s1.get(name)
+        layers.append((f'{name} ({kind})', 'x'.join(map(str, shape)),
+                       'x'.join(map(str, after[1])) if after else 'removed', f'{after[2]:,}' if after else '0'))
+    return _table(rows) + '\n\n' + _table(layers)
+
+
+def _batch(example_input):
+    return (example_input.shape if isinstance(example_input, torch.Tensor) else example_input)[0]

@@ -1,0 +1,219 @@
+"""Sparsifier: zero the least important weights, kernels or whole filters of a model, and keep them zero.
+
+`from fasterai.sparsifier import *` gives `Sparsifier`, `SparsifyCallback` (fastai, imported on first use)
+and the schedules.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from .criteria import resolve_criterion
+from .granularity import FILTER, resolve_granularity
+from .graph import trace
+from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
+from .schedules import __all__ as _schedules
+
+__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'find_layers', *_schedules]
+
+METHODS = ('local', 'global')
+"'local': each layer to the target; 'global': one threshold over all targeted layers."
+
+
+def check_sparsity(sparsity):
+    "`sparsity` as a float percentage, or a ValueError."
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 100:
+        raise ValueError(f'sparsity must be a percentage in [0, 100], got {sparsity!r}')
+    return float(sparsity)
+
+
+def check_method(method):
+    if method not in METHODS: raise ValueError(f'unknown method {method!r}: choose one of {sorted(METHODS)}')
+    return method
+
+
+def find_layers(model, layer_type):
+    "Qualified name -> module for every module of `layer_type` (a type or tuple of types), or a ValueError."
+    types = layer_type if isinstance(layer_type, tuple) else (layer_type,)
+    if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise ValueError(f'layer_type must be an nn.Module subclass or a tuple of them, got {layer_type!r}')
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
+    if not layers:
+        raise ValueError(f'{type(model).__name__} has no layer of layer_type '
+                         f'{", ".join(t.__name__ for t in types)} to sparsify')
+    return layers
+
+
+def n_zero(units, sparsity):
+    "How many of `units` make `sparsity` percent, rounding half up: 30% of 20 is 6, 7.5% of 20 is 2."
+    return math.floor(units * sparsity / 100 + 0.5 + 1e-9)
+
+
+class _WeightTarget:
+    "One layer's weight, scored in blocks of `dims` ('weight': each element; 'kernel': each k x k kernel)."
+    structured = False
+
+    def __init__(self, name, module, dims):
+        w = module.weight
+        if any(d >= w.dim() for d in dims):
+            raise ValueError(f"granularity dims {dims} do not fit layer '{name}' whose weight has {w.dim()} dims")
+        self.name, self.module, self.dims, self.layers = name, module, dims, [name]
+        self.shape = tuple(1 if d in dims else s for d, s in enumerate(w.shape))
+        self.units = math.prod(self.shape)
+
+    def scores(self, criterion):
+        s = criterion(self.module.weight.detach())
+        return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
+
+    def masks(self, drop):
+        keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
+        keep[drop] = False
+        return {f'{self.name}.weight': keep.view(self.shape)}
+
+
+class _GroupTarget:
+    "A channel group: scored by its producers' rows, zeroed in every producer row, bias and norm."
+    structured = True
+
+    def __init__(self, group, modules, layer_names):
+        self.group, self.modules, self.units = group, modules, group.size
+        self.layers = layer_names
+        self.name = '+'.join(s.module for s in group.by_role('out'))
+
+    def scores(self, criterion):
+        total = None
+        for s in self.group.by_role('out'):
+            w = self.modules[s.module].weight.detach()[s.offset:s.offset + s.length]
+            part = torch.zeros(self.units, device=w.device)
+            part[s.start:s.start + s.length] = criterion(w).flatten(1).sum(1).float()
+            total = part if total is None else total + part
+        return total
+
+    def masks(self, drop):
+        keep = torch.ones(self.units, dtype=torch.bool, device=drop.device)
+        keep[drop] = False
+        out = {}
+        for s in self.group.slices:
+            if s.role == 'in': continue
+            m, k = self.modules[s.module], keep[s.start:s.start + s.length]
+            names = ('weight', 'bias')
+            for pname in names:
+                p = getattr(m, pname, None)
+                if p is None: continue
+                key = f'{s.module}.{pname}'
+                mask = out.get(key)
+                if mask is None:
+                    mask = out[key] = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+                mask[s.offset:s.offset + s.length] &= k
+        return {k: (v.view(-1, *[1] * (self.modules[k.rsplit('.', 1)[0]].weight.dim() - 1))
+                    if k.endswith('.weight') else v) for k, v in out.items()}
+
+
+class Sparsifier:
+    """Zeroes the least important parts of a model's layers and keeps masks to hold them at zero.
+
+    `granularity`: 'weight', 'kernel', 'filter' (whole channel groups, prunable by `Pruner`), or a dims tuple.
+    `method`: 'local' (each layer to the target) or 'global' (one threshold, scores normalised per layer).
+    `criteria`: a name in `CRITERIA` ('l1', 'l2') or a function of the weight.
+    `layer_type`: the layer type(s) to sparsify (a group is targeted when one of its producers is one).
+    `example_input`: a tensor or shape for tracing at 'filter' granularity (guessed when None).
+    """
+    def __init__(self, model, granularity='filter', method='local', criteria='l1', layer_type=nn.Conv2d,
+                 example_input=None):
+        self.model, self.granularity = model, resolve_granularity(granularity)
+        self.method, self.criterion = check_method(method), resolve_criterion(criteria)
+        self.layers = find_layers(model, layer_type)
+        self.frozen = {}   # targeted layer name -> why it cannot be sparsified at this granularity
+        self.targets = self._targets(example_input)
+        self.masks, self._drop, self._counts = {}, {}, None
+        self._params = dict(model.named_parameters())
+
+    def _targets(self, example_input):
+        if self.granularity != FILTER:
+            return [_WeightTarget(n, m, self.granularity) for n, m in self.layers.items()]
+        self.graph = trace(self.model, example_input)
+        modules, targets = self.graph.modules(), []
+        for g in self.graph.groups:
+            mine = [s.module for s in g.by_role('out') if s.module in self.layers]
+            if not mine: continue
+            if g.prunable: targets.append(_GroupTarget(g, modules, mine))
+            else: self.frozen.update({n: '; '.join(g.frozen) for n in mine})
+        if not targets:
+            raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in self.layers.values()}))} filter '
+                             f'of {type(self.model).__name__} can be sparsified: {self.frozen}')
+        return targets
+
+    def _plan(self, sparsity):
+        "Zero units per target ('local') or in all ('global')."
+        if self.method == 'local':
+            return tuple(min(n_zero(t.units, sparsity), t.units - 1 if t.structured else t.units)
+                         for t in self.targets)
+        return (min(n_zero(sum(t.units for t in self.targets), sparsity),
+                    sum(t.units - 1 for t in self.targets)),)
+
+    @torch.no_grad()
+    def sparsify(self, sparsity):
+        "Zero `sparsity` percent of the targeted units (re-scoring only when the counts change), apply masks."
+        counts = self._plan(check_sparsity(sparsity))
+        if counts != self._counts:
+            self._update_masks(counts)
+            self._counts = counts
+        self.apply_masks()
+
+    def _update_masks(self, counts):
+        scores = [t.scores(self.criterion) for t in self.targets]
+        if self.method == 'local':
+            drops = [torch.topk(s, k, largest=False).indices for s, k in zip(scores, counts)]
+        else:
+            drops = self._global_drops(scores, counts[0])
+        self.masks = {}
+        for t, d in zip(self.targets, drops): self.masks.update(t.masks(d))
+        self._drop = {k: ~v for k, v in self.masks.items()}
+
+    def _global_drops(self, scores, k):
+        "One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped."
+        normed = []
+        for s in scores:
+            s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
+            s[s.argmax()] = math.inf
+            normed.append(s)
+        flat = torch.cat(normed)
+        drop = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        drop[torch.topk(flat, k, largest=False).indices] = True
+        return [d.nonzero().flatten() for d in drop.split([s.numel() for s in scores])]
+
+    @torch.no_grad()
+    def apply_masks(self):
+        "Set every masked parameter entry to exactly zero (NaN and inf included)."
+        for name, drop in self._drop.items():
+            self._params[name].masked_fill_(drop, 0)
+
+    def layer_sparsity(self):
+        "Targeted layer name -> percentage of exactly-zero weights."
+        layers = {n: self.layers[n] for t in self.targets for n in t.layers}
+        return {n: 100 * (m.weight == 0).sum().item() / m.weight.numel() for n, m in layers.items()}
+
+    def sparsity(self):
+        "Measured percentage of exactly-zero weights over all targeted layers."
+        layers = {n: self.layers[n] for t in self.targets for n in t.layers}
+        zeros = sum((m.weight == 0).sum().item() for m in layers.values())
+        return 100 * zeros / sum(m.weight.numel() for m in layers.values())
+
+    def print_sparsity(self):
+        "Print each layer of `layer_type`: its shape, zero weights and sparsity, then the targeted total."
+        rows = [('Layer', 'Type', 'Weight shape', 'Zeros', 'Sparsity')]
+        for n, m in self.layers.items():
+            z, total = (m.weight == 0).sum().item(), m.weight.numel()
+            note = f'  (frozen: {self.frozen[n]})' if n in self.frozen else ''
+            rows.append((n, type(m).__name__, 'x'.join(map(str, m.weight.shape)), f'{z:,}/{total:,}',
+                         f'{100 * z / total:.2f}%{note}'))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows: print('  '.join(c.ljust(w) for c, w in zip(r, widths)) + '  ' + r[4])
+        print(f'Sparsity of the targeted layers: {self.sparsity():.2f}%')
+
+
+def __getattr__(name):
+    if name == 'SparsifyCallback':   # the callback imports fastai; the Sparsifier does not need it
+        from .callback import SparsifyCallback
+        return SparsifyCallback
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,49 @@
+"""Surgery on one layer: keep a subset of its output, input or normalised channels, in place."""
+import torch
+import torch.nn as nn
+
+__all__ = ['shrink', 'SHRINKERS']
+
+
+def _take(module, pname, dim, idx):
+    "Replace parameter or buffer `pname` by its entries `idx` along `dim`."
+    t = getattr(module, pname, None)
+    if t is None: return
+    new = t.detach().index_select(dim, idx.to(t.device))
+    if isinstance(t, nn.Parameter): setattr(module, pname, nn.Parameter(new, requires_grad=t.requires_grad))
+    else: setattr(module, pname, new)
+
+
+def shrink_conv(m, out=None, inp=None):
+    "Conv2d (groups=1): keep output channels `out` (weight rows, bias) and input channels `inp`."
+    if out is not None:
+        _take(m, 'weight', 0, out); _take(m, 'bias', 0, out); m.out_channels = len(out)
+    if inp is not None:
+        _take(m, 'weight', 1, inp); m.in_channels = len(inp)
+
+
+def shrink_linear(m, out=None, inp=None):
+    "Linear: keep output features `out` (weight rows, bias) and input features `inp`."
+    if out is not None:
+        _take(m, 'weight', 0, out); _take(m, 'bias', 0, out); m.out_features = len(out)
+    if inp is not None:
+        _take(m, 'weight', 1, inp); m.in_features = len(inp)
+
+
+def shrink_norm(m, norm=None):
+    "BatchNorm: keep channels `norm` of the affine parameters and running statistics."
+    for p in ('weight', 'bias', 'running_mean', 'running_var'): _take(m, p, 0, norm)
+    m.num_features = len(norm)
+
+
+SHRINKERS = {nn.Conv2d: shrink_conv, nn.Linear: shrink_linear, nn.BatchNorm1d: shrink_norm, nn.BatchNorm2d: shrink_norm}
+"Exact layer type -> function(module, **{role: kept indices}) that shrinks it in place."
+
+
+def shrink(module, keep):
+    "Shrink `module` in place to the channels `keep` gives per role ('out', 'in', 'norm')."
+    f = SHRINKERS.get(type(module))
+    if f is None:
+        raise TypeError(f'cannot shrink a {type(module).__name__}: only {[t.__name__ for t in SHRINKERS]}')
+    with torch.no_grad():
+        f(module, **{'inp' if r == 'in' else r: idx for r, idx in keep.items()})

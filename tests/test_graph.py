@@ -1,0 +1,144 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import FlatNet
+
+from fasterai.errors import TraceError, UnsupportedOperationError
+from fasterai.examples import Net
+from fasterai.graph import trace
+from fasterai.pruner import Pruner
+from fasterai.sparsifier import Sparsifier
+
+
+def roles(group):
+    return sorted((s.module, s.role) for s in group.slices)
+
+
+def test_seed_net_groups():
+    g = trace(Net(3))
+    assert [grp.size for grp in g.groups] == [20, 50, 100, 50, 10]
+    assert roles(g.groups[0]) == [('bn1', 'norm'), ('conv1', 'out'), ('conv2', 'in')]
+    assert roles(g.groups[2]) == [('bn3', 'norm'), ('conv3', 'out'), ('fc1', 'in')]
+    assert [grp.prunable for grp in g.groups] == [True, True, True, True, False]
+    assert g.groups[4].frozen == ['reaches the model output']
+    assert not any(s.module == 'conv1' and s.role == 'in' for grp in g.groups for s in grp.slices)
+
+
+def test_flatten_maps_a_channel_to_a_block_of_features():
+    g = trace(FlatNet(), example_input=(2, 3, 8, 8))
+    (fc_in,) = [s for grp in g.groups for s in grp.slices if s.module == 'head.1' and s.role == 'in']
+    assert (fc_in.length, fc_in.block) == (12, 16)
+    assert roles(g.groups[2]) == [('head.1', 'out'), ('head.2', 'norm'), ('head.5', 'in')]
+
+
+def test_graph_prints_groups_and_reasons():
+    text = repr(trace(Net(3)))
+    assert 'ChannelGraph of Net: 5 groups, 4 prunable' in text
+    assert 'conv1.out[0:20], bn1.norm[0:20], conv2.in[0:20]' in text
+    assert 'frozen: reaches the model output' in text
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x) + x
+
+
+def test_operation_outside_the_set_is_refused_by_name():
+    with pytest.raises(UnsupportedOperationError, match="add"):
+        trace(Residual(), (2, 3, 8, 8))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else x
+
+
+def test_untraceable_model_raises_trace_error():
+    with pytest.raises(TraceError, match='cannot trace Branchy'):
+        trace(Branchy())
+
+
+def test_forward_hooks_are_refused():
+    m = Net(3)
+    m.conv2.register_forward_hook(lambda *a: None)
+    with pytest.raises(TraceError, match="'conv2' has forward hooks"):
+        trace(m)
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(torch.sigmoid(self.a(x)))))
+
+
+def test_zero_moving_activation_freezes_the_group():
+    g = trace(Gated(), (2, 3, 12, 12))
+    (a_group,) = [grp for grp in g.groups if ('a', 'out') in roles(grp)]
+    assert not a_group.prunable and "'sigmoid' maps 0 to a non-zero value" in a_group.frozen[0]
+    s = Sparsifier(Gated(), example_input=(2, 3, 12, 12))
+    assert [t.name for t in s.targets] == ['b'] and 'a' in s.frozen
+
+
+class HardCoded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.pool, self.fc = nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Linear(10, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.a(x)).view(-1, 10))
+
+
+def test_hard_coded_channel_count_is_refused():
+    with pytest.raises(UnsupportedOperationError, match='hard-codes size 10'):
+        Pruner(example_input=(2, 3, 8, 8)).prune_model(HardCoded())
+
+
+class Shared(nn.Module):
+    "One conv applied twice: its input and output channels are the same channels."
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        x = F.relu(self.c(x))
+        return self.head(F.relu(self.c(x)))
+
+
+def test_module_called_twice_unites_its_channels():
+    torch.manual_seed(0)
+    m = Shared()
+    g = trace(m, (2, 3, 8, 8))
+    (grp,) = [grp for grp in g.groups if ('a', 'out') in roles(grp)]
+    assert roles(grp) == [('a', 'out'), ('c', 'in'), ('c', 'out'), ('head', 'in')]
+    Sparsifier(m, example_input=(2, 3, 8, 8)).sparsify(50)
+    p = Pruner(example_input=(2, 3, 8, 8)).prune_model(m)
+    assert p.c.weight.shape == (4, 4, 3, 3)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(p(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_shapes_come_from_meta_tensors_without_touching_weights():
+    m = Net(3)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = trace(m, torch.zeros(4, 3, 40, 40))
+    assert g.input_shape == (4, 3, 40, 40)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_bad_example_input_names_the_shape():
+    with pytest.raises(TraceError, match=r'shape \(2, 5, 8, 8\)'):
+        trace(Net(3), (2, 5, 8, 8))

@@ -1,0 +1,34 @@
+import math
+
+import pytest
+from fastai.callback.schedule import sched_cos, sched_lin
+
+from fasterai.schedules import SCHEDULES, annealing_agp, annealing_cos, annealing_linear, one_shot, resolve_schedule
+
+
+@pytest.mark.parametrize('f', list(SCHEDULES.values()))
+def test_endpoints_and_monotonic(f):
+    assert f(0, 30, 0) == pytest.approx(0) and f(0, 30, 1) == pytest.approx(30)
+    values = [f(0, 30, i / 100) for i in range(101)]
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+
+
+def test_values_by_hand():
+    assert annealing_cos(0, 30, 1 / 3) == pytest.approx(7.5)    # the seed's first epoch of three
+    assert annealing_cos(0, 30, 2 / 3) == pytest.approx(22.5)
+    assert annealing_linear(10, 50, 0.25) == pytest.approx(20)
+    assert annealing_agp(0, 80, 0.5) == pytest.approx(80 - 80 * 0.125)
+    assert one_shot(0, 30, 0.999) == 0 and one_shot(0, 30, 1.0) == 30
+
+
+def test_same_as_fastai_schedules():
+    for pos in (0, 0.1, 0.5, 0.77, 1):
+        assert annealing_cos(5, 40, pos) == pytest.approx(sched_cos(5, 40, pos))
+        assert annealing_linear(5, 40, pos) == pytest.approx(sched_lin(5, 40, pos))
+
+
+def test_resolve():
+    assert resolve_schedule('cos') is annealing_cos
+    assert resolve_schedule(sched_cos) is sched_cos
+    with pytest.raises(ValueError, match=r"unknown schedule 'cosine'.*\['agp', 'cos', 'linear', 'one_shot'\]"):
+        resolve_schedule('cosine')
