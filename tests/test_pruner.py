@@ -1,0 +1,117 @@
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from conftest import FlatNet, max_rel_diff, randomize_norms
+
+from fasterai.errors import PruningError
+from fasterai.examples import Net
+from fasterai.pruner import Pruner, check_same_function
+from fasterai.report import count_params
+from fasterai.sparsifier import Sparsifier
+
+
+def params_by_layer(model):
+    return {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_children()}
+
+
+def test_seed_net_parameter_counts():
+    torch.manual_seed(0)
+    model = randomize_norms(Net(3))
+    Sparsifier(model, 'filter', 'local', 'l1').sparsify(30)
+    pruned = Pruner().prune_model(model)
+    counts = params_by_layer(pruned)
+    assert {k: counts[k] for k in ('conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3')} == \
+        dict(conv1=1064, bn1=28, conv2=12285, bn2=70, conv3=61320, bn3=140)
+    assert pruned.fc1.in_features == 70 and pruned.fc1.weight.shape == (50, 70)
+    assert type(pruned) is Net
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+def test_pruned_computes_the_sparse_function(mode):
+    torch.manual_seed(0)
+    model = randomize_norms(Net(3))
+    Sparsifier(model, 'filter', 'global', 'l2').sparsify(45)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = Pruner().prune_model(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), 'input model changed'
+    assert count_params(pruned) < count_params(model)
+    getattr(model, mode)(); getattr(pruned, mode)()
+    x = torch.randn(8, 3, 32, 32) * 3
+    assert max_rel_diff(model(x), pruned(x)) < 1e-5
+
+
+def test_flatten_into_linear_and_batchnorm1d():
+    torch.manual_seed(0)
+    model = randomize_norms(FlatNet())
+    Sparsifier(model, 'filter', 'local', layer_type=(nn.Conv2d, nn.Linear), example_input=(2, 3, 8, 8)).sparsify(40)
+    pruned = Pruner(example_input=(2, 3, 8, 8)).prune_model(model).eval()
+    assert pruned.conv2.out_channels == 7 and pruned.head[1].in_features == 7 * 16
+    assert pruned.head[1].out_features == 12 and pruned.head[2].num_features == 12
+    x = torch.randn(4, 3, 8, 8)
+    assert max_rel_diff(model.eval()(x), pruned(x)) < 1e-5
+
+
+def test_no_zeros_gives_an_equal_copy():
+    model = Net(3).eval()
+    pruned = Pruner().prune_model(model)
+    assert pruned is not model and params_by_layer(pruned) == params_by_layer(model)
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.equal(model(x), pruned(x))
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(model.parameters(), pruned.parameters()))
+
+
+def test_live_norm_keeps_the_channel():
+    "A zero conv row whose BatchNorm still adds a shift feeds a constant: removing it would change outputs."
+    torch.manual_seed(0)
+    model = randomize_norms(Net(3)).eval()
+    with torch.no_grad():
+        model.conv2.weight[:5] = 0; model.conv2.bias[:5] = 0       # bn2 beta stays non-zero
+        model.conv3.weight[:4] = 0; model.conv3.bias[:4] = 0
+        model.bn3.bias[:4] = 0; model.bn3.weight[:2] = 0; model.bn3.running_mean[2:4] = 0
+    pruned = Pruner().prune_model(model)
+    assert pruned.conv2.out_channels == 50 and pruned.conv3.out_channels == 96
+    x = torch.randn(2, 3, 28, 28)
+    assert max_rel_diff(model(x), pruned.eval()(x)) < 1e-5
+
+
+@pytest.mark.parametrize('arch', ['vgg16', 'vgg16_bn'])
+@pytest.mark.parametrize('method', ['local', 'global'])
+def test_vgg(arch, method):
+    torch.manual_seed(0)
+    model = randomize_norms(getattr(torchvision.models, arch)(weights=None)).eval()
+    shape = (2, 3, 32, 32)
+    Sparsifier(model, 'filter', method, 'l1', example_input=shape).sparsify(30)
+    pruned = Pruner(example_input=shape).prune_model(model)
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13
+    if method == 'local':
+        assert [c.out_channels for c in convs] == [45, 45, 90, 90, 179, 179, 179, 358, 358, 358, 358, 358, 358]
+    assert pruned.classifier[0].in_features == convs[-1].out_channels * 49
+    assert count_params(pruned) < 0.8 * count_params(model)
+    x = torch.randn(shape)
+    assert max_rel_diff(model(x), pruned(x)) < 1e-4
+
+
+def test_check_same_function_catches_a_wrong_model():
+    a, b = Net(3), Net(3)
+    with pytest.raises(PruningError, match='differs from the sparse one'):
+        check_same_function(a, b, (2, 3, 28, 28))
+    c = Net(3)
+    c.fc1 = nn.Linear(99, 50)
+    with pytest.raises(PruningError, match='fails to run'):
+        check_same_function(a, c, (2, 3, 28, 28))
+
+
+def test_pruned_model_saves_and_loads():
+    torch.manual_seed(0)
+    model = Net(3)
+    Sparsifier(model).sparsify(50)
+    pruned = Pruner().prune_model(model).eval()
+    buf = io.BytesIO()
+    torch.save(pruned, buf); buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.equal(loaded(x), pruned(x))
