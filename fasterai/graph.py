@@ -160,8 +160,9 @@ def _propagate_shapes(gm, model, example_input):
         try:
             _MetaShapeProp(gm).propagate(torch.empty(shape, dtype=dtype, device='meta'))
         except Exception:   # code that builds real tensors in forward cannot mix with meta: run it for real
+            p = next(model.parameters(), None)
             with torch.no_grad():
-                ShapeProp(gm).propagate(torch.zeros(shape, dtype=dtype))
+                ShapeProp(gm).propagate(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
     except Exception as e:
         hint = '' if example_input is not None else ' (the shape was guessed: pass example_input)'
         raise TraceError(f'running {type(model).__name__} on an input of shape {shape} failed{hint}: {e}') from e
