@@ -4,8 +4,13 @@ Run: `python -m fasterai.demo [--epochs 3] [--n-train 60000] [--n-valid 10000]`
 """
 import argparse
 import contextlib
+import logging
 import sys
 import time
+import warnings
+
+warnings.filterwarnings('ignore', category=FutureWarning, module='torch')        # torch.jit notices on import
+logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)           # "No CUDA runtime is found"
 
 
 import torch

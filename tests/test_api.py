@@ -1,0 +1,26 @@
+"""The names the seed notebook imports, and the one version string."""
+import re
+from pathlib import Path
+
+
+def test_star_imports_give_the_seed_names():
+    ns = {}
+    exec('from fasterai.sparsifier import *\nfrom fasterai.pruner import *', ns)
+    for name in ('SparsifyCallback', 'Sparsifier', 'annealing_cos', 'annealing_linear', 'annealing_agp', 'Pruner'):
+        assert name in ns, name
+    from fasterai.callback import SparsifyCallback
+    assert ns['SparsifyCallback'] is SparsifyCallback
+
+
+def test_all_module_exports_resolve():
+    import fasterai.all as fa
+    ns = {}
+    exec('from fasterai.all import *', ns)
+    assert set(fa.__all__) <= set(ns) and {'trace', 'count_macs', 'PruningError', 'CRITERIA'} <= set(ns)
+
+
+def test_one_version_string():
+    import fasterai
+    setup = Path(__file__).resolve().parent.parent / 'setup.py'
+    assert re.fullmatch(r'\d+\.\d+\.\d+', fasterai.__version__)
+    assert "version=version" in setup.read_text()
