@@ -1,14 +1,10 @@
 """The exceptions fasterai raises, all `ValueError`s so that a bad model reads like bad input."""
 
-__all__ = ['TraceError', 'UnsupportedOperationError', 'PruningError']
+__all__ = ['TraceError', 'PruningError']
 
 
 class TraceError(ValueError):
     """The model cannot be traced into a channel graph (fx failure, forward hooks, unknown input shape)."""
-
-
-class UnsupportedOperationError(ValueError):
-    """The model applies an operation to tracked channels that the channel graph does not handle."""
 
 
 class PruningError(ValueError):

@@ -14,8 +14,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from .errors import TraceError, UnsupportedOperationError
-from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Layout
+from .errors import TraceError
+from .ops import FUNCTION_RULES, INPLACE, METHOD_RULES, MODULE_RULES, Layout, Piece, Unhandled
 
 __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
 
@@ -24,7 +24,8 @@ __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
 class Slice:
     """Group channels [start, start+length) seen as channels [offset, offset+length) of one module role."""
     module: str      # qualified name of the module
-    role: str        # 'out': weight rows and bias; 'norm': per-channel affine and stats; 'in': input columns
+    role: str        # 'out': weight rows and bias; 'norm': per-channel affine and stats; 'dw': a depthwise
+                     # conv's rows and bias (its input and output channels are these channels); 'in': input columns
     offset: int      # first channel on the module's side
     start: int       # first channel on the group's side
     length: int
@@ -100,14 +101,16 @@ class _Spaces:
     def add_slices(self, layout, module, role):
         "Record that `module` sees `layout`'s channels as its own channels 0.. in order (its `role`)."
         offset = 0
-        for space, start, stop in layout.pieces:
-            self.slices[self.find(space)].append(Slice(module, role, offset, start, stop - start, layout.block))
-            offset += stop - start
+        for p in layout.pieces:
+            self.slices[self.find(p.space)].append(Slice(module, role, offset, p.start, p.stop - p.start, layout.block))
+            offset += p.stop - p.start
 
     def freeze(self, layout, reason):
-        for space, _, _ in layout.pieces:
-            reasons = self.frozen[self.find(space)]
-            if reason not in reasons: reasons.append(reason)
+        for p in layout.pieces: self.freeze_space(p.space, reason)
+
+    def freeze_space(self, space, reason):
+        reasons = self.frozen[self.find(space)]
+        if reason not in reasons: reasons.append(reason)
 
     def groups(self):
         roots = sorted({self.find(s) for s in range(len(self.parent))})
@@ -150,25 +153,26 @@ def _default_input_shape(model):
     raise TraceError(f'cannot guess the input shape of {type(model).__name__}: pass example_input')
 
 
-def _propagate_shapes(gm, model, example_input):
-    shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else example_input
-    shape = tuple(shape) if shape is not None else _default_input_shape(model)
-    dtype = example_input.dtype if isinstance(example_input, torch.Tensor) else torch.float32
-    was_training = model.training
-    model.eval(); gm.eval()
+def _input_shape(model, example_input):
+    if example_input is None: return _default_input_shape(model)
+    return tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+
+
+def _propagate_shapes(gm, model, shape, dtype, guessed):
+    "Shapes of every node on meta tensors; in eval mode, code that needs real tensors runs on zeros."
     try:
         try:
             _MetaShapeProp(gm).propagate(torch.empty(shape, dtype=dtype, device='meta'))
-        except Exception:   # code that builds real tensors in forward cannot mix with meta: run it for real
+        except Exception:
+            if model.training: raise   # a real train-mode run would update BatchNorm statistics
             p = next(model.parameters(), None)
             with torch.no_grad():
                 ShapeProp(gm).propagate(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
     except Exception as e:
-        hint = '' if example_input is not None else ' (the shape was guessed: pass example_input)'
-        raise TraceError(f'running {type(model).__name__} on an input of shape {shape} failed{hint}: {e}') from e
-    finally:
-        model.train(was_training)
-    return shape
+        hint = ' (the shape was guessed: pass example_input)' if guessed else ''
+        mode = 'train' if model.training else 'eval'
+        raise TraceError(f'running {type(model).__name__} in {mode} mode on an input of shape {shape} '
+                         f'failed{hint}: {e}') from e
 
 
 def trace(model, example_input=None):
@@ -176,14 +180,24 @@ def trace(model, example_input=None):
 
     `example_input`: a tensor or a shape, batch included (shapes come from meta tensors, no compute);
     when None, (2, C, 224, 224) or (2, F) is guessed from the first Conv2d or Linear.
+    The model is traced in eval and in train mode (branches such as auxiliary heads that run only in
+    training are covered too); both traces feed one graph.
     """
     _check_hooks(model)
-    gm = _symbolic_trace(model)
-    shape = _propagate_shapes(gm, model, example_input)
-    spaces, env, owner = _Spaces(), {}, {}
-    ctx = _Context(gm, spaces, env, owner)
-    for node in gm.graph.nodes:
-        env[node] = ctx.visit(node)
+    shape = _input_shape(model, example_input)
+    dtype = example_input.dtype if isinstance(example_input, torch.Tensor) else torch.float32
+    spaces, owner, seen, was_training = _Spaces(), {}, set(), model.training
+    try:
+        for training in (False, True):
+            model.train(training)
+            gm = _symbolic_trace(model)
+            if gm.code in seen: continue
+            seen.add(gm.code)
+            _propagate_shapes(gm, model, shape, dtype, example_input is None)
+            ctx = _Context(gm, spaces, owner)
+            for node in gm.graph.nodes: ctx.env[node] = ctx.visit(node)
+    finally:
+        model.train(was_training)
     return ChannelGraph(model, spaces.groups(), shape)
 
 
@@ -194,62 +208,80 @@ def _meta(node):
 
 class _Context:
     """What a rule sees of the trace: the node, its inputs' layouts, and ways to create and record spaces."""
-    def __init__(self, gm, spaces, env, owner):
-        self.gm, self.spaces, self.env, self.owner = gm, spaces, env, owner
+    def __init__(self, gm, spaces, owner):
+        self.gm, self.spaces, self.owner, self.env = gm, spaces, owner, {}
 
     def visit(self, node):
         if node.op in ('placeholder', 'get_attr'): return None
+        tracked = self.tracked((node.args, node.kwargs))
         if node.op == 'output':
-            for lay in self.tracked(node.args):
-                self.spaces.freeze(lay, 'reaches the model output')
+            for lay in tracked: self.freeze(lay, 'reaches the model output')
             return None
         rule, what = self.rule(node)
-        if rule is None:
-            if not self.tracked((node.args, node.kwargs)): return None
-            raise UnsupportedOperationError(f"{what} at node '{node.name}' reads channels the pruner tracks, "
-                                            'and the channel graph does not handle it yet')
-        return rule(self, node)
+        try:
+            if rule is None:
+                if not tracked: return None
+                raise Unhandled('is not an operation the channel graph knows')
+            out = rule(self, node)
+        except Unhandled as e:
+            for lay in tracked: self.freeze(lay, f"{what} at '{node.name}' {e}")
+            return None
+        if out is not None and node.target in INPLACE and isinstance(node.args[0], fx.Node):
+            self.env[node.args[0]] = out   # later readers of the overwritten operand see the result
+        return out
 
     def rule(self, node):
         if node.op == 'call_module':
             m = self.gm.get_submodule(node.target)
-            return MODULE_RULES.get(type(m)), f"module '{node.target}' ({type(m).__name__})"
+            return MODULE_RULES.get(type(m)), f"{type(m).__name__} '{node.target}'"
         if node.op == 'call_method':
             return METHOD_RULES.get(node.target), f"method '.{node.target}()'"
         name = getattr(node.target, '__name__', str(node.target))
         return FUNCTION_RULES.get(node.target), f"function '{name}'"
 
     def tracked(self, args):
-        "Every input layout (not None) found in nested `args`."
+        "Every input layout found in nested `args` (the parts of split outputs included)."
         out = []
-        fx.node.map_arg(args, lambda n: out.append(self.env.get(n)) if self.env.get(n) is not None else None)
+        def add(n):
+            v = self.env.get(n)
+            if isinstance(v, tuple): out.extend(x for x in v if x is not None)
+            elif v is not None: out.append(v)
+        fx.node.map_arg(args, add)
         return out
 
     # helpers for rules
     def module(self, node): return self.gm.get_submodule(node.target)
-    def layout(self, node, i=0): return self.env.get(node.args[i]) if len(node.args) > i else None
+    def layout(self, node, i=0):
+        v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None
+        if isinstance(v, tuple): raise Unhandled('reads a tuple of tensors')
+        return v
     def shape(self, node): return _meta(node).shape if _meta(node) is not None else None
+    def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]
 
-    def new_space(self, node, n, dim):
-        space = self.spaces.new(n)
-        return Layout(dim, ((space, 0, n),))
+    def new_layout(self, n, dim):
+        "A new channel space of `n` channels along `dim`."
+        return Layout(dim, (Piece(self.spaces.new(n), 0, n),))
 
     def record(self, layout, node, role):
         "Record `layout`'s channels as the `role` channels of the module called at `node`."
+        if role == 'in':
+            for p in layout.pieces:
+                if p.nonzero:
+                    self.spaces.freeze_space(p.space, f"'{node.target}' reads them after '{p.nonzero}', "
+                                                      'which makes them non-zero')
         key = (node.target, role)
         first = self.owner.setdefault(key, layout)
         if first is layout:
             self.spaces.add_slices(layout, node.target, role)
             return
-        # a module called twice: channel i of both calls is the same weight row or column, so they unite
-        whole = lambda lay: all(a == 0 and b == self.spaces.size[s] for s, a, b in lay.pieces)
-        if len(first.pieces) != len(layout.pieces) or first.block != layout.block or not (whole(first) and whole(layout)):
-            raise UnsupportedOperationError(f"module '{node.target}' is called twice on channels laid out "
-                                            'differently; the channel graph cannot couple them')
-        for (a, _, _), (b, _, _) in zip(first.pieces, layout.pieces):
-            if self.spaces.size[a] != self.spaces.size[b]:
-                raise UnsupportedOperationError(f"module '{node.target}' is called twice on channels laid out "
-                                                'differently; the channel graph cannot couple them')
-            self.spaces.unite(a, b)
+        # a module called again (or in the other mode's trace): channel i is the same weight row or column
+        ids = lambda lay: [(self.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]
+        if ids(first) == ids(layout) and first.block == layout.block: return
+        if (len(first.pieces) != len(layout.pieces) or first.block != layout.block or
+                not all(self.whole(p) and self.whole(q) and p.stop == q.stop
+                        for p, q in zip(first.pieces, layout.pieces))):
+            self.freeze(first, f"'{node.target}' is called on channels laid out differently")
+            raise Unhandled('is called again on channels laid out differently')
+        for p, q in zip(first.pieces, layout.pieces): self.spaces.unite(p.space, q.space)
 
     def freeze(self, layout, reason): self.spaces.freeze(layout, reason)

@@ -1,157 +1,347 @@
 """How each traced operation moves channels: the rules `graph.trace` dispatches to, by identity.
 
-A rule takes the trace context and an fx node and returns the node's output `Layout` (None when the
-output carries no tracked channels). Rules are looked up by exact module type, function object or method
-name; anything else that touches tracked channels is refused by the graph with the node's name.
+A rule takes the trace context and an fx node and returns the node's output `Layout` (None when the output
+carries no tracked channels, a tuple of layouts for ops that return several tensors). Rules are looked up
+by exact module type, function object or method name. A rule that meets a case it cannot follow raises
+`Unhandled`; the graph then freezes every group the node touches, with the reason.
+
+Each piece of a layout also says whether its channels are exactly zero once their group is zeroed upstream
+(`nonzero` is None) or which node makes them non-zero (a sigmoid, an added constant). A layer that reads a
+non-zero piece freezes its group: removing those channels would change what it computes.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UnsupportedOperationError
+__all__ = ['Piece', 'Layout', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE']
 
-__all__ = ['Layout', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'ZERO_KEEPING', 'ZERO_MOVING']
+
+class Unhandled(Exception):
+    "A rule cannot follow the channels through this node: the graph freezes what the node touches."
+
+
+class Piece(NamedTuple):
+    "Channels [start, stop) of one channel space, in order."
+    space: int
+    start: int
+    stop: int
+    nonzero: Optional[str] = None   # the node that makes them non-zero when their group is zeroed, if any
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where a traced tensor carries group channels: its channel dim, the pieces along it, and the block."""
     dim: int         # the channel dimension (non-negative)
-    pieces: tuple    # ((space, start, stop), ...) in order along `dim`
+    pieces: tuple    # Pieces in order along `dim`
     block: int = 1   # consecutive elements per channel along `dim` (H*W after a flatten)
 
     @property
     def channels(self):
-        return sum(stop - start for _, start, stop in self.pieces)
+        return sum(p.stop - p.start for p in self.pieces)
+
+    def moved(self, dim): return replace(self, dim=dim)
+
+    def marked(self, who):
+        "The same channels, now non-zero because of node `who` (kept if already marked)."
+        return replace(self, pieces=tuple(p if p.nonzero else p._replace(nonzero=who) for p in self.pieces))
+
+    def cleared(self):
+        "The same channels, exactly zero again (a zeroed per-channel affine layer rewrites them)."
+        return replace(self, pieces=tuple(p._replace(nonzero=None) for p in self.pieces))
 
 
-def _refuse(node, why):
-    raise UnsupportedOperationError(f"node '{node.name}' ({node.op} {node.target}): {why}")
+# ---------------------------------------------------------------- helpers
+def _arg(node, i, name, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
-def _in(ctx, node):
-    "The layout of the node's first input, refusing any other tracked tensor among its arguments."
-    lay = ctx.layout(node)
-    if len(ctx.tracked((node.args[1:], node.kwargs))) > 0:
-        _refuse(node, 'combines tracked channels with another tensor, which the channel graph does not handle yet')
-    return lay
+def _dim(d, ndim):
+    return d + ndim if d < 0 else d
 
 
-def _keep_shape(ctx, node, lay):
+def _only_first(ctx, node):
+    "The layout of the node's first input; any other tracked tensor among the arguments is unhandled."
+    if ctx.tracked((node.args[1:], node.kwargs)):
+        raise Unhandled('combines the channels with another tracked tensor')
+    return ctx.layout(node)
+
+
+def _same_channels(ctx, node, lay):
     "Check the op kept the channel dim where it was and as long as it was."
-    if lay is None: return None
     src, out = ctx.shape(node.args[0]), ctx.shape(node)
     if out is None or len(out) != len(src) or out[lay.dim] != src[lay.dim]:
-        _refuse(node, f'changes the channel dimension {lay.dim} (shape {tuple(src)} -> '
-                      f'{None if out is None else tuple(out)})')
+        raise Unhandled(f'changes the channel dim {lay.dim} ({tuple(src)} -> {None if out is None else tuple(out)})')
     return lay
 
 
+# ---------------------------------------------------------------- element-wise and per-channel
 def keep(ctx, node):
-    "Zero-keeping element-wise or per-channel op (f(0) = 0), pooling, dropout: channels pass through."
-    return _keep_shape(ctx, node, _in(ctx, node))
+    "f(0) = 0 element-wise, pooling, dropout, casts: channels pass through unchanged."
+    lay = _only_first(ctx, node)
+    return None if lay is None else _same_channels(ctx, node, lay)
 
 
 def moves_zero(ctx, node):
-    "An activation with f(0) != 0: a removed channel would feed a constant downstream, so freeze it."
-    lay = _keep_shape(ctx, node, _in(ctx, node))
-    if lay is not None: ctx.freeze(lay, f"'{node.name}' maps 0 to a non-zero value")
-    return lay
+    "f(0) != 0 (sigmoid, softplus): the channels pass through but are no longer zero."
+    lay = keep(ctx, node)
+    return None if lay is None else lay.marked(node.name)
 
 
-def mixes(ctx, node):
-    "An op that mixes channels (softmax over them): keep shape, freeze the channels."
-    lay = _keep_shape(ctx, node, _in(ctx, node))
-    if lay is not None: ctx.freeze(lay, f"'{node.name}' mixes channels")
-    return lay
+def softmax(ctx, node):
+    "Softmax over the channels mixes them; over another dim a zero channel becomes uniform, not zero."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    dim = _arg(node, 1, 'dim')
+    if dim is None or _dim(dim, len(ctx.shape(node))) == lay.dim: raise Unhandled('softmax mixes the channels')
+    return _same_channels(ctx, node, lay).marked(node.name)
 
 
 def no_tensor(ctx, node):
-    "Ops that return sizes, dtypes or devices: no channels flow through them."
+    "Sizes, dtypes, devices: no channels flow through."
     return None
 
 
+def batchnorm(ctx, node):
+    "BatchNorm on dim 1: sliced with its channels; with its scale and shift zeroed it outputs exact zeros."
+    lay = keep(ctx, node)
+    if lay is None: return None
+    if lay.dim != 1 or lay.block != 1: raise Unhandled('BatchNorm normalises dim 1, not the tracked channels')
+    ctx.record(lay, node, 'norm')
+    return lay.cleared() if ctx.module(node).affine else lay
+
+
+def layernorm(ctx, node):
+    "LayerNorm over the channels computes statistics across them: freeze; over other dims, pass through."
+    lay = keep(ctx, node)
+    if lay is None: return None
+    if lay.dim >= len(ctx.shape(node)) - len(ctx.module(node).normalized_shape):
+        raise Unhandled('LayerNorm computes its statistics across the channels')
+    return lay.marked(node.name)
+
+
+def prelu(ctx, node):
+    "PReLU keeps zeros; one slope per channel is not sliced yet."
+    if ctx.module(node).num_parameters != 1: raise Unhandled('PReLU with one slope per channel')
+    return keep(ctx, node)
+
+
+# ---------------------------------------------------------------- layers that write channels
 def conv(ctx, node):
-    "Conv2d with groups=1: reads its input channels, writes a new space of output channels."
-    m, lay = ctx.module(node), _in(ctx, node)
-    if m.groups != 1:
-        _refuse(node, f'grouped convolution (groups={m.groups}) is not handled yet')
-    if lay is not None:
-        if lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1:
-            _refuse(node, 'the convolution does not read the tracked channels as its input channels')
-        ctx.record(lay, node, 'in')
-    out = ctx.new_space(node, m.out_channels, len(ctx.shape(node)) - 3)
-    ctx.record(out, node, 'out')
-    return out
+    "Conv2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i."
+    m, lay = ctx.module(node), _only_first(ctx, node)
+    if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1):
+        raise Unhandled('the convolution does not read the tracked channels as its input channels')
+    if m.groups == 1:
+        if lay is not None: ctx.record(lay, node, 'in')
+        out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
+        ctx.record(out, node, 'out')
+        return out
+    if m.groups == m.in_channels == m.out_channels and lay is not None:
+        ctx.record(lay, node, 'dw')
+        return lay.cleared()
+    raise Unhandled(f'grouped convolution (groups={m.groups}) is not pruned yet')
 
 
 def linear(ctx, node):
     "Linear: reads the last dim (a flattened map reads blocks of features), writes a new space."
-    m, lay = ctx.module(node), _in(ctx, node)
+    m, lay = ctx.module(node), _only_first(ctx, node)
     if lay is not None:
         if lay.dim != len(ctx.shape(node.args[0])) - 1 or lay.channels * lay.block != m.in_features:
-            _refuse(node, 'the Linear layer does not read the tracked channels as its input features')
+            raise Unhandled('the Linear layer does not read the tracked channels as its input features')
         ctx.record(lay, node, 'in')
-    out = ctx.new_space(node, m.out_features, len(ctx.shape(node)) - 1)
+    out = ctx.new_layout(m.out_features, len(ctx.shape(node)) - 1)
     ctx.record(out, node, 'out')
     return out
 
 
-def batchnorm(ctx, node):
-    "BatchNorm: a per-channel layer on dim 1, sliced with the channels it normalises."
-    lay = keep(ctx, node)
-    if lay is None: return None
-    if lay.dim != 1 or lay.block != 1:
-        _refuse(node, 'BatchNorm normalises dim 1, which does not hold the tracked channels')
-    ctx.record(lay, node, 'norm')
-    return lay
-
-
-def prelu(ctx, node):
-    "PReLU with one shared slope keeps zeros; one slope per channel is not handled yet."
-    if ctx.module(node).num_parameters != 1:
-        _refuse(node, 'PReLU with one slope per channel is not handled yet')
-    return keep(ctx, node)
-
-
+# ---------------------------------------------------------------- shapes
 def _size_args(node):
-    "The size arguments of a view/reshape call, as a flat list (ints and nodes)."
     args = list(node.args[1:]) or list(node.kwargs.get('shape', node.kwargs.get('size', ())))
     if len(args) == 1 and isinstance(args[0], (list, tuple)): args = list(args[0])
     return args
 
 
 def reshape(ctx, node):
-    "view/reshape/flatten: keeps the channel dim, or flattens it with the dims after it into blocks."
-    lay = _in(ctx, node)
+    "view/reshape/flatten: keep the channel dim, or flatten it with the dims after it into blocks."
+    lay = _only_first(ctx, node)
     if lay is None: return None
     src, out, d = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), lay.dim
     sizes = _size_args(node) if node.target in ('view', 'reshape', torch.reshape) else []
     if len(sizes) > d and isinstance(sizes[d], int) and sizes[d] != -1:
-        _refuse(node, f'hard-codes size {sizes[d]} for the channel dimension, which pruning changes; '
-                      'compute it from the tensor (x.view(x.size(0), -1)) instead')
+        raise Unhandled(f'hard-codes size {sizes[d]} for the channel dim, which pruning changes; '
+                        'compute it from the tensor (x.view(x.size(0), -1)) instead')
     if out[:d + 1] == src[:d + 1]:
         return lay
     if len(out) == d + 1 and out[:d] == src[:d] and out[d] == math.prod(src[d:]):
-        return Layout(d, lay.pieces, lay.block * math.prod(src[d + 1:]))
-    _refuse(node, f'reshapes {src} -> {out} in a way that moves the channel dimension {d}')
+        return replace(lay, block=lay.block * math.prod(src[d + 1:]))
+    raise Unhandled(f'reshapes {src} -> {out} across the channel dim {d}')
+
+
+def permute(ctx, node):
+    "permute / transpose / swapaxes: the channel dim moves with the permutation."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    if lay.block != 1: raise Unhandled('permutes flattened channels')
+    n = len(ctx.shape(node))
+    if node.target in ('permute', torch.permute):
+        dims = _size_args(node) if node.target == 'permute' else list(_arg(node, 1, 'dims'))
+        return lay.moved([_dim(d, n) for d in dims].index(lay.dim))
+    a, b = _dim(_arg(node, 1, 'dim0'), n), _dim(_arg(node, 2, 'dim1'), n)
+    return lay.moved({a: b, b: a}.get(lay.dim, lay.dim))
+
+
+def unsqueeze(ctx, node):
+    "unsqueeze: a new dim before the channels shifts them."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    p = _dim(_arg(node, 1, 'dim'), len(ctx.shape(node)))
+    return lay.moved(lay.dim + 1) if p <= lay.dim else lay
+
+
+def reduce(ctx, node):
+    "mean / sum / amax over dims other than the channels (zeros reduce to zero)."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    dims, keepdim, n = _arg(node, 1, 'dim'), _arg(node, 2, 'keepdim', False), len(ctx.shape(node.args[0]))
+    if dims is None: raise Unhandled('reduces over every dim, channels included')
+    dims = {_dim(d, n) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    if lay.dim in dims: raise Unhandled('reduces over the channels')
+    if lay.block != 1: raise Unhandled('reduces flattened channels')
+    return lay if keepdim else lay.moved(lay.dim - sum(d < lay.dim for d in dims))
 
 
 def getattr_rule(ctx, node):
-    "x.shape, x.dtype, x.device carry no channels; other attributes are refused."
+    "x.shape, x.dtype, x.device carry no channels; other attributes are unhandled."
     if ctx.layout(node) is None or node.args[1] in ('shape', 'dtype', 'device', 'ndim', 'is_cuda'): return None
-    _refuse(node, f"reads attribute '{node.args[1]}' of a tracked tensor")
+    raise Unhandled(f"reads attribute '{node.args[1]}'")
 
 
+def getitem(ctx, node):
+    "One output of a split, or basic indexing that leaves the channel dim whole."
+    src = ctx.env.get(node.args[0])
+    if isinstance(src, tuple): return src[node.args[1]]
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if any(not isinstance(i, (int, slice)) for i in idx): raise Unhandled('advanced indexing')
+    before = idx[:lay.dim]
+    if any(isinstance(i, slice) and i != slice(None) for i in before): raise Unhandled('slices before the channels')
+    if lay.block != 1 and len(idx) > lay.dim: raise Unhandled('indexes flattened channels')
+    if len(idx) > lay.dim and idx[lay.dim] != slice(None):
+        raise Unhandled('indexes the channels at positions pruning would change')
+    return lay.moved(lay.dim - sum(isinstance(i, int) for i in before))
+
+
+# ---------------------------------------------------------------- merges
+def _unite(ctx, a, b, combine):
+    "Pairwise unite two layouts of the same channels; `combine` merges the two pieces' nonzero marks."
+    if [p.stop - p.start for p in a.pieces] != [p.stop - p.start for p in b.pieces] or a.block != b.block:
+        raise Unhandled('merges channels laid out differently')
+    pieces = []
+    for p, q in zip(a.pieces, b.pieces):
+        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)):
+            raise Unhandled('merges parts of different channel spaces')
+        space = ctx.spaces.unite(p.space, q.space)
+        pieces.append(Piece(space, p.start, p.stop, combine(p.nonzero, q.nonzero)))
+    return replace(a, pieces=tuple(pieces))
+
+
+ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+            'add', 'sub', 'add_', 'sub_'}
+MULTIPLICATIVE = {operator.mul, operator.imul, torch.mul, 'mul', 'mul_'}
+DIVIDING = {operator.truediv, operator.itruediv, torch.div, 'div', 'div_'}
+
+
+def arith(ctx, node):
+    """a + b, a - b, a * b, a / b: tracked operands unite their channels (residuals, gates).
+
+    A sum is zero where both operands are, a product where either is. A constant added per position
+    makes the channels non-zero; a tensor with one value per channel cannot be sliced, so it is unhandled.
+    """
+    a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get('other')
+    la, lb = ctx.env.get(a) if isinstance(a, fx.Node) else None, ctx.env.get(b) if isinstance(b, fx.Node) else None
+    if la is None and lb is None: return None
+    out_n = len(ctx.shape(node))
+    kind = 'add' if node.target in ADDITIVE else 'mul' if node.target in MULTIPLICATIVE else 'div'
+    if la is not None and lb is not None:
+        if kind == 'div': raise Unhandled('divides tracked channels by tracked channels')
+        if len(ctx.shape(a)) - la.dim != len(ctx.shape(b)) - lb.dim:
+            raise Unhandled('merges tensors whose channels sit in different dims')
+        both = _unite(ctx, la, lb, (lambda x, y: x or y) if kind == 'add' else (lambda x, y: x and y))
+        return both.moved(out_n - (len(ctx.shape(a)) - la.dim))
+    lay, other, tracked = (la, b, a) if la is not None else (lb, a, b)
+    if kind == 'div' and lay is lb: raise Unhandled('divides by tracked channels')
+    out = lay.moved(out_n - (len(ctx.shape(tracked)) - lay.dim))
+    if isinstance(other, fx.Node) and ctx.shape(other) is not None:
+        shape, pos = ctx.shape(other), len(ctx.shape(other)) - (out_n - out.dim)
+        if pos >= 0 and shape[pos] != 1: raise Unhandled('combines the channels with an untracked per-channel tensor')
+        return out.marked(node.name) if kind == 'add' else out
+    if kind == 'add' and other != 0: return out.marked(node.name)
+    return out
+
+
+def cat(ctx, node):
+    "torch.cat along the channels: the pieces follow each other; along another dim: operands unite."
+    tensors, n = list(_arg(node, 0, 'tensors')), len(ctx.shape(node))
+    dim = _dim(_arg(node, 1, 'dim', 0), n)
+    lays = [ctx.env.get(t) for t in tensors]
+    if all(l is None for l in lays): return None
+    if any(l is not None and l.dim == dim for l in lays):
+        pieces = []
+        for t, l in zip(tensors, lays):
+            if l is None:   # channels nobody here writes (the input, a constant): a frozen space of their own
+                l = ctx.new_layout(ctx.shape(t)[dim], dim)
+                ctx.freeze(l, f"'{node.name}' concatenates them with channels no layer here writes")
+            if l.dim != dim or l.block != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')
+            pieces += l.pieces
+        return Layout(dim, tuple(pieces))
+    if any(l is None for l in lays): raise Unhandled('concatenates tracked channels with an untracked tensor')
+    out = lays[0]
+    for l in lays[1:]: out = _unite(ctx, out, l, lambda x, y: x or y)
+    return out
+
+
+def split(ctx, node):
+    "split / chunk / unbind along another dim: every output carries the same channels."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    n = len(ctx.shape(node.args[0]))
+    dim = _dim(_arg(node, 1 if node.target in ('unbind', torch.unbind) else 2, 'dim', 0), n)
+    if dim == lay.dim: raise Unhandled('splits the channels into parts whose sizes pruning would change')
+    return tuple(lay for _ in node.meta.get('tensor_meta'))
+
+
+def pad(ctx, node):
+    "F.pad with zeros on dims other than the channels."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    if _arg(node, 2, 'mode', 'constant') != 'constant' or (_arg(node, 3, 'value', None) or 0) != 0:
+        raise Unhandled('pads with non-zero values')
+    return _same_channels(ctx, node, lay)
+
+
+def roll(ctx, node):
+    "torch.roll over dims other than the channels."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    dims = _arg(node, 2, 'dims')
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or lay.dim in [_dim(d, len(ctx.shape(node))) for d in dims]: raise Unhandled('rolls the channels')
+    return lay
+
+
+# ---------------------------------------------------------------- tables
 ZERO_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.GELU, nn.Hardswish,
                 nn.Mish, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.Upsample,
                 nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 "Module types that map a zero channel to a zero channel of the same index."
@@ -160,26 +350,48 @@ ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
 
 MODULE_RULES = {
     nn.Conv2d: conv, nn.Linear: linear, nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm,
-    nn.PReLU: prelu, nn.Flatten: reshape, nn.Softmax: mixes, nn.LogSoftmax: mixes, nn.Softmax2d: mixes,
+    nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape,
+    nn.Softmax: softmax, nn.LogSoftmax: softmax,
     **{t: keep for t in ZERO_KEEPING}, **{t: moves_zero for t in ZERO_MOVING},
 }
 
 FUNCTION_RULES = {
     **{f: keep for f in (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
                          F.celu, F.silu, F.gelu, F.hardswish, F.mish, F.tanh, torch.tanh, F.hardtanh,
-                         F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout,
+                         F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.interpolate,
                          F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-                         F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d)},
+                         F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.clone,
+                         torch.nn.functional.hardtanh_)},
     **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid)},
-    **{f: mixes for f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)},
-    torch.flatten: reshape, torch.reshape: reshape, getattr: getattr_rule,
+    **{f: softmax for f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)},
+    **{f: arith for f in ADDITIVE | MULTIPLICATIVE | DIVIDING if not isinstance(f, str)},
+    **{f: reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
+    torch.flatten: reshape, torch.reshape: reshape, torch.permute: permute, torch.transpose: permute,
+    torch.swapaxes: permute, torch.unsqueeze: unsqueeze, torch.cat: cat, torch.concat: cat,
+    torch.concatenate: cat, torch.split: split, torch.chunk: split, torch.unbind: split, F.pad: pad,
+    torch.roll: roll, getattr: getattr_rule, operator.getitem: getitem,
 }
 
 METHOD_RULES = {
     **{m: keep for m in ('relu', 'relu_', 'tanh', 'tanh_', 'contiguous', 'clone', 'float', 'double', 'half',
                          'bfloat16', 'to', 'type_as', 'detach')},
     **{m: moves_zero for m in ('sigmoid', 'sigmoid_')},
-    **{m: mixes for m in ('softmax', 'log_softmax')},
+    **{m: softmax for m in ('softmax', 'log_softmax')},
+    **{m: arith for m in ADDITIVE | MULTIPLICATIVE | DIVIDING if isinstance(m, str)},
+    **{m: reduce for m in ('mean', 'sum', 'amax', 'amin')},
     **{m: reshape for m in ('view', 'reshape', 'flatten')},
+    **{m: permute for m in ('permute', 'transpose', 'swapaxes')},
+    **{m: split for m in ('split', 'chunk', 'unbind')},
+    'unsqueeze': unsqueeze, 'roll': roll,
     **{m: no_tensor for m in ('size', 'dim')},
 }
+
+INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_,
+           'add_', 'sub_', 'mul_', 'div_', 'relu_', 'tanh_', 'sigmoid_'}
+"Ops that overwrite their first operand: later readers of that operand see the result's channels."
+
+try:   # torchvision's stochastic depth scales whole samples: zeros stay zero
+    from torchvision.ops import stochastic_depth
+    FUNCTION_RULES[stochastic_depth] = keep
+except ImportError:
+    pass

@@ -18,24 +18,25 @@ def _zero_rows(t, start, length):
 def dead_channels(group, modules):
     """Which channels of `group` are exactly zero wherever a layer reads them (so removing them is exact).
 
-    A channel is dead when every producer's weight row and bias are zero, and every BatchNorm on the way
-    outputs zero for a zero input in train and eval mode (beta = 0, and gamma = 0 or running mean = 0).
+    The graph has checked that a zeroed group reaches its readers as zeros; here every producer's and
+    depthwise conv's weight row and bias must be zero, and every BatchNorm's scale and shift (or, without
+    affine parameters, its running mean).
     """
     dead = torch.zeros(group.size, dtype=torch.bool)
     if not group.prunable: return dead
     dead[:] = True
     for s in group.slices:
         m, rows = modules[s.module], slice(s.start, s.start + s.length)
-        if s.role == 'out':
+        if s.role in ('out', 'dw'):
             ok = _zero_rows(m.weight, s.offset, s.length)
             if m.bias is not None: ok &= _zero_rows(m.bias[:, None], s.offset, s.length)
         elif s.role == 'norm':
-            ok = torch.ones(s.length, dtype=torch.bool)
-            if m.affine: ok &= _zero_rows(m.bias[:, None], s.offset, s.length)
-            scale_zero = _zero_rows(m.weight[:, None], s.offset, s.length) if m.affine else torch.zeros_like(ok)
-            mean_zero = (_zero_rows(m.running_mean[:, None], s.offset, s.length) if m.running_mean is not None
-                         else torch.ones_like(ok))
-            ok &= scale_zero | mean_zero
+            if m.affine:
+                ok = _zero_rows(m.weight[:, None], s.offset, s.length) & _zero_rows(m.bias[:, None], s.offset, s.length)
+            elif m.running_mean is not None:
+                ok = _zero_rows(m.running_mean[:, None], s.offset, s.length)
+            else:
+                ok = torch.ones(s.length, dtype=torch.bool)
         else:
             continue
         dead[rows] &= ok.cpu()
@@ -46,6 +47,7 @@ def dead_channels(group, modules):
 def _channels(module, role):
     "How many channels `module` has on the side of `role`."
     if role == 'norm': return module.num_features
+    if role == 'dw': return module.out_channels
     attr = {'out': ('out_channels', 'out_features'), 'in': ('in_channels', 'in_features')}[role]
     return next(getattr(module, a) for a in attr if hasattr(module, a))
 

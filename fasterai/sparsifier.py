@@ -81,32 +81,30 @@ class _GroupTarget:
         self.name = '+'.join(s.module for s in group.by_role('out'))
 
     def scores(self, criterion):
-        total = None
+        "Each channel's score: the sum over the group's producers of their row scores, each divided by its mean."
+        total = torch.zeros(self.units)
         for s in self.group.by_role('out'):
             w = self.modules[s.module].weight.detach()[s.offset:s.offset + s.length]
-            part = torch.zeros(self.units, device=w.device)
-            part[s.start:s.start + s.length] = criterion(w).flatten(1).sum(1).float()
-            total = part if total is None else total + part
+            rows = criterion(w).flatten(1).sum(1).float().cpu()
+            total[s.start:s.start + s.length] += rows / rows.mean().clamp_min(torch.finfo(rows.dtype).tiny)
         return total
 
     def masks(self, drop):
-        keep = torch.ones(self.units, dtype=torch.bool, device=drop.device)
+        "Keep-masks for every producer row and bias, depthwise row and bias, and norm scale and shift."
+        keep = torch.ones(self.units, dtype=torch.bool)
         keep[drop] = False
         out = {}
         for s in self.group.slices:
             if s.role == 'in': continue
             m, k = self.modules[s.module], keep[s.start:s.start + s.length]
-            names = ('weight', 'bias')
-            for pname in names:
+            for pname in ('weight', 'bias'):
                 p = getattr(m, pname, None)
                 if p is None: continue
-                key = f'{s.module}.{pname}'
-                mask = out.get(key)
-                if mask is None:
-                    mask = out[key] = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
+                mask = out.setdefault(f'{s.module}.{pname}', torch.ones(p.shape[0], dtype=torch.bool))
                 mask[s.offset:s.offset + s.length] &= k
-        return {k: (v.view(-1, *[1] * (self.modules[k.rsplit('.', 1)[0]].weight.dim() - 1))
-                    if k.endswith('.weight') else v) for k, v in out.items()}
+        params = {f'{s.module}.{n}': p for s in self.group.slices for n, p in
+                  self.modules[s.module].named_parameters(recurse=False)}
+        return {k: v.view(-1, *[1] * (params[k].dim() - 1)).to(params[k].device) for k, v in out.items()}
 
 
 class Sparsifier:
@@ -167,7 +165,9 @@ class Sparsifier:
         else:
             drops = self._global_drops(scores, counts[0])
         self.masks = {}
-        for t, d in zip(self.targets, drops): self.masks.update(t.masks(d))
+        for t, d in zip(self.targets, drops):
+            for name, keep in t.masks(d).items():   # a layer shared by groups (a norm on a concat) ANDs them
+                self.masks[name] = self.masks[name] & keep if name in self.masks else keep
         self._drop = {k: ~v for k, v in self.masks.items()}
 
     def _global_drops(self, scores, k):

@@ -14,8 +14,11 @@ def _take(module, pname, dim, idx):
     else: setattr(module, pname, new)
 
 
-def shrink_conv(m, out=None, inp=None):
-    "Conv2d (groups=1): keep output channels `out` (weight rows, bias) and input channels `inp`."
+def shrink_conv(m, out=None, inp=None, dw=None):
+    "Conv2d: keep output channels `out` (weight rows, bias) and input channels `inp`; depthwise: channels `dw`."
+    if dw is not None:
+        _take(m, 'weight', 0, dw); _take(m, 'bias', 0, dw)
+        m.in_channels = m.out_channels = m.groups = len(dw)
     if out is not None:
         _take(m, 'weight', 0, out); _take(m, 'bias', 0, out); m.out_channels = len(out)
     if inp is not None:

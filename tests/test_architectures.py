@@ -1,0 +1,240 @@
+"""Fixture models for each pattern real networks use: sparse == pruned, and the right channels couple."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import max_rel_diff, randomize_norms
+
+from fasterai.graph import trace
+from fasterai.pruner import Pruner
+from fasterai.report import count_params
+from fasterai.sparsifier import Sparsifier
+
+
+def cbr(cin, cout, k=3, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class Residual(nn.Module):
+    "A ResNet stage: two blocks adding into one stream, one with a downsampling shortcut."
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.b1 = nn.Sequential(cbr(16, 16), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.b2 = nn.Sequential(cbr(16, 24), nn.Conv2d(24, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32))
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 1, stride=2), nn.BatchNorm2d(32))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.b1(x))
+        x = F.relu(self.b2(x) + self.down(x))
+        return self.fc(x.mean([2, 3]))
+
+
+class Dense(nn.Module):
+    "DenseNet: each layer reads the concatenation of all before it, through a BatchNorm on the concat."
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.l1, self.l2 = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(14, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(20)
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, F.relu(self.l1(x))], 1)
+        x = torch.cat([x, F.relu(self.l2(x))], 1)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1))
+
+
+class SE(nn.Module):
+    "Squeeze-excitation: the gate (sigmoid of a conv) multiplies the stream, channel by channel."
+    def __init__(self, c, r):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(F.silu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class MBConv(nn.Module):
+    "MobileNet/EfficientNet: expand, depthwise, squeeze-excitation, project, residual."
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.expand, self.dw, self.se = cbr(16, 48, 1), cbr(48, 48, 3, groups=48), SE(48, 8)
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.se(self.dw(self.expand(x))))
+        return self.head(x).mean((2, 3))
+
+
+class Split(nn.Module):
+    "A conv's output split in two halves (chunk): pruning would change the halves' sizes, so it is frozen."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        p, q = self.a(x).chunk(2, dim=1)
+        return self.head(F.relu(torch.cat([self.b(F.relu(p)), self.c(q)], dim=1)))
+
+
+class Block(nn.Module):
+    "ConvNeXt: depthwise conv, permute to channels-last, LayerNorm, MLP (Linear, GELU, Linear), residual."
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return x + self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blocks, self.head = nn.Conv2d(3, 16, 2, stride=2), nn.Sequential(Block(), Block()), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean([-2, -1]))
+
+
+class Attention(nn.Module):
+    "A transformer block on tokens: multi-head attention (a leaf the graph freezes) and an MLP."
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(12, d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 64), nn.GELU(), nn.Linear(64, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.mlp(self.ln(x))
+        return self.head(x[:, 0])
+
+
+CASES = {  # model, input shape, expected out_channels (or features) after 50% local, by module
+    'residual': (Residual, (2, 3, 16, 16), {'stem.0': 8, 'b1.1': 8, 'b2.1': 16, 'down.0': 16, 'b2.0.0': 12}),
+    'dense': (Dense, (2, 3, 8, 8), {'stem': 4, 'l1': 3, 'l2': 3}),
+    'mbconv': (MBConv, (2, 3, 16, 16), {'expand.0': 24, 'dw.0': 24, 'se.reduce': 4, 'se.expand': 24, 'project.0': 8}),
+    'split': (Split, (2, 3, 8, 8), {'a': 12, 'b': 2, 'c': 2}),
+    'convnext': (ConvNeXtish, (2, 3, 16, 16), {'blocks.0.fc1': 32, 'blocks.1.fc1': 32, 'stem': 16}),
+    'attention': (Attention, (2, 5, 12), {'mlp.0': 32, 'embed': 16}),
+}
+
+
+def out_size(m):
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+@pytest.mark.parametrize('method', ['local', 'global'])
+@pytest.mark.parametrize('name', list(CASES))
+def test_sparse_equals_pruned(name, method):
+    cls, shape, expected = CASES[name]
+    torch.manual_seed(0)
+    model = randomize_norms(cls()).eval()
+    sp = Sparsifier(model, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
+    sp.sparsify(50)
+    pruned = Pruner(example_input=shape).prune_model(model)
+    assert count_params(pruned) < count_params(model)
+    if method == 'local':
+        assert {n: out_size(pruned.get_submodule(n)) for n in expected} == expected
+    x = torch.randn(shape)
+    for mode in ('eval', 'train'):
+        getattr(model, mode)(); getattr(pruned, mode)()
+        assert max_rel_diff(model(x), pruned(x)) < 1e-5, mode
+
+
+def groups_with(graph, module, role='out'):
+    return [g for g in graph.groups if any(s.module == module and s.role == role for s in g.slices)]
+
+
+def test_residual_unites_every_producer_of_the_stream():
+    g = trace(Residual(), (2, 3, 16, 16))
+    (stream,) = groups_with(g, 'stem.0')
+    assert {s.module for s in stream.by_role('out')} == {'stem.0', 'b1.1'}
+    assert {s.module for s in stream.by_role('norm')} == {'stem.1', 'b1.2'}
+    (second,) = groups_with(g, 'down.0')
+    assert {s.module for s in second.by_role('out')} == {'b2.1', 'down.0'} and second.prunable
+
+
+def test_concat_offsets_and_split_freezes():
+    g = trace(Dense(), (2, 3, 8, 8))
+    (l2,) = groups_with(g, 'l2')
+    assert sorted((s.module, s.role, s.offset) for s in l2.slices) == [('bn', 'norm', 14), ('head', 'in', 14), ('l2', 'out', 0)]
+    (a,) = groups_with(trace(Split(), (2, 3, 8, 8)), 'a')
+    assert a.frozen == ["method '.chunk()' at 'chunk' splits the channels into parts whose sizes pruning would change"]
+
+
+def test_squeeze_excitation_couples_gate_and_stream():
+    g = trace(MBConv(), (2, 3, 16, 16))
+    (grp,) = groups_with(g, 'expand.0')
+    assert {(s.module, s.role) for s in grp.slices} >= {('dw.0', 'dw'), ('se.expand', 'out'), ('se.reduce', 'in'), ('project.0', 'in')}
+    assert grp.prunable
+
+
+def test_layernorm_freezes_the_stream_but_not_the_mlp():
+    g = trace(ConvNeXtish(), (2, 3, 16, 16))
+    (stream,) = groups_with(g, 'stem')
+    assert any('LayerNorm' in r for r in stream.frozen)
+    (hidden,) = groups_with(g, 'blocks.0.fc1')
+    assert hidden.prunable and [s.module for s in hidden.by_role('in')] == ['blocks.0.fc2']
+
+
+def test_attention_is_frozen_with_its_reason():
+    g = trace(Attention(), (2, 5, 12))
+    (embed,) = groups_with(g, 'embed')
+    assert any("MultiheadAttention 'attn'" in r for r in embed.frozen)
+
+
+class AuxHead(nn.Module):
+    "A head that runs only in training (GoogLeNet, Inception-v3)."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        out = self.b(x).mean((2, 3))
+        if self.training: return out, self.aux(x).mean((2, 3))
+        return out
+
+
+def test_train_only_branch_is_traced_too():
+    torch.manual_seed(0)
+    model = AuxHead()
+    (grp,) = groups_with(trace(model, (2, 3, 8, 8)), 'a')
+    assert {s.module for s in grp.by_role('in')} == {'b', 'aux'}
+    Sparsifier(model, example_input=(2, 3, 8, 8)).sparsify(50)
+    pruned = Pruner(example_input=(2, 3, 8, 8)).prune_model(model)
+    x = torch.randn(2, 3, 8, 8)
+    for p, q in zip(model.train()(x), pruned.train()(x)):
+        assert max_rel_diff(p, q) < 1e-5
+
+
+class Shift(nn.Module):
+    "A channel that feeds a constant (bias + sigmoid) to a reader cannot go; a BatchNorm after it resets it."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn, self.c = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = torch.sigmoid(self.a(x))
+        return self.c(F.relu(self.bn(torch.sigmoid(self.b(y)))))
+
+
+def test_nonzero_channels_freeze_only_where_read():
+    g = trace(Shift(), (2, 3, 12, 12))
+    (a,) = groups_with(g, 'a')
+    (b,) = groups_with(g, 'b')
+    assert a.frozen == ["'b' reads them after 'sigmoid', which makes them non-zero"]
+    assert b.prunable   # the BatchNorm's zeroed scale and shift rewrite the sigmoid's 0.5 as 0
