@@ -2,12 +2,15 @@
 import copy
 
 import torch
+import torch.nn as nn
 
+from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
+from .sparsifier import Sparsifier, check_method, check_sparsity
 from .surgery import shrink
 
-__all__ = ['Pruner', 'dead_channels']
+__all__ = ['Pruner', 'dead_channels', 'check_same_function']
 
 
 def _zero_rows(t, start, length):
@@ -79,41 +82,61 @@ def _outputs(out):
 
 
 @torch.no_grad()
-def check_same_function(model, pruned, input_shape, rtol=1e-4):
-    "Run both models in eval mode on one random input; raise PruningError if their outputs differ."
+def eval_outputs(model, input_shape):
+    "The output tensors of `model` in eval mode on one seeded random input of `input_shape` (mode restored)."
     p = next(model.parameters(), None)
     device, dtype = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    modes = model.training, pruned.training
-    model.eval(); pruned.eval()
+    was = model.training
+    model.eval()
     try:
-        ref, got = _outputs(model(x)), _outputs(pruned(x))
-    except RuntimeError as e:
-        raise PruningError(f'the pruned {type(model).__name__} fails to run: {e}') from e
+        return _outputs(model(x))
     finally:
-        model.train(modes[0]); pruned.train(modes[1])
+        model.train(was)
+
+
+def check_same_function(reference, pruned, input_shape, rtol=1e-4):
+    """Raise PruningError unless `pruned` reproduces `reference` (a model, or its `eval_outputs`) within
+    `rtol` of the output scale on one random input."""
+    ref = reference if isinstance(reference, list) else eval_outputs(reference, input_shape)
+    name = type(pruned).__name__
+    try:
+        got = eval_outputs(pruned, input_shape)
+    except RuntimeError as e:
+        raise PruningError(f'the pruned {name} fails to run: {e}') from e
     for a, b in zip(ref, got):
         scale = a.abs().max().item()
         diff = (a - b).abs().max().item() if a.shape == b.shape else float('inf')
         if not diff <= rtol * max(scale, 1e-12):
-            raise PruningError(f'the pruned {type(model).__name__} differs from the sparse one by {diff:.3g} '
+            raise PruningError(f'the pruned {name} differs from the sparse one by {diff:.3g} '
                                f'(output scale {scale:.3g}); please report this model')
 
 
 class Pruner:
     """Returns a physically smaller copy of a model: every channel whose whole group is zero is removed.
 
+    `sparsity`: when given, first zero that percentage of filters in one shot, with the Sparsifier's own
+    group scoring (`criteria`, `method`, `layer_type` as in `Sparsifier`); when None, prune what is zero.
     `example_input`: a tensor or shape for tracing (guessed from the first layer when None).
     `verify`: run the sparse and pruned models on one random input and raise if they differ.
     """
-    def __init__(self, example_input=None, verify=True):
+    def __init__(self, sparsity=None, criteria='l1', method='local', layer_type=nn.Conv2d, example_input=None,
+                 verify=True):
+        self.sparsity = None if sparsity is None else check_sparsity(sparsity)
+        self.criteria, self.method, self.layer_type = resolve_criterion(criteria), check_method(method), layer_type
         self.example_input, self.verify = example_input, verify
 
     def prune_model(self, model):
         "A new model of the same class, computing the same function without the zero channels."
         pruned = copy.deepcopy(model)
-        graph = trace(pruned, self.example_input)
+        if self.sparsity is None:
+            graph = trace(pruned, self.example_input)
+        else:
+            sp = Sparsifier(pruned, 'filter', self.method, self.criteria, self.layer_type, self.example_input)
+            sp.sparsify(self.sparsity)
+            graph = sp.graph
+        reference = eval_outputs(pruned, graph.input_shape) if self.verify else None
         for name, keep in plan(graph).items():
             shrink(pruned.get_submodule(name), keep)
-        if self.verify: check_same_function(model, pruned, graph.input_shape)
+        if self.verify: check_same_function(reference, pruned, graph.input_shape)
         return pruned

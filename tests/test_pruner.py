@@ -115,3 +115,20 @@ def test_pruned_model_saves_and_loads():
     loaded = torch.load(buf, weights_only=False)
     x = torch.randn(2, 3, 28, 28)
     assert torch.equal(loaded(x), pruned(x))
+
+
+def test_one_shot_pruning_reuses_the_sparsifier_scoring():
+    torch.manual_seed(0)
+    model = randomize_norms(Net(3))
+    pruned = Pruner(sparsity=30, criteria='l1').prune_model(model)
+    assert [pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.conv3.out_channels] == [14, 35, 70]
+    assert (model.conv1.weight != 0).all(), 'the input model stays dense'
+    ref = Net(3)
+    ref.load_state_dict(model.state_dict())
+    Sparsifier(ref, 'filter', 'local', 'l1').sparsify(30)
+    x = torch.randn(4, 3, 28, 28)
+    assert max_rel_diff(ref.eval()(x), pruned.eval()(x)) < 1e-5
+    with pytest.raises(ValueError, match='unknown criteria'):
+        Pruner(sparsity=30, criteria='l0')
+    with pytest.raises(ValueError, match='sparsity must be a percentage'):
+        Pruner(sparsity=300)
