@@ -1,9 +1,16 @@
-"""Sparsify (30% 'filter' of Conv2d and Linear layers, one shot) and prune every torchvision classification model; check sparse == pruned.
+"""Prune 30% of the filters of every torchvision classification model in one shot; check sparse == pruned.
 
-Run: `.venv/bin/python bench/torchvision_sweep.py [--models resnet18 ...] [--out bench/results/torchvision.md]`
-Each model is built with weights=None, in eval mode, at its usual input size (SIZES lists the exceptions).
+For each model (weights=None, eval mode, its usual input size unless --size is given) and each method:
+`Pruner(sparsity=30, criteria='l1', method=..., layer_type=(Conv2d, Linear))` on a copy, timed (trace,
+score, zero, rebuild), then the pruned model against the sparse one on a random input. With --peer, the
+same 30% with Torch-Pruning's MetaPruner (L1 magnitude, its dependency graph, the classifier ignored), timed
+from graph build to pruned model; Torch-Pruning is installed only where the benchmark runs
+(`pip install torch-pruning==1.6.1`), never a dependency of fasterai.
+
+Run: `.venv/bin/python bench/torchvision_sweep.py [--models resnet18 ...] [--peer] [--out FILE.md]`
 """
 import argparse
+import copy
 import platform
 import sys
 import time
@@ -15,56 +22,95 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from fasterai.pruner import Pruner
+from fasterai.pruner import Pruner, eval_outputs
 from fasterai.report import count_macs, count_params
 from fasterai.sparsifier import Sparsifier
 
 warnings.filterwarnings('ignore')
 
-SIZES = {'inception_v3': 299, 'googlenet': 224}
+SIZES = {'inception_v3': 299}
 "Input sizes other than 224 (the usual size of every other model)."
 
 
-def input_shape(name, batch=2):
-    return (batch, 3, SIZES.get(name, 224), SIZES.get(name, 224))
+def input_shape(name, size=None, batch=2):
+    s = size or SIZES.get(name, 224)
+    return (batch, 3, s, s)
 
 
-def run(name, method, sparsity=30, size=None):
-    "One model: a dict of ok/error, ratios, max relative output difference, seconds."
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    shape = input_shape(name) if size is None else (2, 3, size, size)
-    row = dict(model=name, method=method)
-    try:
-        t = time.perf_counter()
-        sp = Sparsifier(model, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
-        sp.sparsify(sparsity)
-        row['sparsify_s'] = time.perf_counter() - t
-        t = time.perf_counter()
-        pruned = Pruner(example_input=shape, verify=False).prune_model(model)
-        row['prune_s'] = time.perf_counter() - t
-        x = torch.randn(shape)
-        with torch.no_grad():
-            a, b = model(x), pruned.eval()(x)
-        row['rel_diff'] = ((a - b).abs().max() / a.abs().max()).item()
-        row['params'] = count_params(pruned) / count_params(model)
-        one = (1,) + shape[1:]
-        row['macs'] = count_macs(pruned, one) / count_macs(model, one)
-        frozen = [g for g in sp.graph.groups if g.frozen and g.by_role('out')]
-        row['groups'] = f'{len(sp.targets)}/{len(sp.targets) + len(frozen)}'
-        row['ok'] = row['rel_diff'] < 1e-4 and row['params'] < 1
-        row['note'] = '' if row['params'] < 1 else 'nothing pruned: ' + (frozen[0].frozen[0] if frozen else '')
-    except Exception as e:
-        row['ok'], row['note'] = False, f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
-        if '-v' in sys.argv: traceback.print_exc()
+def ours(model, shape, method):
+    "Prune a copy with fasterai; returns the row's fields."
+    row = {}
+    t = time.perf_counter()
+    pruned = Pruner(sparsity=30, method=method, layer_type=(nn.Conv2d, nn.Linear), example_input=shape,
+                    verify=False).prune_model(model)
+    row['s'] = time.perf_counter() - t
+    sparse = copy.deepcopy(model)
+    sp = Sparsifier(sparse, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
+    sp.sparsify(30)
+    a, b = eval_outputs(sparse, shape)[0], eval_outputs(pruned, shape)[0]
+    row['diff'] = ((a - b).abs().max() / a.abs().max()).item()
+    one = (1,) + shape[1:]
+    row['params'], row['macs'] = count_params(pruned) / count_params(model), count_macs(pruned, one) / count_macs(model, one)
+    frozen = [g for g in sp.graph.groups if g.frozen and g.by_role('out')]
+    row['groups'] = f'{len(sp.targets)}/{len(sp.targets) + len(frozen)}'
+    row['ok'] = row['diff'] < 1e-4 and row['params'] < 1
+    if row['params'] >= 1: row['note'] = 'nothing pruned: ' + (frozen[0].frozen[0] if frozen else '')
     return row
 
 
-def fmt(row):
+def peer(model, shape, method):
+    "Prune a copy with Torch-Pruning's MetaPruner, same ratio; returns the row's fields."
+    import torch_pruning as tp
+    model = copy.deepcopy(model)
+    x = torch.randn((1,) + shape[1:])
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    t = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.3,
+                                  global_pruning=method == 'global', ignored_layers=[last])
+    pruner.step()
+    row = {'s': time.perf_counter() - t}
+    with torch.no_grad(): out = model.eval()(x)
+    row['params'], row['ok'] = count_params(model) , out.shape[-1] == 1000
+    return row
+
+
+def build(name):
+    """The model with weights=None, in eval mode; all-zero weights (ViT's head) get small random values so
+    that comparing outputs means something."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any(): p.normal_(0, 0.02)
+    return model
+
+
+def run(name, method, size=None, with_peer=False):
+    model = build(name)
+    shape, row = input_shape(name, size), dict(model=name, method=method)
+    try:
+        row.update(ours(model, shape, method))
+    except Exception as e:
+        row['ok'], row['note'] = False, f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+        if '-v' in sys.argv: traceback.print_exc()
+    if with_peer:
+        try:
+            p = peer(model, shape, method)
+            row['tp'] = 'ok' if p['ok'] else 'wrong output'
+            row['tp_params'], row['tp_s'] = p['params'] / count_params(model), p['s']
+        except Exception as e:
+            row['tp'] = f'{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ""}'
+    return row
+
+
+def fmt(row, with_peer):
     f = lambda k, spec: format(row[k], spec) if k in row else ''
-    return (f"| {row['model']} | {row['method']} | {'ok' if row['ok'] else 'FAIL'} | {f('params', '.3f')} | "
-            f"{f('macs', '.3f')} | {f('rel_diff', '.1e')} | {row.get('groups', '')} | {f('sparsify_s', '.2f')} | "
-            f"{f('prune_s', '.2f')} | {row.get('note', '')} |")
+    cells = [row['model'], row['method'], 'ok' if row['ok'] else 'FAIL', f('params', '.3f'), f('macs', '.3f'),
+             f('diff', '.1e'), row.get('groups', ''), f('s', '.2f')]
+    if with_peer:
+        ratio = f"{row['s'] / row['tp_s']:.2f}" if 's' in row and 'tp_s' in row else ''
+        cells += [row.get('tp', ''), f('tp_params', '.3f'), f('tp_s', '.2f'), ratio]
+    return '| ' + ' | '.join(cells + [row.get('note', '')]) + ' |'
 
 
 def main():
@@ -72,21 +118,25 @@ def main():
     ap.add_argument('--models', nargs='*', default=None)
     ap.add_argument('--methods', nargs='*', default=['local', 'global'])
     ap.add_argument('--size', type=int, default=None, help='input size for every model (default: usual)')
+    ap.add_argument('--peer', action='store_true', help='also run Torch-Pruning 1.6.1 on the same models')
     ap.add_argument('--out', default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    lines = ['| model | method | result | params after/before | MACs after/before | max rel. diff | '
-             'groups sparsified/with producers | sparsify s | prune s | note |', '|' + '---|' * 10]
+    cols = ['model', 'method', 'result', 'params after/before', 'MACs after/before', 'max rel. diff sparse vs pruned',
+            'groups pruned/with producers', 'prune s']
+    if args.peer: cols += ['Torch-Pruning', 'TP params after/before', 'TP prune s', 'prune s ours/TP']
+    lines = ['| ' + ' | '.join(cols + ['note']) + ' |', '|' + '---|' * (len(cols) + 1)]
     for name in names:
         for method in args.methods:
-            row = run(name, method, size=args.size)
-            lines.append(fmt(row)); print(lines[-1], flush=True)
+            lines.append(fmt(run(name, method, args.size, args.peer), args.peer)); print(lines[-1], flush=True)
     if args.out:
-        head = (f'# torchvision classification models: 30% filter sparsity, one shot, then prune\n\n'
+        ok = sum(' | ok | ' in l for l in lines[2:])
+        head = (f'# torchvision classification models: 30% of filters, one shot, then pruned\n\n'
                 f'Command: `{" ".join(["python"] + sys.argv)}`  \n'
                 f'Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
-                f'torchvision {torchvision.__version__}, {date.today()}\n\n')
+                f'torchvision {torchvision.__version__}, {date.today()}  \n'
+                f'{ok} of {len(lines) - 2} runs prune with sparse == pruned (max relative difference < 1e-4).\n\n')
         with open(args.out, 'w') as f: f.write(head + '\n'.join(lines) + '\n')
 
 

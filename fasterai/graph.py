@@ -7,6 +7,7 @@ channels, so both read the same `ChannelGraph` and sparse == pruned holds by con
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -193,7 +194,13 @@ def trace(model, example_input=None):
             gm = _symbolic_trace(model)
             if gm.code in seen: continue
             seen.add(gm.code)
-            _propagate_shapes(gm, model, shape, dtype, example_input is None)
+            try:
+                _propagate_shapes(gm, model, shape, dtype, example_input is None)
+            except TraceError as e:
+                if not training or not spaces.parent: raise
+                warnings.warn(f'{type(model).__name__} cannot run in train mode on {shape} ({e}); only its '
+                              'eval-mode graph is used, so branches that run only in training are not covered')
+                continue
             ctx = _Context(gm, spaces, owner)
             for node in gm.graph.nodes: ctx.env[node] = ctx.visit(node)
     finally:

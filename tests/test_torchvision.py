@@ -1,0 +1,45 @@
+"""One torchvision model of each family, pruned at 30% 'filter' (local and global): sparse == pruned.
+
+The full list at full size is bench/torchvision_sweep.py (results in bench/results/torchvision.md).
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from conftest import max_rel_diff
+
+from fasterai.pruner import Pruner
+from fasterai.report import count_params
+from fasterai.sparsifier import Sparsifier
+
+FAMILIES = {   # model: (input size, extra builder arguments), small inputs to fit the CI budget
+    'alexnet': (64, {}), 'vgg11_bn': (32, {}), 'resnet18': (64, {}), 'resnext50_32x4d': (64, {}),
+    'wide_resnet50_2': (64, {}), 'densenet121': (64, {}), 'googlenet': (64, {'init_weights': True}),
+    'inception_v3': (299, {'init_weights': True}), 'squeezenet1_1': (64, {}), 'mobilenet_v2': (64, {}),
+    'mobilenet_v3_small': (64, {}), 'mnasnet0_5': (64, {}), 'efficientnet_b0': (64, {}),
+    'efficientnet_v2_s': (64, {}), 'shufflenet_v2_x0_5': (64, {}), 'regnet_y_400mf': (64, {}),
+    'convnext_tiny': (64, {}), 'vit_b_16': (32, {'image_size': 32}), 'swin_t': (64, {}),
+}
+
+
+def build(name, kwargs):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    with torch.no_grad():   # zero-initialised heads (ViT) would make the comparison vacuous
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any(): p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize('method', ['local', 'global'])
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_torchvision_family(name, method):
+    size, kwargs = FAMILIES[name]
+    model, shape = build(name, kwargs), (2, 3, size, size)
+    sp = Sparsifier(model, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
+    sp.sparsify(30)
+    pruned = Pruner(example_input=shape).prune_model(model)
+    assert count_params(pruned) < 0.95 * count_params(model)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert max_rel_diff(model(x), pruned.eval()(x)) < 1e-4
