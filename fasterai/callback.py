@@ -5,7 +5,7 @@ from fastai.callback.core import Callback
 from .criteria import resolve_criterion
 from .granularity import resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
-from .sparsifier import Sparsifier, check_method, check_sparsity, find_layers
+from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity, find_layers
 
 __all__ = ['SparsifyCallback']
 
@@ -29,7 +29,7 @@ class SparsifyCallback(Callback):
         self.criteria = criteria                                # 'l1', 'l2' or a function of the weight
         resolve_criterion(criteria)
         self.sched_func = resolve_schedule(sched_func)          # f(start, end, pos), a name or a function
-        self.layer_type = layer_type                            # layer type(s) to sparsify
+        self.layer_type = check_layer_type(layer_type)          # layer type(s) to sparsify
         self.sparsifier = None
 
     def before_fit(self):

@@ -14,8 +14,9 @@ GRANULARITIES = {'weight': (), 'kernel': (2, 3), 'filter': FILTER}
 
 def resolve_granularity(granularity):
     "The dims tuple (or FILTER) for a name in `GRANULARITIES` or a tuple of dims given directly."
-    if isinstance(granularity, tuple) and all(isinstance(d, int) and d >= 0 for d in granularity):
+    if (isinstance(granularity, tuple) and len(set(granularity)) == len(granularity) and
+            all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in granularity)):
         return granularity
     if isinstance(granularity, str) and granularity in GRANULARITIES: return GRANULARITIES[granularity]
     raise ValueError(f'unknown granularity {granularity!r}: choose one of {sorted(GRANULARITIES)} '
-                     'or pass a tuple of weight dims to score together')
+                     'or pass a tuple of distinct weight dims (ints >= 0) to score together')

@@ -8,17 +8,18 @@ channels, so both read the same `ChannelGraph` and sparse == pruned holds by con
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import TraceError
-from .ops import FUNCTION_RULES, INPLACE, METHOD_RULES, MODULE_RULES, Layout, Piece, Unhandled
+from .ops import FUNCTION_RULES, INPLACE, METHOD_RULES, MODULE_RULES, VIEWS, Layout, Piece, SizeOf, Unhandled
 
-__all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
+__all__ = ['Slice', 'Group', 'ChannelGraph', 'trace', 'training_mode']
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,38 @@ def _symbolic_trace(model):
                          'the tracer keeps as a leaf, or rewrite it without data-dependent branches.') from e
 
 
-class _MetaShapeProp(ShapeProp):
-    "Shape propagation on meta tensors: no weights are read and no arithmetic is done."
+@contextmanager
+def training_mode(model, training):
+    "Set `model` to train or eval mode for a while; every submodule gets its own flag back afterwards."
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags: m.training = flag
+
+
+class _Shapes(fx.Interpreter):
+    "Runs the traced graph and records each node's output shape; on meta tensors no weight is read."
+    def __init__(self, gm, meta):
+        super().__init__(gm)
+        self.meta = meta
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        n.meta['tensor_meta'] = fx.node.map_aggregate(
+            out, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else None)
+        return out
+
     def call_module(self, target, args, kwargs):
+        if not self.meta: return super().call_module(target, args, kwargs)
         m = self.fetch_attr(target)
         state = {k: torch.empty_like(v, device='meta') for k, v in (*m.named_parameters(), *m.named_buffers())}
         return torch.func.functional_call(m, state, args, kwargs)
 
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)
-        return torch.empty_like(v, device='meta') if isinstance(v, torch.Tensor) else v
+        return torch.empty_like(v, device='meta') if self.meta and isinstance(v, torch.Tensor) else v
 
 
 def _default_input_shape(model):
@@ -163,17 +186,35 @@ def _propagate_shapes(gm, model, shape, dtype, guessed):
     "Shapes of every node on meta tensors; in eval mode, code that needs real tensors runs on zeros."
     try:
         try:
-            _MetaShapeProp(gm).propagate(torch.empty(shape, dtype=dtype, device='meta'))
+            _Shapes(gm, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
         except Exception:
             if model.training: raise   # a real train-mode run would update BatchNorm statistics
             p = next(model.parameters(), None)
             with torch.no_grad():
-                ShapeProp(gm).propagate(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
+                _Shapes(gm, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
     except Exception as e:
         hint = ' (the shape was guessed: pass example_input)' if guessed else ''
         mode = 'train' if model.training else 'eval'
         raise TraceError(f'running {type(model).__name__} in {mode} mode on an input of shape {shape} '
-                         f'failed{hint}: {e}') from e
+                         f'failed{hint}: {type(e).__name__}: {e}') from e
+
+
+def _input_dtype(model, example_input):
+    if isinstance(example_input, torch.Tensor): return example_input.dtype
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def _freeze_shared(model, spaces):
+    "Groups touching a parameter that another module also holds (tied weights) cannot be sliced alone."
+    holders = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False): holders.setdefault(id(p), []).append(name)
+    shared = {n: h for h in holders.values() if len(h) > 1 for n in h}
+    for r in range(len(spaces.parent)):
+        for s in spaces.slices[r]:
+            if s.module in shared:
+                spaces.freeze_space(r, f"'{s.module}' shares a parameter with '{[h for h in shared[s.module] if h != s.module][0]}'")
 
 
 def trace(model, example_input=None):
@@ -185,26 +226,26 @@ def trace(model, example_input=None):
     training are covered too); both traces feed one graph.
     """
     _check_hooks(model)
-    shape = _input_shape(model, example_input)
-    dtype = example_input.dtype if isinstance(example_input, torch.Tensor) else torch.float32
-    spaces, owner, seen, was_training = _Spaces(), {}, set(), model.training
-    try:
-        for training in (False, True):
-            model.train(training)
+    shape, dtype = _input_shape(model, example_input), _input_dtype(model, example_input)
+    spaces, owner, seen, poisoned = _Spaces(), {}, set(), set()
+    for training in (False, True):
+        with training_mode(model, training):
             gm = _symbolic_trace(model)
             if gm.code in seen: continue
             seen.add(gm.code)
             try:
                 _propagate_shapes(gm, model, shape, dtype, example_input is None)
             except TraceError as e:
-                if not training or not spaces.parent: raise
-                warnings.warn(f'{type(model).__name__} cannot run in train mode on {shape} ({e}); only its '
-                              'eval-mode graph is used, so branches that run only in training are not covered')
+                if not training: raise
+                warnings.warn(f'{type(model).__name__} cannot run in train mode on {shape}, so branches that run '
+                              f'only in training are not covered: pass an example_input it can train on ({e})')
                 continue
-            ctx = _Context(gm, spaces, owner)
+            ctx = _Context(gm, spaces, owner, poisoned)
             for node in gm.graph.nodes: ctx.env[node] = ctx.visit(node)
-    finally:
-        model.train(was_training)
+    for (target, role), lay in owner.items():   # a module some call could not follow keeps all its channels
+        if target in poisoned and lay is not None:
+            spaces.freeze(lay, f"'{target}' is also called where its channels cannot be followed")
+    _freeze_shared(model, spaces)
     return ChannelGraph(model, spaces.groups(), shape)
 
 
@@ -215,8 +256,8 @@ def _meta(node):
 
 class _Context:
     """What a rule sees of the trace: the node, its inputs' layouts, and ways to create and record spaces."""
-    def __init__(self, gm, spaces, owner):
-        self.gm, self.spaces, self.owner, self.env = gm, spaces, owner, {}
+    def __init__(self, gm, spaces, owner, poisoned):
+        self.gm, self.spaces, self.owner, self.poisoned, self.env = gm, spaces, owner, poisoned, {}
 
     def visit(self, node):
         if node.op in ('placeholder', 'get_attr'): return None
@@ -229,9 +270,13 @@ class _Context:
             if rule is None:
                 if not tracked: return None
                 raise Unhandled('is not an operation the channel graph knows')
+            if node.target in INPLACE and getattr(node.args[0], 'target', None) in VIEWS and tracked:
+                raise Unhandled('writes in place into a view of the channels')
             out = rule(self, node)
-        except Unhandled as e:
-            for lay in tracked: self.freeze(lay, f"{what} at '{node.name}' {e}")
+        except Exception as e:   # an Unhandled case, or one no rule foresaw: freezing is always safe
+            reason = str(e) if isinstance(e, Unhandled) else f'could not be followed ({type(e).__name__}: {e})'
+            for lay in tracked: self.freeze(lay, f"{what} at '{node.name}' {reason}")
+            if node.op == 'call_module': self.poisoned.add(node.target)
             return None
         if out is not None and node.target in INPLACE and isinstance(node.args[0], fx.Node):
             self.env[node.args[0]] = out   # later readers of the overwritten operand see the result
@@ -251,7 +296,8 @@ class _Context:
         out = []
         def add(n):
             v = self.env.get(n)
-            if isinstance(v, tuple): out.extend(x for x in v if x is not None)
+            if isinstance(v, SizeOf): out.append(v.layout)
+            elif isinstance(v, tuple): out.extend(x for x in v if x is not None)
             elif v is not None: out.append(v)
         fx.node.map_arg(args, add)
         return out
@@ -260,7 +306,7 @@ class _Context:
     def module(self, node): return self.gm.get_submodule(node.target)
     def layout(self, node, i=0):
         v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None
-        if isinstance(v, tuple): raise Unhandled('reads a tuple of tensors')
+        if isinstance(v, (tuple, SizeOf)): raise Unhandled('reads a tuple of tensors or sizes')
         return v
     def shape(self, node): return _meta(node).shape if _meta(node) is not None else None
     def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]
@@ -270,13 +316,18 @@ class _Context:
         return Layout(dim, (Piece(self.spaces.new(n), 0, n),))
 
     def record(self, layout, node, role):
-        "Record `layout`'s channels as the `role` channels of the module called at `node`."
+        "Record `layout`'s channels as the `role` channels of the module called at `node` (None: untracked)."
+        key = (node.target, role)
+        if layout is None or self.owner.get(key, 0) is None:
+            # channels no layer here writes (the input): this module's columns must all stay, in every call
+            if self.owner.setdefault(key, layout) is not None: self.poisoned.add(node.target)
+            if layout is not None: self.freeze(layout, f"'{node.target}' is also called on channels no layer here writes")
+            return
         if role == 'in':
             for p in layout.pieces:
                 if p.nonzero:
                     self.spaces.freeze_space(p.space, f"'{node.target}' reads them after '{p.nonzero}', "
                                                       'which makes them non-zero')
-        key = (node.target, role)
         first = self.owner.setdefault(key, layout)
         if first is layout:
             self.spaces.add_slices(layout, node.target, role)

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Piece', 'Layout', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE']
+__all__ = ['Piece', 'Layout', 'SizeOf', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'VIEWS']
 
 
 class Unhandled(Exception):
@@ -56,6 +56,12 @@ class Layout:
     def cleared(self):
         "The same channels, exactly zero again (a zeroed per-channel affine layer rewrites them)."
         return replace(self, pieces=tuple(p._replace(nonzero=None) for p in self.pieces))
+
+
+class SizeOf(NamedTuple):
+    "A traced tensor's size: indexing it at the channel dim reads a count that pruning changes."
+    layout: Layout
+    ndim: int
 
 
 # ---------------------------------------------------------------- helpers
@@ -115,7 +121,10 @@ def batchnorm(ctx, node):
     if lay is None: return None
     if lay.dim != 1 or lay.block != 1: raise Unhandled('BatchNorm normalises dim 1, not the tracked channels')
     ctx.record(lay, node, 'norm')
-    return lay.cleared() if ctx.module(node).affine else lay
+    m = ctx.module(node)
+    if m.affine: return lay.cleared()
+    # without scale and shift: (0 - running mean) / std in eval mode, 0 when only batch statistics are used
+    return lay.marked(node.name) if m.track_running_stats else lay
 
 
 def layernorm(ctx, node):
@@ -125,6 +134,13 @@ def layernorm(ctx, node):
     if lay.dim >= len(ctx.shape(node)) - len(ctx.module(node).normalized_shape):
         raise Unhandled('LayerNorm computes its statistics across the channels')
     return lay.marked(node.name)
+
+
+def hardtanh(ctx, node):
+    "Hardtanh keeps zeros when 0 lies in [min_val, max_val]."
+    lo, hi = ((ctx.module(node).min_val, ctx.module(node).max_val) if node.op == 'call_module'
+              else (_arg(node, 1, 'min_val', -1.), _arg(node, 2, 'max_val', 1.)))
+    return keep(ctx, node) if lo <= 0 <= hi else moves_zero(ctx, node)
 
 
 def prelu(ctx, node):
@@ -140,7 +156,7 @@ def conv(ctx, node):
     if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1):
         raise Unhandled('the convolution does not read the tracked channels as its input channels')
     if m.groups == 1:
-        if lay is not None: ctx.record(lay, node, 'in')
+        ctx.record(lay, node, 'in')
         out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
         ctx.record(out, node, 'out')
         return out
@@ -153,10 +169,9 @@ def conv(ctx, node):
 def linear(ctx, node):
     "Linear: reads the last dim (a flattened map reads blocks of features), writes a new space."
     m, lay = ctx.module(node), _only_first(ctx, node)
-    if lay is not None:
-        if lay.dim != len(ctx.shape(node.args[0])) - 1 or lay.channels * lay.block != m.in_features:
-            raise Unhandled('the Linear layer does not read the tracked channels as its input features')
-        ctx.record(lay, node, 'in')
+    if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 1 or lay.channels * lay.block != m.in_features):
+        raise Unhandled('the Linear layer does not read the tracked channels as its input features')
+    ctx.record(lay, node, 'in')
     out = ctx.new_layout(m.out_features, len(ctx.shape(node)) - 1)
     ctx.record(out, node, 'out')
     return out
@@ -219,14 +234,30 @@ def reduce(ctx, node):
 
 
 def getattr_rule(ctx, node):
-    "x.shape, x.dtype, x.device carry no channels; other attributes are unhandled."
-    if ctx.layout(node) is None or node.args[1] in ('shape', 'dtype', 'device', 'ndim', 'is_cuda'): return None
+    "x.shape is a size whose channel entry pruning changes; x.dtype, x.device carry no channels."
+    lay = ctx.layout(node)
+    if lay is None or node.args[1] in ('dtype', 'device', 'ndim', 'is_cuda'): return None
+    if node.args[1] == 'shape': return SizeOf(lay, len(ctx.shape(node.args[0])))
     raise Unhandled(f"reads attribute '{node.args[1]}'")
+
+
+def size(ctx, node):
+    "x.size() is a size (see getattr_rule); x.size(d) for another dim than the channels is a plain number."
+    lay = _only_first(ctx, node)
+    if lay is None: return None
+    d = _arg(node, 1, 'dim')
+    if d is None: return SizeOf(lay, len(ctx.shape(node.args[0])))
+    if _dim(d, len(ctx.shape(node.args[0]))) == lay.dim: raise Unhandled('reads the channel count')
+    return None
 
 
 def getitem(ctx, node):
     "One output of a split, or basic indexing that leaves the channel dim whole."
     src = ctx.env.get(node.args[0])
+    if isinstance(src, SizeOf):   # (a tuple too: test it first)
+        dims = range(src.ndim)[node.args[1]]
+        if src.layout.dim in (dims if isinstance(dims, range) else [dims]): raise Unhandled('reads the channel count')
+        return None
     if isinstance(src, tuple): return src[node.args[1]]
     lay = _only_first(ctx, node)
     if lay is None: return None
@@ -340,29 +371,30 @@ def roll(ctx, node):
 
 # ---------------------------------------------------------------- tables
 ZERO_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.GELU, nn.Hardswish,
-                nn.Mish, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.Upsample,
+                nn.Mish, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
+                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Upsample,
                 nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 "Module types that map a zero channel to a zero channel of the same index."
-ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
-"Module types that map zero to a non-zero constant."
+ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaDropout)
+"Module types that map zero to a non-zero value (AlphaDropout: in training)."
 
 MODULE_RULES = {
     nn.Conv2d: conv, nn.Linear: linear, nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm,
-    nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape,
+    nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
     nn.Softmax: softmax, nn.LogSoftmax: softmax,
     **{t: keep for t in ZERO_KEEPING}, **{t: moves_zero for t in ZERO_MOVING},
 }
 
 FUNCTION_RULES = {
     **{f: keep for f in (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
-                         F.celu, F.silu, F.gelu, F.hardswish, F.mish, F.tanh, torch.tanh, F.hardtanh,
-                         F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.interpolate,
+                         F.celu, F.silu, F.gelu, F.hardswish, F.mish, F.tanh, torch.tanh,
+                         F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.interpolate,
                          F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
                          F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.clone,
-                         torch.nn.functional.hardtanh_)},
-    **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid)},
+                         )},
+    F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
+    **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.alpha_dropout)},
     **{f: softmax for f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)},
     **{f: arith for f in ADDITIVE | MULTIPLICATIVE | DIVIDING if not isinstance(f, str)},
     **{f: reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
@@ -383,8 +415,13 @@ METHOD_RULES = {
     **{m: permute for m in ('permute', 'transpose', 'swapaxes')},
     **{m: split for m in ('split', 'chunk', 'unbind')},
     'unsqueeze': unsqueeze, 'roll': roll,
-    **{m: no_tensor for m in ('size', 'dim')},
+    'size': size, 'dim': no_tensor,
 }
+
+VIEWS = {'view', 'reshape', 'flatten', 'permute', 'transpose', 'swapaxes', 'unsqueeze', 'expand', 'narrow',
+         'select', 'unfold', torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
+         torch.unsqueeze, torch.narrow, torch.select, operator.getitem}
+"Ops whose result may share memory with their input."
 
 INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_,
            'add_', 'sub_', 'mul_', 'div_', 'relu_', 'tanh_', 'sigmoid_'}

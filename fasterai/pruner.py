@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from .criteria import resolve_criterion
 from .errors import PruningError
-from .graph import trace
-from .sparsifier import Sparsifier, check_method, check_sparsity
+from .graph import trace, training_mode
+from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity
 from .surgery import shrink
 
 __all__ = ['Pruner', 'dead_channels', 'check_same_function']
@@ -82,26 +82,24 @@ def _outputs(out):
 
 
 @torch.no_grad()
-def eval_outputs(model, input_shape):
-    "The output tensors of `model` in eval mode on one seeded random input of `input_shape` (mode restored)."
-    p = next(model.parameters(), None)
-    device, dtype = (p.device, p.dtype) if p is not None else ('cpu', torch.float32)
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    was = model.training
-    model.eval()
-    try:
-        return _outputs(model(x))
-    finally:
-        model.train(was)
+def eval_outputs(model, example):
+    """The output tensors of `model` in eval mode (each module's mode restored) on `example`: a tensor,
+    or a shape for one seeded random input."""
+    if not isinstance(example, torch.Tensor):
+        p = next(model.parameters(), None)
+        device, dtype = (p.device, p.dtype) if p is not None and p.is_floating_point() else ('cpu', torch.float32)
+        example = torch.randn(tuple(example), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    with training_mode(model, False):
+        return _outputs(model(example))
 
 
-def check_same_function(reference, pruned, input_shape, rtol=1e-4):
+def check_same_function(reference, pruned, example, rtol=1e-4):
     """Raise PruningError unless `pruned` reproduces `reference` (a model, or its `eval_outputs`) within
-    `rtol` of the output scale on one random input."""
-    ref = reference if isinstance(reference, list) else eval_outputs(reference, input_shape)
+    `rtol` of the output scale on `example` (a tensor, or a shape for a random input)."""
+    ref = reference if isinstance(reference, list) else eval_outputs(reference, example)
     name = type(pruned).__name__
     try:
-        got = eval_outputs(pruned, input_shape)
+        got = eval_outputs(pruned, example)
     except RuntimeError as e:
         raise PruningError(f'the pruned {name} fails to run: {e}') from e
     for a, b in zip(ref, got):
@@ -122,8 +120,10 @@ class Pruner:
     """
     def __init__(self, sparsity=None, criteria='l1', method='local', layer_type=nn.Conv2d, example_input=None,
                  verify=True):
-        self.sparsity = None if sparsity is None else check_sparsity(sparsity)
-        self.criteria, self.method, self.layer_type = resolve_criterion(criteria), check_method(method), layer_type
+        self.sparsity = None if sparsity is None else check_sparsity(sparsity)   # percent of filters, or None
+        self.criteria, self.method = resolve_criterion(criteria), check_method(method)
+        self.layer_type = check_layer_type(layer_type)   # what one-shot pruning scores
+        if not isinstance(verify, bool): raise ValueError(f'verify must be True or False, got {verify!r}')
         self.example_input, self.verify = example_input, verify
 
     def prune_model(self, model):
@@ -135,8 +135,9 @@ class Pruner:
             sp = Sparsifier(pruned, 'filter', self.method, self.criteria, self.layer_type, self.example_input)
             sp.sparsify(self.sparsity)
             graph = sp.graph
-        reference = eval_outputs(pruned, graph.input_shape) if self.verify else None
+        example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
+        reference = eval_outputs(pruned, example) if self.verify else None
         for name, keep in plan(graph).items():
             shrink(pruned.get_submodule(name), keep)
-        if self.verify: check_same_function(reference, pruned, graph.input_shape)
+        if self.verify: check_same_function(reference, pruned, example)
         return pruned

@@ -4,6 +4,8 @@ import torch.nn as nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
+from .graph import training_mode
+
 __all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models']
 
 
@@ -21,27 +23,17 @@ def count_params(model):
 @torch.no_grad()
 def count_macs(model, example_input):
     "Multiply-accumulates of one forward pass on `example_input` (a tensor or a shape), in eval mode."
-    was = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(_input(model, example_input))
-    finally:
-        model.train(was)
+    with training_mode(model, False), FlopCounterMode(display=False) as counter:
+        model(_input(model, example_input))
     return counter.get_total_flops() // 2
 
 
 def latency_ms(model, example_input, min_run_time=1.0, threads=None):
     "Median CPU latency in milliseconds of one eval-mode forward pass (torch.utils.benchmark)."
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            timer = Timer('model(x)', globals={'model': model, 'x': _input(model, example_input)},
-                          num_threads=threads or torch.get_num_threads())
-            return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-    finally:
-        model.train(was)
+    with training_mode(model, False), torch.inference_mode():
+        timer = Timer('model(x)', globals={'model': model, 'x': _input(model, example_input)},
+                      num_threads=threads or torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def layer_shapes(model):

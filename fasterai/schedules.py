@@ -1,9 +1,12 @@
 """Sparsity schedules: pure functions `f(start, end, pos)` of training progress `pos` in [0, 1].
 
-They follow fastai's `sched_*` convention, so fastai's own schedules (`sched_cos`, `sched_lin`) and
-`combine_scheds` can be passed to `SparsifyCallback(sched_func=...)` as well.
+They follow fastai's `sched_*` convention, so fastai's own `sched_cos`, `sched_lin` can be passed to
+`SparsifyCallback(sched_func=...)`; so can a function of `pos` alone giving the sparsity itself, such as
+fastai's `SchedCos(0, 30)` or `combine_scheds(...)` (then `start` and `end` are not used).
 """
+import inspect
 import math
+from functools import partial
 
 __all__ = ['annealing_cos', 'annealing_linear', 'annealing_agp', 'one_shot', 'SCHEDULES', 'resolve_schedule']
 
@@ -35,8 +38,25 @@ SCHEDULES = {'cos': annealing_cos, 'linear': annealing_linear, 'agp': annealing_
 "Schedules by name."
 
 
+def _of_pos(f, start, end, pos):
+    return f(pos)
+
+
 def resolve_schedule(sched):
-    "A schedule function from its name in `SCHEDULES` or a callable `f(start, end, pos)`."
-    if callable(sched): return sched
-    if sched in SCHEDULES: return SCHEDULES[sched]
-    raise ValueError(f'unknown schedule {sched!r}: choose one of {sorted(SCHEDULES)} or pass a function f(start, end, pos)')
+    "A function f(start, end, pos) from a name in `SCHEDULES`, such a function, or a function of `pos` alone."
+    if isinstance(sched, str) and sched in SCHEDULES: return SCHEDULES[sched]
+    if callable(sched):
+        try:
+            inspect.signature(sched).bind(0, 30, 0.5)
+            return sched
+        except TypeError:
+            pass
+        except ValueError:   # no signature to inspect (a builtin): take it as f(start, end, pos)
+            return sched
+        try:
+            inspect.signature(sched).bind(0.5)
+            return partial(_of_pos, sched)
+        except TypeError:
+            pass
+    raise ValueError(f'unknown schedule {sched!r}: choose one of {sorted(SCHEDULES)}, or pass a function '
+                     'f(start, end, pos) or f(pos)')

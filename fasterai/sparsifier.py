@@ -4,6 +4,7 @@
 and the schedules.
 """
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -14,7 +15,8 @@ from .graph import trace
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
 
-__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'find_layers', *_schedules]
+__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'check_method', 'check_layer_type',
+           'find_layers', *_schedules]
 
 METHODS = ('local', 'global')
 "'local': each layer to the target; 'global': one threshold over all targeted layers."
@@ -22,31 +24,49 @@ METHODS = ('local', 'global')
 
 def check_sparsity(sparsity):
     "`sparsity` as a float percentage, or a ValueError."
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 100:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity <= 100:
         raise ValueError(f'sparsity must be a percentage in [0, 100], got {sparsity!r}')
     return float(sparsity)
 
 
 def check_method(method):
+    "`method` if it is one of METHODS, or a ValueError."
     if method not in METHODS: raise ValueError(f'unknown method {method!r}: choose one of {sorted(METHODS)}')
     return method
 
 
-def find_layers(model, layer_type):
-    "Qualified name -> module for every module of `layer_type` (a type or tuple of types), or a ValueError."
+def check_layer_type(layer_type):
+    "`layer_type` (a layer class or a tuple of them) as a tuple, or a ValueError."
     types = layer_type if isinstance(layer_type, tuple) else (layer_type,)
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
         raise ValueError(f'layer_type must be an nn.Module subclass or a tuple of them, got {layer_type!r}')
+    return types
+
+
+def find_layers(model, layer_type):
+    "Qualified name -> module for every module of `layer_type` (a type or tuple of types), or a ValueError."
+    types = check_layer_type(layer_type)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
     if not layers:
         raise ValueError(f'{type(model).__name__} has no layer of layer_type '
                          f'{", ".join(t.__name__ for t in types)} to sparsify')
+    bad = [n for n, m in layers.items() if not isinstance(getattr(m, 'weight', None), torch.Tensor)]
+    if bad: raise ValueError(f"layer '{bad[0]}' of layer_type has no weight to sparsify")
     return layers
 
 
 def n_zero(units, sparsity):
     "How many of `units` make `sparsity` percent, rounding half up: 30% of 20 is 6, 7.5% of 20 is 2."
     return math.floor(units * sparsity / 100 + 0.5 + 1e-9)
+
+
+def _scored(criterion, w):
+    "The criterion's scores of `w`, checked to give one score per weight."
+    s = criterion(w)
+    if not isinstance(s, torch.Tensor) or s.shape != w.shape:
+        raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '
+                         f'{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}')
+    return s
 
 
 class _WeightTarget:
@@ -62,7 +82,7 @@ class _WeightTarget:
         self.units = math.prod(self.shape)
 
     def scores(self, criterion):
-        s = criterion(self.module.weight.detach())
+        s = _scored(criterion, self.module.weight.detach())
         return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
 
     def masks(self, drop):
@@ -85,7 +105,7 @@ class _GroupTarget:
         total = torch.zeros(self.units)
         for s in self.group.by_role('out'):
             w = self.modules[s.module].weight.detach()[s.offset:s.offset + s.length]
-            rows = criterion(w).flatten(1).sum(1).float().cpu()
+            rows = _scored(criterion, w).flatten(1).sum(1).float().cpu()
             total[s.start:s.start + s.length] += rows / rows.mean().clamp_min(torch.finfo(rows.dtype).tiny)
         return total
 
@@ -124,7 +144,7 @@ class Sparsifier:
         self.frozen = {}   # targeted layer name -> why it cannot be sparsified at this granularity
         self.targets = self._targets(example_input)
         self.masks, self._drop, self._counts = {}, {}, None
-        self._params = dict(model.named_parameters())
+        self._params = dict(model.named_parameters(remove_duplicate=False))
 
     def _targets(self, example_input):
         if self.granularity != FILTER:

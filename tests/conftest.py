@@ -1,6 +1,5 @@
 import warnings
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,8 +37,3 @@ def randomize_norms(model, seed=0):
 
 def max_rel_diff(a, b):
     return ((a - b).abs().max() / a.abs().max()).item()
-
-
-@pytest.fixture
-def seed():
-    torch.manual_seed(0)
