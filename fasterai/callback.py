@@ -20,7 +20,7 @@ class SparsifyCallback(Callback):
     run_valid = False
 
     def __init__(self, sparsity, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
-                 layer_type=nn.Conv2d, start_sparsity=0):
+                 layer_type=nn.Conv2d, start_sparsity=0, leaf_modules=()):
         self.sparsity = check_sparsity(sparsity)                # target percentage at the end of training
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # 'weight', 'kernel', 'filter' or a dims tuple
@@ -30,6 +30,7 @@ class SparsifyCallback(Callback):
         resolve_criterion(criteria)
         self.sched_func = resolve_schedule(sched_func)          # f(start, end, pos), a name or a function
         self.layer_type = check_layer_type(layer_type)          # layer type(s) to sparsify
+        self.leaf_modules = leaf_modules                        # modules the tracer keeps whole
         self.sparsifier = None
 
     def before_fit(self):
@@ -40,7 +41,7 @@ class SparsifyCallback(Callback):
     def before_batch(self):
         if self.sparsifier is None:   # built on the first batch, whose shape the graph is traced with
             self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
-                                         self.layer_type, example_input=self.xb[0].shape)
+                                         self.layer_type, self.xb[0].shape, self.leaf_modules)
 
     def after_batch(self):
         pos = (self.epoch + (self.iter + 1) / self.n_iter) / self.n_epoch

@@ -119,21 +119,58 @@ class _Spaces:
         return [Group(i, self.size[r], self.slices[r], self.frozen[r]) for i, r in enumerate(roots)]
 
 
-def _check_hooks(model):
+def _check_hooks(model, leaves):
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        if (m._forward_hooks or m._forward_pre_hooks) and not leaves.covers(name, m):
             raise TraceError(f"module '{name or type(model).__name__}' has forward hooks; torch.fx does not run "
                              "hooks, so its traced graph would not be the model's real computation. Remove the "
-                             "hooks (or prune the model without them) before tracing.")
+                             f"hooks, or pass leaf_modules=['{name}'] to keep it whole (its channels then stay).")
 
 
-def _symbolic_trace(model):
+class _Leaves:
+    "Modules the tracer keeps whole, by qualified name (and everything under it) or by type."
+    def __init__(self, leaf_modules):
+        items = [leaf_modules] if isinstance(leaf_modules, (str, type)) else list(leaf_modules or ())
+        bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
+        if bad: raise ValueError(f'leaf_modules must hold qualified module names or nn.Module types, got {bad[0]!r}')
+        self.names, self.types = {x for x in items if isinstance(x, str)}, tuple(x for x in items if isinstance(x, type))
+
+    def covers(self, name, module):
+        return isinstance(module, self.types) or any(name == n or name.startswith(n + '.') for n in self.names)
+
+
+class _Tracer(fx.Tracer):
+    "fx's tracer, keeping `leaves` whole and remembering which module it was inside when tracing failed."
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves, self.stack, self.failed = leaves, [], None
+
+    def is_leaf_module(self, m, qualname):
+        return self.leaves.covers(qualname, m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None: self.failed = (self.stack[-1], type(m).__name__)
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _symbolic_trace(model, leaves):
+    tracer = _Tracer(leaves)
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph)
     except Exception as e:
-        raise TraceError(f'torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}. Control flow '
-                         'that depends on tensor values cannot be traced; move it into a submodule of a type '
-                         'the tracer keeps as a leaf, or rewrite it without data-dependent branches.') from e
+        where = (f" inside module '{tracer.failed[0]}' ({tracer.failed[1]})" if tracer.failed and tracer.failed[0]
+                 else '')
+        fix = (f"pass leaf_modules=['{tracer.failed[0]}'] to keep that module whole (its channels then stay), or "
+               if where else '')
+        raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {e}. '
+                         f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
 
 
 @contextmanager
@@ -217,20 +254,23 @@ def _freeze_shared(model, spaces):
                 spaces.freeze_space(r, f"'{s.module}' shares a parameter with '{[h for h in shared[s.module] if h != s.module][0]}'")
 
 
-def trace(model, example_input=None):
+def trace(model, example_input=None, leaf_modules=()):
     """Trace `model` with torch.fx and return its `ChannelGraph`.
 
     `example_input`: a tensor or a shape, batch included (shapes come from meta tensors, no compute);
     when None, (2, C, 224, 224) or (2, F) is guessed from the first Conv2d or Linear.
     The model is traced in eval and in train mode (branches such as auxiliary heads that run only in
     training are covered too); both traces feed one graph.
+    `leaf_modules`: qualified names or types of modules to keep whole (untraceable code, custom layers):
+    their inputs and outputs are frozen.
     """
-    _check_hooks(model)
+    leaves = _Leaves(leaf_modules)
+    _check_hooks(model, leaves)
     shape, dtype = _input_shape(model, example_input), _input_dtype(model, example_input)
     spaces, owner, seen, poisoned = _Spaces(), {}, set(), set()
     for training in (False, True):
         with training_mode(model, training):
-            gm = _symbolic_trace(model)
+            gm = _symbolic_trace(model, leaves)
             if gm.code in seen: continue
             seen.add(gm.code)
             try:

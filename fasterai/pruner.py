@@ -115,24 +115,27 @@ class Pruner:
 
     `sparsity`: when given, first zero that percentage of filters in one shot, with the Sparsifier's own
     group scoring (`criteria`, `method`, `layer_type` as in `Sparsifier`); when None, prune what is zero.
-    `example_input`: a tensor or shape for tracing (guessed from the first layer when None).
-    `verify`: run the sparse and pruned models on one random input and raise if they differ.
+    `example_input`: a tensor or shape for tracing (guessed from the first layer when None); when a tensor,
+    `verify` runs on it, otherwise on a random input of that shape.
+    `leaf_modules`: names or types of modules the tracer keeps whole (see `graph.trace`).
+    `verify`: run the sparse and pruned models and raise PruningError if their outputs differ.
     """
     def __init__(self, sparsity=None, criteria='l1', method='local', layer_type=nn.Conv2d, example_input=None,
-                 verify=True):
+                 leaf_modules=(), verify=True):
         self.sparsity = None if sparsity is None else check_sparsity(sparsity)   # percent of filters, or None
         self.criteria, self.method = resolve_criterion(criteria), check_method(method)
         self.layer_type = check_layer_type(layer_type)   # what one-shot pruning scores
         if not isinstance(verify, bool): raise ValueError(f'verify must be True or False, got {verify!r}')
-        self.example_input, self.verify = example_input, verify
+        self.example_input, self.leaf_modules, self.verify = example_input, leaf_modules, verify
 
     def prune_model(self, model):
         "A new model of the same class, computing the same function without the zero channels."
         pruned = copy.deepcopy(model)
         if self.sparsity is None:
-            graph = trace(pruned, self.example_input)
+            graph = trace(pruned, self.example_input, self.leaf_modules)
         else:
-            sp = Sparsifier(pruned, 'filter', self.method, self.criteria, self.layer_type, self.example_input)
+            sp = Sparsifier(pruned, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
+                            self.leaf_modules)
             sp.sparsify(self.sparsity)
             graph = sp.graph
         example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape

@@ -135,21 +135,22 @@ class Sparsifier:
     `criteria`: a name in `CRITERIA` ('l1', 'l2') or a function of the weight.
     `layer_type`: the layer type(s) to sparsify (a group is targeted when one of its producers is one).
     `example_input`: a tensor or shape for tracing at 'filter' granularity (guessed when None).
+    `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
     """
     def __init__(self, model, granularity='filter', method='local', criteria='l1', layer_type=nn.Conv2d,
-                 example_input=None):
+                 example_input=None, leaf_modules=()):
         self.model, self.granularity = model, resolve_granularity(granularity)
         self.method, self.criterion = check_method(method), resolve_criterion(criteria)
         self.layers = find_layers(model, layer_type)
         self.frozen = {}   # targeted layer name -> why it cannot be sparsified at this granularity
-        self.targets = self._targets(example_input)
+        self.targets = self._targets(example_input, leaf_modules)
         self.masks, self._drop, self._counts = {}, {}, None
         self._params = dict(model.named_parameters(remove_duplicate=False))
 
-    def _targets(self, example_input):
+    def _targets(self, example_input, leaf_modules):
         if self.granularity != FILTER:
             return [_WeightTarget(n, m, self.granularity) for n, m in self.layers.items()]
-        self.graph = trace(self.model, example_input)
+        self.graph = trace(self.model, example_input, leaf_modules)
         modules, targets = self.graph.modules(), []
         for g in self.graph.groups:
             mine = [s.module for s in g.by_role('out') if s.module in self.layers]

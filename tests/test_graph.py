@@ -58,15 +58,29 @@ def test_operation_outside_the_rules_freezes_what_it_touches():
 class Branchy(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(3, 4, 3)
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x):
-        return self.a(x) if x.sum() > 0 else x
+        return self.a(x) if x.sum() > 0 else x.repeat(1, 2, 1, 1)[:, :4]
 
 
-def test_untraceable_model_raises_trace_error():
-    with pytest.raises(TraceError, match='cannot trace Branchy'):
-        trace(Branchy())
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body, self.head = nn.Conv2d(3, 3, 1), nn.Sequential(nn.ReLU(), Branchy()), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def test_untraceable_model_names_the_module_and_the_way_out():
+    with pytest.raises(TraceError, match=r"cannot trace Outer inside module 'body.1' \(Branchy\).*leaf_modules=\['body.1'\]"):
+        trace(Outer(), (2, 3, 8, 8))
+    for leaves in (['body.1'], 'body', Branchy):
+        g = trace(Outer(), (2, 3, 8, 8), leaf_modules=leaves)
+        assert not any(grp.prunable for grp in g.groups)
+    with pytest.raises(ValueError, match='leaf_modules must hold'):
+        trace(Outer(), (2, 3, 8, 8), leaf_modules=[3])
 
 
 def test_forward_hooks_are_refused():
