@@ -32,12 +32,12 @@ SIZES = {'inception_v3': 299}
 "Input sizes other than 224 (the usual size of every other model)."
 
 
-def input_shape(name, size=None, batch=2):
+def input_shape(name, size=None, batch=1):
     s = size or SIZES.get(name, 224)
     return (batch, 3, s, s)
 
 
-def ours(model, shape, method):
+def ours(model, shape, method, macs):
     "Prune a copy with fasterai; returns the row's fields."
     row = {}
     t = time.perf_counter()
@@ -49,8 +49,7 @@ def ours(model, shape, method):
     sp.sparsify(30)
     a, b = eval_outputs(sparse, shape)[0], eval_outputs(pruned, shape)[0]
     row['diff'] = ((a - b).abs().max() / a.abs().max()).item()
-    one = (1,) + shape[1:]
-    row['params'], row['macs'] = count_params(pruned) / count_params(model), count_macs(pruned, one) / count_macs(model, one)
+    row['params'], row['macs'] = count_params(pruned) / count_params(model), count_macs(pruned, shape) / macs
     frozen = [g for g in sp.graph.groups if g.frozen and g.by_role('out')]
     row['groups'] = f'{len(sp.targets)}/{len(sp.targets) + len(frozen)}'
     row['ok'] = row['diff'] < 1e-4 and row['params'] < 1
@@ -62,7 +61,7 @@ def peer(model, shape, method):
     "Prune a copy with Torch-Pruning's MetaPruner, same ratio; returns the row's fields."
     import torch_pruning as tp
     model = copy.deepcopy(model)
-    x = torch.randn((1,) + shape[1:])
+    x = torch.randn(shape)
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     t = time.perf_counter()
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.3,
@@ -75,32 +74,36 @@ def peer(model, shape, method):
 
 
 def build(name):
-    """The model with weights=None, in eval mode; all-zero weights (ViT's head) get small random values so
-    that comparing outputs means something."""
+    """The model with weights=None, in eval mode; weights initialised at zero or nearly (ViT's head,
+    ConvNeXt's layer scale of 1e-6) get random values, so that comparing outputs means something."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() > 1 and not p.any(): p.normal_(0, 0.02)
+            if p.dim() > 1 and p.abs().max() < 1e-4: p.normal_(0, 0.1)
     return model
 
 
-def run(name, method, size=None, with_peer=False):
-    model = build(name)
-    shape, row = input_shape(name, size), dict(model=name, method=method)
-    try:
-        row.update(ours(model, shape, method))
-    except Exception as e:
-        row['ok'], row['note'] = False, f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
-        if '-v' in sys.argv: traceback.print_exc()
-    if with_peer:
+def run(name, methods, size=None, with_peer=False):
+    "The rows of one model, one per method."
+    model, shape, rows = build(name), input_shape(name, size), []
+    macs = count_macs(model, shape)
+    for method in methods:
+        row = dict(model=name, method=method)
         try:
-            p = peer(model, shape, method)
-            row['tp'] = 'ok' if p['ok'] else 'wrong output'
-            row['tp_params'], row['tp_s'] = p['params'] / count_params(model), p['s']
+            row.update(ours(model, shape, method, macs))
         except Exception as e:
-            row['tp'] = f'{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ""}'
-    return row
+            row['ok'], row['note'] = False, f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+            if '-v' in sys.argv: traceback.print_exc()
+        if with_peer:
+            try:
+                p = peer(model, shape, method)
+                row['tp'] = 'ok' if p['ok'] else 'wrong output'
+                row['tp_params'], row['tp_s'] = p['params'] / count_params(model), p['s']
+            except Exception as e:
+                row['tp'] = f'{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ""}'
+        rows.append(row)
+    return rows
 
 
 def fmt(row, with_peer):
@@ -128,8 +131,8 @@ def main():
     if args.peer: cols += ['Torch-Pruning', 'TP params after/before', 'TP prune s', 'prune s ours/TP']
     lines = ['| ' + ' | '.join(cols + ['note']) + ' |', '|' + '---|' * (len(cols) + 1)]
     for name in names:
-        for method in args.methods:
-            lines.append(fmt(run(name, method, args.size, args.peer), args.peer)); print(lines[-1], flush=True)
+        for row in run(name, args.methods, args.size, args.peer):
+            lines.append(fmt(row, args.peer)); print(lines[-1], flush=True)
     if args.out:
         ok = sum(' | ok | ' in l for l in lines[2:])
         head = (f'# torchvision classification models: 30% of filters, one shot, then pruned\n\n'

@@ -22,9 +22,20 @@ def count_params(model):
 
 @torch.no_grad()
 def count_macs(model, example_input):
-    "Multiply-accumulates of one forward pass on `example_input` (a tensor or a shape), in eval mode."
-    with training_mode(model, False), FlopCounterMode(display=False) as counter:
-        model(_input(model, example_input))
+    """Multiply-accumulates of one eval-mode forward pass on `example_input` (a tensor or a shape).
+
+    Counted on meta tensors (shapes only, no arithmetic); a model that builds real tensors in its forward
+    is run for real instead."""
+    shape = tuple(example_input.shape if isinstance(example_input, torch.Tensor) else example_input)
+    meta = {k: torch.empty_like(v, device='meta') for k, v in (*model.named_parameters(), *model.named_buffers())}
+    p = next(model.parameters())
+    with training_mode(model, False):
+        try:
+            with FlopCounterMode(display=False) as counter:
+                torch.func.functional_call(model, meta, (torch.empty(shape, dtype=p.dtype, device='meta'),))
+        except Exception:
+            with FlopCounterMode(display=False) as counter:
+                model(_input(model, example_input))
     return counter.get_total_flops() // 2
 
 
