@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from .errors import TraceError
-from .ops import FUNCTION_RULES, INPLACE, METHOD_RULES, MODULE_RULES, VIEWS, Layout, Piece, SizeOf, Unhandled
+from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, VIEWS, Layout, Piece, SizeOf, Unhandled, is_inplace
 
 __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace', 'training_mode']
 
@@ -267,7 +267,7 @@ def trace(model, example_input=None, leaf_modules=()):
     leaves = _Leaves(leaf_modules)
     _check_hooks(model, leaves)
     shape, dtype = _input_shape(model, example_input), _input_dtype(model, example_input)
-    spaces, owner, seen, poisoned = _Spaces(), {}, set(), set()
+    spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()
     for training in (False, True):
         with training_mode(model, training):
             gm = _symbolic_trace(model, leaves)
@@ -280,9 +280,11 @@ def trace(model, example_input=None, leaf_modules=()):
                 warnings.warn(f'{type(model).__name__} cannot run in train mode on {shape}, so branches that run '
                               f'only in training are not covered: pass an example_input it can train on ({e})')
                 continue
-            ctx = _Context(gm, spaces, owner, poisoned)
+            ctx = _Context(gm, spaces, owner, poisoned, opaque)
             for node in gm.graph.nodes: ctx.env[node] = ctx.visit(node)
-    for (target, role), lay in owner.items():   # a module some call could not follow keeps all its channels
+    # a module some call could not follow, or that also lives inside a module kept whole, keeps all its channels
+    poisoned |= {t for t, _ in owner if id(model.get_submodule(t)) in opaque}
+    for (target, role), lay in owner.items():
         if target in poisoned and lay is not None:
             spaces.freeze(lay, f"'{target}' is also called where its channels cannot be followed")
     _freeze_shared(model, spaces)
@@ -296,29 +298,40 @@ def _meta(node):
 
 class _Context:
     """What a rule sees of the trace: the node, its inputs' layouts, and ways to create and record spaces."""
-    def __init__(self, gm, spaces, owner, poisoned):
-        self.gm, self.spaces, self.owner, self.poisoned, self.env = gm, spaces, owner, poisoned, {}
+    def __init__(self, gm, spaces, owner, poisoned, opaque):
+        self.gm, self.spaces, self.owner, self.poisoned, self.opaque, self.env = gm, spaces, owner, poisoned, opaque, {}
 
     def visit(self, node):
-        if node.op in ('placeholder', 'get_attr'): return None
+        if node.op == 'placeholder': return None
+        if node.op == 'get_attr':   # a layer's parameter used directly: that layer keeps all its channels
+            self.poisoned.add(node.target.rpartition('.')[0])
+            return None
         tracked = self.tracked((node.args, node.kwargs))
         if node.op == 'output':
             for lay in tracked: self.freeze(lay, 'reaches the model output')
             return None
         rule, what = self.rule(node)
+        module = self.module(node) if node.op == 'call_module' else None
+        inplace = is_inplace(node, module)
         try:
             if rule is None:
+                if module is not None: self.opaque.update(id(m) for m in module.modules())
                 if not tracked: return None
                 raise Unhandled('is not an operation the channel graph knows')
-            if node.target in INPLACE and getattr(node.args[0], 'target', None) in VIEWS and tracked:
+            if inplace and getattr(node.args[0], 'target', None) in VIEWS and tracked:
                 raise Unhandled('writes in place into a view of the channels')
             out = rule(self, node)
         except Exception as e:   # an Unhandled case, or one no rule foresaw: freezing is always safe
             reason = str(e) if isinstance(e, Unhandled) else f'could not be followed ({type(e).__name__}: {e})'
             for lay in tracked: self.freeze(lay, f"{what} at '{node.name}' {reason}")
-            if node.op == 'call_module': self.poisoned.add(node.target)
+            if module is not None: self.poisoned.add(node.target)
             return None
-        if out is not None and node.target in INPLACE and isinstance(node.args[0], fx.Node):
+        if out is not None and inplace and isinstance(node.args[0], fx.Node):
+            before = self.env.get(node.args[0])
+            if isinstance(before, Layout) and any(p.nonzero and not q.nonzero for p, q in zip(out.pieces, before.pieces)):
+                # aliases of the operand (views, casts that return it) are not followed: they would read
+                # non-zero values where the graph expects zeros
+                self.freeze(out, f"{what} at '{node.name}' makes them non-zero in place")
             self.env[node.args[0]] = out   # later readers of the overwritten operand see the result
         return out
 

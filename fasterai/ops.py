@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Piece', 'Layout', 'SizeOf', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'VIEWS']
+__all__ = ['Piece', 'Layout', 'SizeOf', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'VIEWS', 'is_inplace']
 
 
 class Unhandled(Exception):
@@ -95,6 +95,23 @@ def keep(ctx, node):
     return None if lay is None else _same_channels(ctx, node, lay)
 
 
+def _acts_on(k):
+    def spatial(ctx, node):
+        """Pooling or interpolation over the last `k` dims (all dims after 1 when k is None): the channels
+        must lie before them, unflattened."""
+        lay = _only_first(ctx, node)
+        if lay is None: return None
+        n = len(ctx.shape(node.args[0]))
+        if lay.block != 1 or lay.dim >= (2 if k is None else n - k):
+            raise Unhandled('pools or resizes along the channels')
+        return _same_channels(ctx, node, lay)
+    spatial.__name__ = f'spatial_{k}'
+    return spatial
+
+
+pool1d, pool2d, resize = _acts_on(1), _acts_on(2), _acts_on(None)
+
+
 def moves_zero(ctx, node):
     "f(0) != 0 (sigmoid, softplus): the channels pass through but are no longer zero."
     lay = keep(ctx, node)
@@ -118,7 +135,7 @@ def no_tensor(ctx, node):
 def batchnorm(ctx, node):
     "BatchNorm on dim 1: sliced with its channels; with its scale and shift zeroed it outputs exact zeros."
     lay = keep(ctx, node)
-    if lay is None: return None
+    if lay is None: return ctx.record(None, node, 'norm')   # all its channels stay, in every call
     if lay.dim != 1 or lay.block != 1: raise Unhandled('BatchNorm normalises dim 1, not the tracked channels')
     ctx.record(lay, node, 'norm')
     m = ctx.module(node)
@@ -153,7 +170,7 @@ def prelu(ctx, node):
 def conv(ctx, node):
     "Conv2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i."
     m, lay = ctx.module(node), _only_first(ctx, node)
-    if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1):
+    if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1 or lay.channels != m.in_channels):
         raise Unhandled('the convolution does not read the tracked channels as its input channels')
     if m.groups == 1:
         ctx.record(lay, node, 'in')
@@ -335,6 +352,7 @@ def cat(ctx, node):
             pieces += l.pieces
         return Layout(dim, tuple(pieces))
     if any(l is None for l in lays): raise Unhandled('concatenates tracked channels with an untracked tensor')
+    if len({(l.dim, l.block) for l in lays}) != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')
     out = lays[0]
     for l in lays[1:]: out = _unite(ctx, out, l, lambda x, y: x or y)
     return out
@@ -347,6 +365,7 @@ def split(ctx, node):
     n = len(ctx.shape(node.args[0]))
     dim = _dim(_arg(node, 1 if node.target in ('unbind', torch.unbind) else 2, 'dim', 0), n)
     if dim == lay.dim: raise Unhandled('splits the channels into parts whose sizes pruning would change')
+    if node.target in ('unbind', torch.unbind) and dim < lay.dim: lay = lay.moved(lay.dim - 1)
     return tuple(lay for _ in node.meta.get('tensor_meta'))
 
 
@@ -356,6 +375,10 @@ def pad(ctx, node):
     if lay is None: return None
     if _arg(node, 2, 'mode', 'constant') != 'constant' or (_arg(node, 3, 'value', None) or 0) != 0:
         raise Unhandled('pads with non-zero values')
+    widths, n = list(_arg(node, 1, 'pad')), len(ctx.shape(node.args[0]))
+    k = n - 1 - lay.dim   # the channel dim's pair, counting pairs from the last dim
+    if lay.block != 1 or (2 * k + 1 < len(widths) and (widths[2 * k], widths[2 * k + 1]) != (0, 0)):
+        raise Unhandled('pads along the channels')
     return _same_channels(ctx, node, lay)
 
 
@@ -372,9 +395,7 @@ def roll(ctx, node):
 # ---------------------------------------------------------------- tables
 ZERO_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.GELU, nn.Hardswish,
                 nn.Mish, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
-                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.Upsample,
-                nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 "Module types that map a zero channel to a zero channel of the same index."
 ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaDropout)
 "Module types that map zero to a non-zero value (AlphaDropout: in training)."
@@ -382,17 +403,19 @@ ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaD
 MODULE_RULES = {
     nn.Conv2d: conv, nn.Linear: linear, nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm,
     nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
-    nn.Softmax: softmax, nn.LogSoftmax: softmax,
+    nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Upsample: resize,
+    **{t: pool1d for t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
+    **{t: pool2d for t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)},
     **{t: keep for t in ZERO_KEEPING}, **{t: moves_zero for t in ZERO_MOVING},
 }
 
 FUNCTION_RULES = {
     **{f: keep for f in (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
                          F.celu, F.silu, F.gelu, F.hardswish, F.mish, F.tanh, torch.tanh,
-                         F.softsign, F.dropout, F.dropout1d, F.dropout2d, F.interpolate,
-                         F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-                         F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.clone,
-                         )},
+                         F.softsign, F.dropout, F.dropout1d, F.dropout2d, torch.clone)},
+    **{f: pool1d for f in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)},
+    **{f: pool2d for f in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)},
+    F.interpolate: resize,
     F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
     **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.alpha_dropout)},
     **{f: softmax for f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)},
@@ -423,9 +446,15 @@ VIEWS = {'view', 'reshape', 'flatten', 'permute', 'transpose', 'swapaxes', 'unsq
          torch.unsqueeze, torch.narrow, torch.select, operator.getitem}
 "Ops whose result may share memory with their input."
 
-INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_,
+INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_, F.hardtanh_,
            'add_', 'sub_', 'mul_', 'div_', 'relu_', 'tanh_', 'sigmoid_'}
-"Ops that overwrite their first operand: later readers of that operand see the result's channels."
+"Ops that overwrite their first operand (so do modules and functions called with inplace=True)."
+
+
+def is_inplace(node, module=None):
+    "Whether `node` overwrites its first operand."
+    return (node.target in INPLACE or node.kwargs.get('inplace') is True
+            or (module is not None and getattr(module, 'inplace', False) is True))
 
 try:   # torchvision's stochastic depth scales whole samples: zeros stay zero
     from torchvision.ops import stochastic_depth
