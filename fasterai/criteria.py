@@ -3,7 +3,6 @@
 A granularity then sums these scores over the dims it groups (a filter's row, a kernel), so 'l2' ranks
 filters by their squared L2 norm.
 """
-import torch
 
 __all__ = ['l1', 'l2', 'CRITERIA', 'resolve_criterion']
 

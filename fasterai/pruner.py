@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from .criteria import resolve_criterion
 from .errors import PruningError
-from .graph import trace, training_mode
+from .graph import trace
+from .tracing import training_mode
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity
 from .surgery import shrink
 

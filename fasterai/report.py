@@ -1,10 +1,9 @@
 """Measure a model: parameters, MACs (torch.utils.flop_counter), CPU latency (torch.utils.benchmark), shapes."""
 import torch
-import torch.nn as nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import training_mode
+from .tracing import training_mode
 
 __all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models']
 

@@ -1,4 +1,3 @@
-import torch
 import torch.nn as nn
 
 from fasterai.examples import Net

@@ -1,4 +1,3 @@
-import math
 
 import pytest
 from fastai.callback.schedule import sched_cos, sched_lin

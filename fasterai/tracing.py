@@ -1,0 +1,135 @@
+"""Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
+from contextlib import contextmanager
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from .errors import TraceError
+
+__all__ = ['training_mode', 'Leaves', 'check_hooks', 'symbolic_trace', 'input_shape', 'input_dtype',
+           'propagate_shapes']
+
+
+def check_hooks(model, leaves):
+    for name, m in model.named_modules():
+        if (m._forward_hooks or m._forward_pre_hooks) and not leaves.covers(name, m):
+            raise TraceError(f"module '{name or type(model).__name__}' has forward hooks; torch.fx does not run "
+                             "hooks, so its traced graph would not be the model's real computation. Remove the "
+                             f"hooks, or pass leaf_modules=['{name}'] to keep it whole (its channels then stay).")
+
+
+class Leaves:
+    "Modules the tracer keeps whole, by qualified name (and everything under it) or by type."
+    def __init__(self, leaf_modules):
+        items = [leaf_modules] if isinstance(leaf_modules, (str, type)) else list(leaf_modules or ())
+        bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
+        if bad: raise ValueError(f'leaf_modules must hold qualified module names or nn.Module types, got {bad[0]!r}')
+        self.names, self.types = {x for x in items if isinstance(x, str)}, tuple(x for x in items if isinstance(x, type))
+
+    def covers(self, name, module):
+        return isinstance(module, self.types) or any(name == n or name.startswith(n + '.') for n in self.names)
+
+
+class _Tracer(fx.Tracer):
+    "fx's tracer, keeping `leaves` whole and remembering which module it was inside when tracing failed."
+    def __init__(self, leaves):
+        super().__init__()
+        self.leaves, self.stack, self.failed = leaves, [], None
+
+    def is_leaf_module(self, m, qualname):
+        return self.leaves.covers(qualname, m) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None: self.failed = (self.stack[-1], type(m).__name__)
+            raise
+        finally:
+            self.stack.pop()
+
+
+def symbolic_trace(model, leaves):
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph)
+    except Exception as e:
+        where = (f" inside module '{tracer.failed[0]}' ({tracer.failed[1]})" if tracer.failed and tracer.failed[0]
+                 else '')
+        fix = (f"pass leaf_modules=['{tracer.failed[0]}'] to keep that module whole (its channels then stay), or "
+               if where else '')
+        raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {e}. '
+                         f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
+
+
+@contextmanager
+def training_mode(model, training):
+    "Set `model` to train or eval mode for a while; every submodule gets its own flag back afterwards."
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags: m.training = flag
+
+
+class _Shapes(fx.Interpreter):
+    "Runs the traced graph and records each node's output shape; on meta tensors no weight is read."
+    def __init__(self, gm, meta):
+        super().__init__(gm)
+        self.meta = meta
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        n.meta['tensor_meta'] = fx.node.map_aggregate(
+            out, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else None)
+        return out
+
+    def call_module(self, target, args, kwargs):
+        if not self.meta: return super().call_module(target, args, kwargs)
+        m = self.fetch_attr(target)
+        state = {k: torch.empty_like(v, device='meta') for k, v in (*m.named_parameters(), *m.named_buffers())}
+        return torch.func.functional_call(m, state, args, kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        v = super().get_attr(target, args, kwargs)
+        return torch.empty_like(v, device='meta') if self.meta and isinstance(v, torch.Tensor) else v
+
+
+def default_input_shape(model):
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if isinstance(first, nn.Conv2d): return (2, first.in_channels, 224, 224)
+    if isinstance(first, nn.Linear): return (2, first.in_features)
+    raise TraceError(f'cannot guess the input shape of {type(model).__name__}: pass example_input')
+
+
+def input_shape(model, example_input):
+    if example_input is None: return default_input_shape(model)
+    return tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+
+
+def propagate_shapes(gm, model, shape, dtype, guessed):
+    "Shapes of every node on meta tensors; in eval mode, code that needs real tensors runs on zeros."
+    try:
+        try:
+            _Shapes(gm, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
+        except Exception:
+            if model.training: raise   # a real train-mode run would update BatchNorm statistics
+            p = next(model.parameters(), None)
+            with torch.no_grad():
+                _Shapes(gm, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
+    except Exception as e:
+        hint = ' (the shape was guessed: pass example_input)' if guessed else ''
+        mode = 'train' if model.training else 'eval'
+        raise TraceError(f'running {type(model).__name__} in {mode} mode on an input of shape {shape} '
+                         f'failed{hint}: {type(e).__name__}: {e}') from e
+
+
+def input_dtype(model, example_input):
+    if isinstance(example_input, torch.Tensor): return example_input.dtype
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
