@@ -145,14 +145,18 @@ def main():
     for name in names:
         for row in run(name, args.methods, args.size, args.peer):
             lines.append(fmt(row, args.peer)); print(lines[-1], flush=True)
-    if args.out:
-        ok = sum(' | ok | ' in l for l in lines[2:])
-        head = (f'# torchvision classification models: 30% of filters, one shot, then pruned\n\n'
-                f'Command: `{" ".join(["python"] + sys.argv)}`  \n'
-                f'Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
-                f'torchvision {torchvision.__version__}, {date.today()}  \n'
-                f'{ok} of {len(lines) - 2} runs prune with sparse == pruned (max relative difference < 1e-4).\n\n')
-        with open(args.out, 'w') as f: f.write(head + '\n'.join(lines) + '\n')
+        if args.out: write(args, lines, done=name == names[-1])   # after each model: a partial table survives
+
+
+def write(args, lines, done):
+    ok = sum(' | ok | ' in l for l in lines[2:])
+    head = (f'# torchvision classification models: 30% of filters, one shot, then pruned\n\n'
+            f'Command: `{" ".join(["python"] + sys.argv)}`  \n'
+            f'Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
+            f'torchvision {torchvision.__version__}, {date.today()}  \n'
+            f'{ok} of {len(lines) - 2} runs prune with sparse == pruned (max relative difference < 1e-4).'
+            f'{"" if done else " (Partial: the run was stopped before the last model.)"}\n\n')
+    with open(args.out, 'w') as f: f.write(head + '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .errors import TraceError
 from .tracing import (Leaves, check_hooks, input_dtype, input_shape, propagate_shapes, symbolic_trace,
                       training_mode)
-from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, VIEWS, Layout, Piece, SizeOf, Unhandled, is_inplace
+from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Layout, Piece, SizeOf, Unhandled, is_inplace
 
 __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
 
@@ -195,8 +195,6 @@ class _Context:
                 if module is not None: self.opaque.update(id(m) for m in module.modules())
                 if not tracked: return None
                 raise Unhandled('is not an operation the channel graph knows')
-            if inplace and getattr(node.args[0], 'target', None) in VIEWS and tracked:
-                raise Unhandled('writes in place into a view of the channels')
             out = rule(self, node)
         except Exception as e:   # an Unhandled case, or one no rule foresaw: freezing is always safe
             reason = str(e) if isinstance(e, Unhandled) else f'could not be followed ({type(e).__name__}: {e})'
@@ -206,8 +204,9 @@ class _Context:
         if out is not None and inplace and isinstance(node.args[0], fx.Node):
             before = self.env.get(node.args[0])
             if isinstance(before, Layout) and any(p.nonzero and not q.nonzero for p, q in zip(out.pieces, before.pieces)):
-                # aliases of the operand (views, casts that return it) are not followed: they would read
-                # non-zero values where the graph expects zeros
+                # aliases of the operand (views, the tensor a view was taken of, casts that return it) are not
+                # followed: they would read non-zero values where the graph expects zeros. A write that keeps
+                # zeros (relu_, dropout) leaves every alias right.
                 self.freeze(out, f"{what} at '{node.name}' makes them non-zero in place")
             self.env[node.args[0]] = out   # later readers of the overwritten operand see the result
         return out

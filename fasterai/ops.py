@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Piece', 'Layout', 'SizeOf', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'VIEWS', 'is_inplace']
+__all__ = ['Piece', 'Layout', 'SizeOf', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'is_inplace']
 
 
 class Unhandled(Exception):
@@ -440,11 +440,6 @@ METHOD_RULES = {
     'unsqueeze': unsqueeze, 'roll': roll,
     'size': size, 'dim': no_tensor,
 }
-
-VIEWS = {'view', 'reshape', 'flatten', 'permute', 'transpose', 'swapaxes', 'unsqueeze', 'expand', 'narrow',
-         'select', 'unfold', torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes,
-         torch.unsqueeze, torch.narrow, torch.select, operator.getitem}
-"Ops whose result may share memory with their input."
 
 INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_, F.hardtanh_,
            'add_', 'sub_', 'mul_', 'div_', 'relu_', 'tanh_', 'sigmoid_'}

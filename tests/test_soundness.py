@@ -107,3 +107,11 @@ def test_unbind_moves_the_channel_dim():
     pruned = Pruner(example_input=(2, 3, 4, 4), verify=False).prune_model(model)
     x = torch.randn(2, 3, 4, 4)
     assert pruned.c1.out_channels == 5 and max_rel_diff(model(x), pruned(x)) < 1e-5
+
+
+def test_zero_keeping_inplace_write_into_a_view_stays_prunable():
+    "EfficientNet's head: flatten, then Dropout(inplace=True) writes into the view; zeros stay zeros."
+    model = Pair(lambda s, a: s.drop(F.adaptive_avg_pool2d(a, 1).flatten(1)), c2=nn.Linear(8, 4),
+                 drop=nn.Dropout(0.2, inplace=True))
+    (grp,) = [g for g in trace(model, (2, 3, 8, 8)).groups if any(s.module == 'c1' for s in g.slices)]
+    assert grp.prunable
