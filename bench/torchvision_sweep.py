@@ -26,7 +26,6 @@ from fasterai.pruner import Pruner, eval_outputs
 from fasterai.report import count_macs, count_params
 from fasterai.sparsifier import Sparsifier
 
-warnings.filterwarnings('ignore')
 
 SIZES = {'inception_v3': 299}
 PEER_SKIP = {'maxvit_t': 'not run: Torch-Pruning 1.6.1 used all 24 GiB and was killed after 5+ minutes'}
@@ -76,11 +75,11 @@ def peer(model, shape, method):
     return row
 
 
-def build(name, shape):
-    """The model with weights=None, in eval mode; weights initialised at zero or nearly (ViT's head,
-    ConvNeXt's layer scale of 1e-6) get random values, so that comparing outputs means something."""
+def build(name, shape, **kwargs):
+    """The model with weights=None (and builder `kwargs`), in eval mode; weights initialised at zero or nearly
+    (ViT's head, ConvNeXt's layer scale of 1e-6) get random values, so that comparing outputs means something."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1 and p.abs().max() < 1e-4: p.normal_(0, 0.1)
@@ -141,6 +140,7 @@ def main():
     ap.add_argument('--start', default=None, help='skip the models before this one (to finish a stopped run)')
     ap.add_argument('--out', default=None)
     args = ap.parse_args()
+    warnings.filterwarnings('ignore')
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     if args.start: names = names[names.index(args.start):]

@@ -2,15 +2,20 @@
 
 The full list at full size is bench/torchvision_sweep.py (results in bench/results/torchvision.md).
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
 from conftest import max_rel_diff
 
 from fasterai.pruner import Pruner
 from fasterai.report import count_params
 from fasterai.sparsifier import Sparsifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'bench'))
+from torchvision_sweep import build  # noqa: E402 (the sweep's model set-up: one piece for both)
 
 FAMILIES = {   # model: (input size, extra builder arguments), small inputs to fit the CI budget
     'alexnet': (64, {}), 'vgg11_bn': (32, {}), 'resnet18': (64, {}), 'resnext50_32x4d': (64, {}),
@@ -22,31 +27,12 @@ FAMILIES = {   # model: (input size, extra builder arguments), small inputs to f
 }
 
 
-def build(name, kwargs, shape):
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    with torch.no_grad():   # near-zero init (ViT head, ConvNeXt layer scale) would make it vacuous
-        for p in model.parameters():
-            if p.dim() > 1 and p.abs().max() < 1e-4: p.normal_(0, 0.1)
-    return calibrate(model, shape)
-
-
-def calibrate(model, shape):
-    """BatchNorm statistics from one train-mode pass on random data, as after training: activations keep
-    their scale through deep stacks (with the initial statistics GoogLeNet's features fall to 1e-12)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms: m.momentum = None
-    with torch.no_grad(): model.train()(torch.randn((4,) + tuple(shape[1:])))
-    for m in norms: m.momentum = 0.1
-    return model.eval()
-
-
 @pytest.mark.parametrize('method', ['local', 'global'])
 @pytest.mark.parametrize('name', list(FAMILIES))
 def test_torchvision_family(name, method):
     size, kwargs = FAMILIES[name]
     shape = (2, 3, size, size)
-    model = build(name, kwargs, shape)
+    model = build(name, shape, **kwargs)
     sp = Sparsifier(model, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
     sp.sparsify(30)
     pruned = Pruner(example_input=shape).prune_model(model)
