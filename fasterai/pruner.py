@@ -7,7 +7,7 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
-from .tracing import training_mode
+from .tracing import example_tensor, training_mode
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity
 from .surgery import shrink
 
@@ -86,12 +86,8 @@ def _outputs(out):
 def eval_outputs(model, example):
     """The output tensors of `model` in eval mode (each module's mode restored) on `example`: a tensor,
     or a shape for one seeded random input."""
-    if not isinstance(example, torch.Tensor):
-        p = next(model.parameters(), None)
-        device, dtype = (p.device, p.dtype) if p is not None and p.is_floating_point() else ('cpu', torch.float32)
-        example = torch.randn(tuple(example), generator=torch.Generator().manual_seed(0)).to(device, dtype)
     with training_mode(model, False):
-        return _outputs(model(example))
+        return _outputs(model(example_tensor(model, example)))
 
 
 def check_same_function(reference, pruned, example, rtol=1e-4):

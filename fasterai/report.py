@@ -3,15 +3,9 @@ import torch
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .tracing import training_mode
+from .tracing import example_tensor, training_mode
 
 __all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models']
-
-
-def _input(model, example_input):
-    if isinstance(example_input, torch.Tensor): return example_input
-    p = next(model.parameters())
-    return torch.randn(tuple(example_input), generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
 
 
 def count_params(model):
@@ -34,14 +28,14 @@ def count_macs(model, example_input):
                 torch.func.functional_call(model, meta, (torch.empty(shape, dtype=p.dtype, device='meta'),))
         except Exception:
             with FlopCounterMode(display=False) as counter:
-                model(_input(model, example_input))
+                model(example_tensor(model, example_input))
     return counter.get_total_flops() // 2
 
 
 def latency_ms(model, example_input, min_run_time=1.0, threads=None):
     "Median CPU latency in milliseconds of one eval-mode forward pass (torch.utils.benchmark)."
     with training_mode(model, False), torch.inference_mode():
-        timer = Timer('model(x)', globals={'model': model, 'x': _input(model, example_input)},
+        timer = Timer('model(x)', globals={'model': model, 'x': example_tensor(model, example_input)},
                       num_threads=threads or torch.get_num_threads())
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 

@@ -209,16 +209,18 @@ class Sparsifier:
         for name, drop in self._drop.items():
             self._params[name].masked_fill_(drop, 0)
 
+    def _targeted(self):
+        "Name -> layer for every layer of `layer_type` that some target sparsifies."
+        return {n: self.layers[n] for t in self.targets for n in t.layers}
+
     def layer_sparsity(self):
         "Targeted layer name -> percentage of exactly-zero weights."
-        layers = {n: self.layers[n] for t in self.targets for n in t.layers}
-        return {n: 100 * (m.weight == 0).sum().item() / m.weight.numel() for n, m in layers.items()}
+        return {n: 100 * (m.weight == 0).sum().item() / m.weight.numel() for n, m in self._targeted().items()}
 
     def sparsity(self):
         "Measured percentage of exactly-zero weights over all targeted layers."
-        layers = {n: self.layers[n] for t in self.targets for n in t.layers}
-        zeros = sum((m.weight == 0).sum().item() for m in layers.values())
-        return 100 * zeros / sum(m.weight.numel() for m in layers.values())
+        layers = self._targeted().values()
+        return 100 * sum((m.weight == 0).sum().item() for m in layers) / sum(m.weight.numel() for m in layers)
 
     def print_sparsity(self):
         "Print each layer of `layer_type`: its shape, zero weights and sparsity, then the targeted total."

@@ -8,7 +8,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import TraceError
 
-__all__ = ['training_mode', 'Leaves', 'check_hooks', 'symbolic_trace', 'input_shape', 'input_dtype',
+__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'symbolic_trace', 'input_shape', 'input_dtype',
            'propagate_shapes']
 
 
@@ -64,6 +64,14 @@ def symbolic_trace(model, leaves):
                if where else '')
         raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {e}. '
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
+
+
+def example_tensor(model, example):
+    "`example` if it is a tensor, else one seeded random input of that shape on the model's device and dtype."
+    if isinstance(example, torch.Tensor): return example
+    p = next(model.parameters(), None)
+    device, dtype = (p.device, p.dtype) if p is not None and p.is_floating_point() else ('cpu', torch.float32)
+    return torch.randn(tuple(example), generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
 @contextmanager
