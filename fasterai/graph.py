@@ -7,6 +7,7 @@ channels, so both read the same `ChannelGraph` and sparse == pruned holds by con
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -41,6 +42,16 @@ class Group:
     size: int
     slices: list = field(default_factory=list)
     frozen: list = field(default_factory=list)   # reasons this group may not be pruned; empty when prunable
+    tie: int = 1     # channels u, u+K, u+2K, ... (K = size/tie) live or die together (grouped convolutions)
+
+    @property
+    def units(self):
+        "How many units the group can lose: each unit is `tie` channels, one in each of its blocks."
+        return self.size // self.tie
+
+    def channels(self, units):
+        "Per-channel bool mask from a per-unit one (unit u is channels u, u+K, u+2K, ...)."
+        return units.repeat(self.tie)
 
     def by_role(self, role):
         "The slices of this group with `role` ('out', 'norm' or 'in')."
@@ -56,7 +67,8 @@ class Group:
             rng = f'[{s.offset}:{s.offset + s.length}]'
             return f'{s.module}.{s.role}{rng}' + (f'x{s.block}' if s.block != 1 else '')
         state = 'frozen: ' + '; '.join(self.frozen) if self.frozen else 'prunable'
-        return f'Group {self.id} ({self.size} ch, {state}): ' + ', '.join(fmt(s) for s in self.slices)
+        tie = f' tied in {self.tie} blocks' if self.tie != 1 else ''
+        return f'Group {self.id} ({self.size} ch{tie}, {state}): ' + ', '.join(fmt(s) for s in self.slices)
 
 
 @dataclass
@@ -80,10 +92,11 @@ class ChannelGraph:
 class _Spaces:
     """Union-find over channel spaces; each space collects its slices and freeze reasons."""
     def __init__(self):
-        self.parent, self.size, self.slices, self.frozen = [], [], [], []
+        self.parent, self.size, self.slices, self.frozen, self.tie = [], [], [], [], []
 
     def new(self, n):
         self.parent.append(len(self.parent)); self.size.append(n); self.slices.append([]); self.frozen.append([])
+        self.tie.append(1)
         return len(self.parent) - 1
 
     def find(self, s):
@@ -98,7 +111,15 @@ class _Spaces:
         if self.size[a] != self.size[b]: raise AssertionError('united spaces must have equal sizes')
         self.parent[b] = a
         self.slices[a] += self.slices[b]; self.frozen[a] += self.frozen[b]
+        self.tie_space(a, self.tie[b], 'are united with channels tied in other blocks')
         return a
+
+    def tie_space(self, space, blocks, why):
+        "Tie the space's channels in `blocks` equal blocks (channel u of each block goes with u of the others)."
+        r = self.find(space)
+        tie = math.lcm(self.tie[r], blocks)
+        if self.size[r] % tie: self.freeze_space(r, f'{why}: {self.size[r]} channels do not split into {tie} blocks')
+        else: self.tie[r] = tie
 
     def add_slices(self, layout, module, role):
         "Record that `module` sees `layout`'s channels as its own channels 0.. in order (its `role`)."
@@ -116,7 +137,7 @@ class _Spaces:
 
     def groups(self):
         roots = sorted({self.find(s) for s in range(len(self.parent))})
-        return [Group(i, self.size[r], self.slices[r], self.frozen[r]) for i, r in enumerate(roots)]
+        return [Group(i, self.size[r], self.slices[r], self.frozen[r], self.tie[r]) for i, r in enumerate(roots)]
 
 
 def _freeze_shared(model, spaces):

@@ -168,7 +168,8 @@ def prelu(ctx, node):
 
 # ---------------------------------------------------------------- layers that write channels
 def conv(ctx, node):
-    "Conv2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i."
+    """Conv2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i;
+    grouped convolutions tie the channels of their groups (each group keeps the same positions)."""
     m, lay = ctx.module(node), _only_first(ctx, node)
     if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1 or lay.channels != m.in_channels):
         raise Unhandled('the convolution does not read the tracked channels as its input channels')
@@ -180,7 +181,19 @@ def conv(ctx, node):
     if m.groups == m.in_channels == m.out_channels and lay is not None:
         ctx.record(lay, node, 'dw')
         return lay.cleared()
-    raise Unhandled(f'grouped convolution (groups={m.groups}) is not pruned yet')
+    # grouped: conv group g reads input block g and writes output block g. Every block must keep the same
+    # positions, so channel u of each block is tied to channel u of the others, on both sides.
+    if lay is not None:
+        per, sizes = m.in_channels // m.groups, {p.stop - p.start for p in lay.pieces}
+        if len(sizes) != 1 or not all(ctx.whole(p) for p in lay.pieces) or next(iter(sizes)) % per:
+            raise Unhandled(f'grouped convolution (groups={m.groups}) reads channels whose blocks it cannot tie')
+        for p in lay.pieces[1:]: ctx.spaces.unite(lay.pieces[0].space, p.space)
+        ctx.spaces.tie_space(lay.pieces[0].space, next(iter(sizes)) // per, f"grouped conv '{node.target}' ties them")
+    ctx.record(lay, node, 'in')
+    out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
+    ctx.spaces.tie_space(out.pieces[0].space, m.groups, f"grouped conv '{node.target}' ties them")
+    ctx.record(out, node, 'out')
+    return out
 
 
 def linear(ctx, node):

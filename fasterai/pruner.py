@@ -44,8 +44,9 @@ def dead_channels(group, modules):
         else:
             continue
         dead[rows] &= ok.cpu()
+    dead = dead.view(group.tie, -1).all(0)   # a unit of tied channels goes only as a whole
     if dead.all(): dead[0] = False   # a layer keeps at least one channel
-    return dead
+    return group.channels(dead)
 
 
 def _channels(module, role):

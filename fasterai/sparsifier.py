@@ -96,24 +96,25 @@ class _GroupTarget:
     structured = True
 
     def __init__(self, group, modules, layer_names):
-        self.group, self.modules, self.units = group, modules, group.size
+        self.group, self.modules, self.units = group, modules, group.units
         self.layers = layer_names
         self.name = '+'.join(s.module for s in group.by_role('out'))
 
     def scores(self, criterion):
-        "Each channel's score: the sum over the group's producers of their row scores, each divided by its mean."
-        total = torch.zeros(self.units)
+        """Each unit's score: the sum over the group's producers of their row scores, each divided by its mean
+        (a unit of tied channels sums its channels)."""
+        total = torch.zeros(self.group.size)
         for s in self.group.by_role('out'):
             w = self.modules[s.module].weight.detach()[s.offset:s.offset + s.length]
             rows = _scored(criterion, w).flatten(1).sum(1).float().cpu()
             total[s.start:s.start + s.length] += rows / rows.mean().clamp_min(torch.finfo(rows.dtype).tiny)
-        return total
+        return total.view(self.group.tie, -1).sum(0)
 
     def masks(self, drop):
         "Keep-masks for every producer row and bias, depthwise row and bias, and norm scale and shift."
         keep = torch.ones(self.units, dtype=torch.bool)
         keep[drop] = False
-        out = {}
+        keep, out = self.group.channels(keep), {}
         for s in self.group.slices:
             if s.role == 'in': continue
             m, k = self.modules[s.module], keep[s.start:s.start + s.length]

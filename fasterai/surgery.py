@@ -15,14 +15,19 @@ def _take(module, pname, dim, idx):
 
 
 def shrink_conv(m, out=None, inp=None, dw=None):
-    "Conv2d: keep output channels `out` (weight rows, bias) and input channels `inp`; depthwise: channels `dw`."
+    """Conv2d: keep output channels `out` (weight rows, bias) and input channels `inp`; depthwise: channels `dw`.
+    A grouped conv keeps as many channels in each group (the channel graph ties them)."""
     if dw is not None:
         _take(m, 'weight', 0, dw); _take(m, 'bias', 0, dw)
         m.in_channels = m.out_channels = m.groups = len(dw)
     if out is not None:
         _take(m, 'weight', 0, out); _take(m, 'bias', 0, out); m.out_channels = len(out)
     if inp is not None:
-        _take(m, 'weight', 1, inp); m.in_channels = len(inp)
+        # a grouped conv's weight holds the columns of one group; every group keeps the same positions
+        local = inp.view(m.groups, -1) - torch.arange(m.groups)[:, None] * (m.in_channels // m.groups)
+        if not (local == local[0]).all():
+            raise ValueError(f'the groups of a grouped conv must keep the same input positions, got {inp.tolist()}')
+        _take(m, 'weight', 1, local[0]); m.in_channels = len(inp)
 
 
 def shrink_linear(m, out=None, inp=None):

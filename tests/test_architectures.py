@@ -122,6 +122,29 @@ class Attention(nn.Module):
         return self.head(x[:, 0])
 
 
+class ResNeXtish(nn.Module):
+    "ResNeXt/RegNet: a bottleneck whose 3x3 conv is grouped (4 groups), widening 32 -> 64, in a residual."
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2 = cbr(3, 16), cbr(16, 32, 1), cbr(32, 64, 3, groups=4)
+        self.c3, self.head = nn.Sequential(nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16)), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.c3(self.c2(self.c1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class GroupedCat(nn.Module):
+    "A grouped conv (2 groups) reading the concatenation of two convs: the two are tied to each other."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.g = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(16, 6, 3, groups=2)
+
+    def forward(self, x):
+        return self.g(F.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3))
+
+
 CASES = {  # model, input shape, expected out_channels (or features) after 50% local, by module
     'residual': (Residual, (2, 3, 16, 16), {'stem.0': 8, 'b1.1': 8, 'b2.1': 16, 'down.0': 16, 'b2.0.0': 12}),
     'dense': (Dense, (2, 3, 8, 8), {'stem': 4, 'l1': 3, 'l2': 3}),
@@ -129,6 +152,8 @@ CASES = {  # model, input shape, expected out_channels (or features) after 50% l
     'split': (Split, (2, 3, 8, 8), {'a': 12, 'b': 2, 'c': 2}),
     'convnext': (ConvNeXtish, (2, 3, 16, 16), {'blocks.0.fc1': 32, 'blocks.1.fc1': 32, 'stem': 16}),
     'attention': (Attention, (2, 5, 12), {'mlp.0': 32, 'embed': 16}),
+    'resnext': (ResNeXtish, (2, 3, 8, 8), {'stem.0': 8, 'c1.0': 16, 'c2.0': 32, 'c3.0': 8}),
+    'grouped_cat': (GroupedCat, (2, 3, 8, 8), {'a': 4, 'b': 4, 'g': 6}),
 }
 
 
@@ -238,3 +263,30 @@ def test_nonzero_channels_freeze_only_where_read():
     (b,) = groups_with(g, 'b')
     assert a.frozen == ["'b' reads them after 'sigmoid', which makes them non-zero"]
     assert b.prunable   # the BatchNorm's zeroed scale and shift rewrite the sigmoid's 0.5 as 0
+
+
+def test_grouped_conv_ties_the_positions_of_its_groups():
+    g = trace(ResNeXtish(), (2, 3, 8, 8))
+    (inner,) = groups_with(g, 'c1.0')
+    (wide,) = groups_with(g, 'c2.0')
+    assert (inner.tie, inner.units, wide.tie, wide.units) == (4, 8, 4, 16) and inner.prunable and wide.prunable
+    assert 'tied in 4 blocks' in repr(inner)
+    torch.manual_seed(0)
+    model = ResNeXtish()
+    Sparsifier(model, example_input=(2, 3, 8, 8)).sparsify(30)
+    rows = (model.c1[0].weight.flatten(1) == 0).all(1).view(4, 8)
+    assert (rows == rows[0]).all() and rows[0].sum() == 2   # round(30% of 8 units), the same in every block
+    pruned = Pruner(example_input=(2, 3, 8, 8)).prune_model(model)
+    assert (pruned.c2[0].in_channels, pruned.c2[0].groups, pruned.c2[0].weight.shape[1]) == (24, 4, 6)
+
+
+def test_grouped_conv_on_unequal_pieces_freezes():
+    class Unequal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.g = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(12, 6, 1, groups=3)
+        def forward(self, x):
+            return self.g(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3))
+    g = trace(Unequal(), (2, 3, 8, 8))
+    (a,) = groups_with(g, 'a')
+    assert a.frozen == ["Conv2d 'g' at 'g' grouped convolution (groups=3) reads channels whose blocks it cannot tie"]
