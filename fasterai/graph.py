@@ -18,7 +18,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .errors import TraceError
 from .tracing import (Leaves, check_hooks, input_dtype, input_shape, propagate_shapes, symbolic_trace,
                       training_mode)
-from .ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Layout, Piece, SizeOf, Unhandled, is_inplace
+from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
+                  is_inplace)
 
 __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
 
@@ -212,8 +213,10 @@ class _Context:
         module = self.module(node) if node.op == 'call_module' else None
         inplace = is_inplace(node, module)
         try:
+            if rule is None and module is not None: self.opaque.update(id(m) for m in module.modules())
+            if rule not in COUNT_RULES and self.counts((node.args, node.kwargs)):
+                raise Unhandled('uses a channel count read from a tensor, which pruning changes')
             if rule is None:
-                if module is not None: self.opaque.update(id(m) for m in module.modules())
                 if not tracked: return None
                 raise Unhandled('is not an operation the channel graph knows')
             out = rule(self, node)
@@ -246,17 +249,23 @@ class _Context:
         out = []
         def add(n):
             v = self.env.get(n)
-            if isinstance(v, SizeOf): out.append(v.layout)
+            if isinstance(v, (SizeOf, Count)): out.append(v.layout)
             elif isinstance(v, tuple): out.extend(x for x in v if x is not None)
             elif v is not None: out.append(v)
         fx.node.map_arg(args, add)
+        return out
+
+    def counts(self, args):
+        "The `Count`s among nested `args`."
+        out = []
+        fx.node.map_arg(args, lambda n: out.append(self.env[n]) if isinstance(self.env.get(n), Count) else None)
         return out
 
     # helpers for rules
     def module(self, node): return self.gm.get_submodule(node.target)
     def layout(self, node, i=0):
         v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None
-        if isinstance(v, (tuple, SizeOf)): raise Unhandled('reads a tuple of tensors or sizes')
+        if isinstance(v, (tuple, SizeOf, Count)): raise Unhandled('reads a tuple of tensors or sizes')
         return v
     def shape(self, node): return _meta(node).shape if _meta(node) is not None else None
     def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Piece', 'Layout', 'SizeOf', 'Unhandled', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'is_inplace']
+__all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'is_inplace']
 
 
 class Unhandled(Exception):
@@ -59,9 +59,15 @@ class Layout:
 
 
 class SizeOf(NamedTuple):
-    "A traced tensor's size: indexing it at the channel dim reads a count that pruning changes."
+    "A traced tensor's size: indexing it at the channel dim reads a `Count`."
     layout: Layout
     ndim: int
+
+
+class Count(NamedTuple):
+    """A traced tensor's channel count read as a number (`b, c, h, w = x.size()`): pruning changes it, so it
+    may only size the channel dim of a reshape or expand of tensors whose channels become the same ones."""
+    layout: Layout
 
 
 # ---------------------------------------------------------------- helpers
@@ -214,20 +220,64 @@ def _size_args(node):
     return args
 
 
-def reshape(ctx, node):
-    "view/reshape/flatten: keep the channel dim, or flatten it with the dims after it into blocks."
-    lay = _only_first(ctx, node)
-    if lay is None: return None
-    src, out, d = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), lay.dim
-    sizes = _size_args(node) if node.target in ('view', 'reshape', torch.reshape) else []
-    if len(sizes) > d and isinstance(sizes[d], int) and sizes[d] != -1:
+def _counts(ctx, sizes):
+    "Position -> Count for the sizes of a reshape or expand that are channel counts read from a tensor."
+    return {i: ctx.env[a] for i, a in enumerate(sizes) if isinstance(a, fx.Node) and isinstance(ctx.env.get(a), Count)}
+
+
+def _sized(ctx, node, lay, d, sizes):
+    """Check the size given for output channel dim `d`: computed from a tensor, not hard-coded; a channel
+    count read from another tensor makes both tensors' channels the same ones (united)."""
+    counts = _counts(ctx, sizes)
+    if set(counts) - {d}: raise Unhandled('uses a channel count to size another dim')
+    if d in counts:
+        _unite(ctx, counts[d].layout, lay, lambda x, y: x)
+    elif len(sizes) > d and isinstance(sizes[d], int) and sizes[d] != -1:
         raise Unhandled(f'hard-codes size {sizes[d]} for the channel dim, which pruning changes; '
                         'compute it from the tensor (x.view(x.size(0), -1)) instead')
+
+
+def _first_and_sizes(ctx, node):
+    "The first input's layout and the size arguments; a tracked tensor other than the first is unhandled."
+    sizes = _size_args(node) if node.target in ('view', 'reshape', 'expand', torch.reshape) else []
+    counts = _counts(ctx, sizes)
+    allowed = {id(c.layout) for c in counts.values()}
+    if any(id(l) not in allowed for l in ctx.tracked((node.args[1:], node.kwargs))):
+        raise Unhandled('combines the channels with another tracked tensor')
+    lay = ctx.layout(node)
+    if lay is None and counts: raise Unhandled('sizes an untracked tensor by a channel count')
+    return lay, sizes
+
+
+def reshape(ctx, node):
+    "view/reshape/flatten: keep the channel dim, or flatten it with the dims after it into blocks."
+    lay, sizes = _first_and_sizes(ctx, node)
+    if lay is None: return None
+    src, out, d = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), lay.dim
     if out[:d + 1] == src[:d + 1]:
+        _sized(ctx, node, lay, d, sizes)
         return lay
+    if _counts(ctx, sizes): raise Unhandled('uses a channel count in a reshape that flattens the channels')
+    _sized(ctx, node, lay, d, sizes)
     if len(out) == d + 1 and out[:d] == src[:d] and out[d] == math.prod(src[d:]):
         return replace(lay, block=lay.block * math.prod(src[d + 1:]))
     raise Unhandled(f'reshapes {src} -> {out} across the channel dim {d}')
+
+
+def expand(ctx, node):
+    """expand / expand_as: broadcast other dims; the channels stay. expand_as a tracked tensor makes both
+    tensors' channels the same ones (united): pruning must keep their counts equal."""
+    if node.target == 'expand_as':
+        lay, other = ctx.layout(node), ctx.env.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
+        if lay is None and other is None: return None
+        if lay is None or other is None: raise Unhandled('expands tracked channels to or from an untracked shape')
+        lay = _unite(ctx, lay, other, lambda x, y: x)
+    else:
+        lay, sizes = _first_and_sizes(ctx, node)
+        if lay is None: return None
+        _sized(ctx, node, lay, len(sizes) - (len(ctx.shape(node.args[0])) - lay.dim), sizes)
+    if lay.block != 1: raise Unhandled('expands flattened channels')
+    return lay.moved(len(ctx.shape(node)) - (len(ctx.shape(node.args[0])) - lay.dim))
 
 
 def permute(ctx, node):
@@ -277,7 +327,9 @@ def size(ctx, node):
     if lay is None: return None
     d = _arg(node, 1, 'dim')
     if d is None: return SizeOf(lay, len(ctx.shape(node.args[0])))
-    if _dim(d, len(ctx.shape(node.args[0]))) == lay.dim: raise Unhandled('reads the channel count')
+    if _dim(d, len(ctx.shape(node.args[0]))) == lay.dim:
+        if lay.block != 1: raise Unhandled('reads the size of flattened channels')
+        return Count(lay)
     return None
 
 
@@ -286,7 +338,9 @@ def getitem(ctx, node):
     src = ctx.env.get(node.args[0])
     if isinstance(src, SizeOf):   # (a tuple too: test it first)
         dims = range(src.ndim)[node.args[1]]
-        if src.layout.dim in (dims if isinstance(dims, range) else [dims]): raise Unhandled('reads the channel count')
+        if dims == src.layout.dim and src.layout.block == 1: return Count(src.layout)
+        if src.layout.dim in (dims if isinstance(dims, range) else [dims]):
+            raise Unhandled('reads the channel count in a way the graph does not follow')
         return None
     if isinstance(src, tuple): return src[node.args[1]]
     lay = _only_first(ctx, node)
@@ -450,9 +504,12 @@ METHOD_RULES = {
     **{m: reshape for m in ('view', 'reshape', 'flatten')},
     **{m: permute for m in ('permute', 'transpose', 'swapaxes')},
     **{m: split for m in ('split', 'chunk', 'unbind')},
-    'unsqueeze': unsqueeze, 'roll': roll,
+    'unsqueeze': unsqueeze, 'roll': roll, 'expand': expand, 'expand_as': expand,
     'size': size, 'dim': no_tensor,
 }
+
+COUNT_RULES = {reshape, expand}
+"The rules that accept a `Count` among their arguments; any other use of one is unhandled."
 
 INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_, F.hardtanh_,
            'add_', 'sub_', 'mul_', 'div_', 'relu_', 'tanh_', 'sigmoid_'}

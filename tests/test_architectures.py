@@ -145,6 +145,20 @@ class GroupedCat(nn.Module):
         return self.g(F.relu(torch.cat([self.a(x), self.b(x)], 1))).mean((2, 3))
 
 
+class SizeSE(nn.Module):
+    "The common hand-written squeeze-excitation: `b, c, _, _ = x.size()`, view, Linear gate, expand_as."
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc = cbr(3, 16), nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16), nn.Sigmoid())
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, _, _ = x.size()
+        y = self.fc(F.adaptive_avg_pool2d(x, 1).view(b, c)).view(b, c, 1, 1)
+        return self.head(x * y.expand_as(x)).mean((2, 3))
+
+
 CASES = {  # model, input shape, expected out_channels (or features) after 50% local, by module
     'residual': (Residual, (2, 3, 16, 16), {'stem.0': 8, 'b1.1': 8, 'b2.1': 16, 'down.0': 16, 'b2.0.0': 12}),
     'dense': (Dense, (2, 3, 8, 8), {'stem': 4, 'l1': 3, 'l2': 3}),
@@ -153,6 +167,7 @@ CASES = {  # model, input shape, expected out_channels (or features) after 50% l
     'convnext': (ConvNeXtish, (2, 3, 16, 16), {'blocks.0.fc1': 32, 'blocks.1.fc1': 32, 'stem': 16}),
     'attention': (Attention, (2, 5, 12), {'mlp.0': 32, 'embed': 16}),
     'resnext': (ResNeXtish, (2, 3, 8, 8), {'stem.0': 8, 'c1.0': 16, 'c2.0': 32, 'c3.0': 8}),
+    'size_se': (SizeSE, (2, 3, 8, 8), {'stem.0': 8, 'fc.0': 2, 'fc.2': 8}),
     'grouped_cat': (GroupedCat, (2, 3, 8, 8), {'a': 4, 'b': 4, 'g': 6}),
 }
 
@@ -290,3 +305,28 @@ def test_grouped_conv_on_unequal_pieces_freezes():
     g = trace(Unequal(), (2, 3, 8, 8))
     (a,) = groups_with(g, 'a')
     assert a.frozen == ["Conv2d 'g' at 'g' grouped convolution (groups=3) reads channels whose blocks it cannot tie"]
+
+
+def test_channel_count_read_from_the_size_sizes_views_of_the_same_channels():
+    (grp,) = groups_with(trace(SizeSE(), (2, 3, 8, 8)), 'stem.0')
+    assert grp.prunable and {s.module for s in grp.by_role('out')} == {'stem.0', 'fc.2'}
+
+
+class CountMisuse(nn.Module):
+    "Channel counts used where the graph cannot follow them: arithmetic, a new tensor, another dim."
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.b = how, nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        c = y.shape[1]
+        if self.how == 'arith': return y.view(y.size(0), c * 4, -1).mean((1, 2))
+        if self.how == 'new': return (y + torch.ones(1, c, 1, 1)).mean((2, 3))
+        return y.view(y.size(0), y.size(1), c // 2, -1).mean((2, 3))
+
+
+@pytest.mark.parametrize('how', ['arith', 'new', 'other_dim'])
+def test_other_uses_of_a_channel_count_freeze(how):
+    (a,) = groups_with(trace(CountMisuse(how), (2, 3, 4, 4)), 'a')
+    assert any('channel count' in r for r in a.frozen), a.frozen
