@@ -139,7 +139,8 @@ def no_tensor(ctx, node):
 
 
 def batchnorm(ctx, node):
-    "BatchNorm on dim 1: sliced with its channels; with its scale and shift zeroed it outputs exact zeros."
+    """BatchNorm (and InstanceNorm) on dim 1: sliced with its channels; with its scale and shift zeroed it
+    outputs exact zeros."""
     lay = keep(ctx, node)
     if lay is None: return ctx.record(None, node, 'norm')   # all its channels stay, in every call
     if lay.dim != 1 or lay.block != 1: raise Unhandled('BatchNorm normalises dim 1, not the tracked channels')
@@ -148,6 +149,18 @@ def batchnorm(ctx, node):
     if m.affine: return lay.cleared()
     # without scale and shift: (0 - running mean) / std in eval mode, 0 when only batch statistics are used
     return lay.marked(node.name) if m.track_running_stats else lay
+
+
+def groupnorm(ctx, node):
+    """GroupNorm computes statistics across the channels of each group: frozen, unless each group is one
+    channel (num_groups == num_channels), which is a per-channel norm like BatchNorm."""
+    m, lay = ctx.module(node), keep(ctx, node)
+    if lay is None: return ctx.record(None, node, 'norm')
+    if m.num_groups != m.num_channels:
+        raise Unhandled(f'GroupNorm computes its statistics across the channels of each of its {m.num_groups} groups')
+    if lay.dim != 1 or lay.block != 1: raise Unhandled('GroupNorm normalises dim 1, not the tracked channels')
+    ctx.record(lay, node, 'norm')
+    return lay.cleared() if m.affine else lay
 
 
 def layernorm(ctx, node):
@@ -174,11 +187,13 @@ def prelu(ctx, node):
 
 # ---------------------------------------------------------------- layers that write channels
 def conv(ctx, node):
-    """Conv2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i;
+    """Conv2d, ConvTranspose2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i;
     grouped convolutions tie the channels of their groups (each group keeps the same positions)."""
     m, lay = ctx.module(node), _only_first(ctx, node)
     if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1 or lay.channels != m.in_channels):
         raise Unhandled('the convolution does not read the tracked channels as its input channels')
+    if type(m) is nn.ConvTranspose2d and m.groups != 1:
+        raise Unhandled(f'grouped transposed convolution (groups={m.groups}) is not pruned')
     if m.groups == 1:
         ctx.record(lay, node, 'in')
         out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
@@ -468,8 +483,8 @@ ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaD
 "Module types that map zero to a non-zero value (AlphaDropout: in training)."
 
 MODULE_RULES = {
-    nn.Conv2d: conv, nn.Linear: linear, nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm,
-    nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
+    nn.Conv2d: conv, nn.ConvTranspose2d: conv, nn.Linear: linear, nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm,
+    nn.InstanceNorm1d: batchnorm, nn.InstanceNorm2d: batchnorm, nn.GroupNorm: groupnorm, nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
     nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Upsample: resize,
     **{t: pool1d for t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
     **{t: pool2d for t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)},

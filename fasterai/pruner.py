@@ -9,7 +9,7 @@ from .errors import PruningError
 from .graph import trace
 from .tracing import example_tensor, training_mode
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity
-from .surgery import shrink
+from .surgery import out_dim, shrink
 
 __all__ = ['Pruner', 'dead_channels', 'check_same_function']
 
@@ -32,12 +32,12 @@ def dead_channels(group, modules):
     for s in group.slices:
         m, rows = modules[s.module], slice(s.start, s.start + s.length)
         if s.role in ('out', 'dw'):
-            ok = _zero_rows(m.weight, s.offset, s.length)
+            ok = _zero_rows(m.weight.movedim(out_dim(m), 0), s.offset, s.length)
             if m.bias is not None: ok &= _zero_rows(m.bias[:, None], s.offset, s.length)
         elif s.role == 'norm':
             if m.affine:
                 ok = _zero_rows(m.weight[:, None], s.offset, s.length) & _zero_rows(m.bias[:, None], s.offset, s.length)
-            elif m.running_mean is not None:
+            elif getattr(m, 'running_mean', None) is not None:
                 ok = _zero_rows(m.running_mean[:, None], s.offset, s.length)
             else:
                 ok = torch.ones(s.length, dtype=torch.bool)
@@ -51,7 +51,7 @@ def dead_channels(group, modules):
 
 def _channels(module, role):
     "How many channels `module` has on the side of `role`."
-    if role == 'norm': return module.num_features
+    if role == 'norm': return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
     if role == 'dw': return module.out_channels
     attr = {'out': ('out_channels', 'out_features'), 'in': ('in_channels', 'in_features')}[role]
     return next(getattr(module, a) for a in attr if hasattr(module, a))

@@ -12,6 +12,7 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .granularity import FILTER, resolve_granularity
 from .graph import trace
+from .surgery import out_dim
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
 
@@ -105,7 +106,8 @@ class _GroupTarget:
         (a unit of tied channels sums its channels)."""
         total = torch.zeros(self.group.size)
         for s in self.group.by_role('out'):
-            w = self.modules[s.module].weight.detach()[s.offset:s.offset + s.length]
+            m = self.modules[s.module]
+            w = m.weight.detach().movedim(out_dim(m), 0)[s.offset:s.offset + s.length]
             rows = _scored(criterion, w).flatten(1).sum(1).float().cpu()
             total[s.start:s.start + s.length] += rows / rows.mean().clamp_min(torch.finfo(rows.dtype).tiny)
         return total.view(self.group.tie, -1).sum(0)
@@ -121,11 +123,11 @@ class _GroupTarget:
             for pname in ('weight', 'bias'):
                 p = getattr(m, pname, None)
                 if p is None: continue
-                mask = out.setdefault(f'{s.module}.{pname}', torch.ones(p.shape[0], dtype=torch.bool))
+                d = out_dim(m, pname)
+                shape = [1] * p.dim(); shape[d] = -1
+                mask = out.setdefault(f'{s.module}.{pname}', (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device))[0]
                 mask[s.offset:s.offset + s.length] &= k
-        params = {f'{s.module}.{n}': p for s in self.group.slices for n, p in
-                  self.modules[s.module].named_parameters(recurse=False)}
-        return {k: v.view(-1, *[1] * (params[k].dim() - 1)).to(params[k].device) for k, v in out.items()}
+        return {name: mask.view(shape).to(device) for name, (mask, shape, device) in out.items()}
 
 
 class Sparsifier:

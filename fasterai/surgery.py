@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-__all__ = ['shrink', 'SHRINKERS']
+__all__ = ['shrink', 'out_dim', 'SHRINKERS']
 
 
 def _take(module, pname, dim, idx):
@@ -30,6 +30,19 @@ def shrink_conv(m, out=None, inp=None, dw=None):
         _take(m, 'weight', 1, local[0]); m.in_channels = len(inp)
 
 
+def out_dim(module, pname='weight'):
+    "The dim of `module`'s parameter `pname` that holds its output channels: 1 for a transposed conv's weight."
+    return 1 if pname == 'weight' and type(module) is nn.ConvTranspose2d else 0
+
+
+def shrink_conv_transpose(m, out=None, inp=None):
+    "ConvTranspose2d (groups=1): its weight is input x output x k x k."
+    if out is not None:
+        _take(m, 'weight', 1, out); _take(m, 'bias', 0, out); m.out_channels = len(out)
+    if inp is not None:
+        _take(m, 'weight', 0, inp); m.in_channels = len(inp)
+
+
 def shrink_linear(m, out=None, inp=None):
     "Linear: keep output features `out` (weight rows, bias) and input features `inp`."
     if out is not None:
@@ -39,12 +52,19 @@ def shrink_linear(m, out=None, inp=None):
 
 
 def shrink_norm(m, norm=None):
-    "BatchNorm: keep channels `norm` of the affine parameters and running statistics."
+    "BatchNorm, InstanceNorm: keep channels `norm` of the affine parameters and running statistics."
     for p in ('weight', 'bias', 'running_mean', 'running_var'): _take(m, p, 0, norm)
     m.num_features = len(norm)
 
 
-SHRINKERS = {nn.Conv2d: shrink_conv, nn.Linear: shrink_linear, nn.BatchNorm1d: shrink_norm, nn.BatchNorm2d: shrink_norm}
+def shrink_groupnorm(m, norm=None):
+    "GroupNorm with one channel per group: keep channels `norm`."
+    for p in ('weight', 'bias'): _take(m, p, 0, norm)
+    m.num_channels = m.num_groups = len(norm)
+
+
+SHRINKERS = {nn.Conv2d: shrink_conv, nn.ConvTranspose2d: shrink_conv_transpose, nn.Linear: shrink_linear, nn.BatchNorm1d: shrink_norm, nn.BatchNorm2d: shrink_norm,
+             nn.InstanceNorm1d: shrink_norm, nn.InstanceNorm2d: shrink_norm, nn.GroupNorm: shrink_groupnorm}
 "Exact layer type -> function(module, **{role: kept indices}) that shrinks it in place."
 
 

@@ -23,15 +23,17 @@ class FlatNet(nn.Module):
 
 
 def randomize_norms(model, seed=0):
-    "Give every BatchNorm non-trivial affine parameters and running statistics."
+    "Give every BatchNorm, InstanceNorm and GroupNorm non-trivial affine parameters and running statistics."
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g)
-            m.running_mean = torch.randn(n, generator=g)
-            m.running_var = torch.rand(n, generator=g) + 0.5
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+            n = m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
+            if m.weight is not None:
+                m.weight.data = torch.rand(n, generator=g) + 0.5
+                m.bias.data = torch.randn(n, generator=g)
+            if getattr(m, 'running_mean', None) is not None:
+                m.running_mean = torch.randn(n, generator=g)
+                m.running_var = torch.rand(n, generator=g) + 0.5
     return model
 
 

@@ -159,6 +159,17 @@ class SizeSE(nn.Module):
         return self.head(x * y.expand_as(x)).mean((2, 3))
 
 
+class Decoder(nn.Module):
+    "A U-Net-style upsampling step: a transposed conv (weight in x out x k x k) between convs."
+    def __init__(self):
+        super().__init__()
+        self.enc, self.up = cbr(3, 16), nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.bn, self.dec = nn.BatchNorm2d(8), nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.dec(F.relu(self.bn(self.up(self.enc(x)))))
+
+
 CASES = {  # model, input shape, expected out_channels (or features) after 50% local, by module
     'residual': (Residual, (2, 3, 16, 16), {'stem.0': 8, 'b1.1': 8, 'b2.1': 16, 'down.0': 16, 'b2.0.0': 12}),
     'dense': (Dense, (2, 3, 8, 8), {'stem': 4, 'l1': 3, 'l2': 3}),
@@ -168,6 +179,7 @@ CASES = {  # model, input shape, expected out_channels (or features) after 50% l
     'attention': (Attention, (2, 5, 12), {'mlp.0': 32, 'embed': 16}),
     'resnext': (ResNeXtish, (2, 3, 8, 8), {'stem.0': 8, 'c1.0': 16, 'c2.0': 32, 'c3.0': 8}),
     'size_se': (SizeSE, (2, 3, 8, 8), {'stem.0': 8, 'fc.0': 2, 'fc.2': 8}),
+    'decoder': (Decoder, (2, 3, 8, 8), {'enc.0': 8, 'up': 4}),
     'grouped_cat': (GroupedCat, (2, 3, 8, 8), {'a': 4, 'b': 4, 'g': 6}),
 }
 
@@ -182,7 +194,8 @@ def test_sparse_equals_pruned(name, method):
     cls, shape, expected = CASES[name]
     torch.manual_seed(0)
     model = randomize_norms(cls()).eval()
-    sp = Sparsifier(model, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
+    sp = Sparsifier(model, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.ConvTranspose2d, nn.Linear),
+                    example_input=shape)
     sp.sparsify(50)
     pruned = Pruner(example_input=shape).prune_model(model)
     assert count_params(pruned) < count_params(model)

@@ -251,3 +251,34 @@ def test_train_mode_failure_warns_and_keeps_the_eval_graph():
         warnings.simplefilter('always')
         g = trace(AuxTooSmall(), (2, 3, 6, 6))
     assert any('cannot run in train mode' in str(x.message) for x in w) and len(g.groups) == 2
+
+
+class Normed(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(3, 8, 1), norm, nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize('norm,prunable', [
+    (lambda: nn.GroupNorm(8, 8), True), (lambda: nn.GroupNorm(8, 8, affine=False), True),
+    (lambda: nn.GroupNorm(2, 8), False), (lambda: nn.InstanceNorm2d(8), True),
+    (lambda: nn.InstanceNorm2d(8, affine=True, track_running_stats=True), True)])
+def test_per_channel_norms_prune_and_grouped_statistics_freeze(norm, prunable):
+    model = Normed(norm())
+    (grp,) = [g for g in trace(model, SHAPE).groups if any(s.module == 'a' for s in g.slices)]
+    assert grp.prunable == prunable, grp.frozen
+    if not prunable:
+        assert grp.frozen == ["GroupNorm 'norm' at 'norm' GroupNorm computes its statistics across the channels "
+                              "of each of its 2 groups"]
+        return
+    torch.manual_seed(0)
+    model = randomize_norms(model)
+    Sparsifier(model, example_input=SHAPE).sparsify(50)
+    pruned = Pruner(example_input=SHAPE, verify=False).prune_model(model)
+    x = torch.randn(SHAPE)
+    for mode in ('train', 'eval'):
+        getattr(model, mode)(); getattr(pruned, mode)()
+        assert pruned.a.out_channels == 4 and max_rel_diff(model(x), pruned(x)) < 1e-5, mode
