@@ -1,4 +1,5 @@
 """SparsifyCallback: sparsify a model on a schedule while fastai trains it."""
+import torch
 import torch.nn as nn
 from fastai.callback.core import Callback
 
@@ -10,42 +11,84 @@ from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsi
 __all__ = ['SparsifyCallback']
 
 
+def _check_epoch(x, name):
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+        raise ValueError(f'{name} must be a number of epochs >= 0, got {x!r}')
+    return x
+
+
 class SparsifyCallback(Callback):
     """Raise the model's sparsity from `start_sparsity` to `sparsity` percent along `sched_func` during `fit`.
 
     After every training batch the schedule is evaluated on training progress, the `Sparsifier` re-scores
-    when the number of zero units changes, and masks are applied again after the optimizer step.
+    when the number of zero units changes, and masks are applied again after the optimizer step. `history`
+    records (epoch, planned, measured sparsity) per batch.
     """
     order = 55         # after Recorder (which prints the epoch row), before ProgressCallback (the header)
     run_valid = False
 
     def __init__(self, sparsity, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
-                 layer_type=nn.Conv2d, start_sparsity=0, leaf_modules=()):
-        self.sparsity = check_sparsity(sparsity)                # target percentage at the end of training
+                 layer_type=nn.Conv2d, start_sparsity=0, start_epoch=0, end_epoch=None, lth=False, rewind_epoch=0,
+                 exclude=(), leaf_modules=()):
+        self.sparsity = (check_sparsity(sparsity) if not isinstance(sparsity, dict)   # target percentage at
+                         else {k: check_sparsity(v) for k, v in sparsity.items()})   # the end, or one per layer
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
-        self.granularity = granularity                          # 'weight', 'kernel', 'filter' or a dims tuple
+        self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple
         resolve_granularity(granularity)
         self.method = check_method(method)                      # 'local' or 'global'
-        self.criteria = criteria                                # 'l1', 'l2' or a function of the weight
+        if isinstance(sparsity, dict) and method != 'local': raise ValueError("a sparsity per layer needs method='local'")
+        self.criteria = criteria                                # a name in CRITERIA or a function of the weight
         resolve_criterion(criteria)
         self.sched_func = resolve_schedule(sched_func)          # f(start, end, pos), a name or a function
         self.layer_type = check_layer_type(layer_type)          # layer type(s) to sparsify
-        self.leaf_modules = leaf_modules                        # modules the tracer keeps whole
-        self.sparsifier = None
+        self.start_epoch = _check_epoch(start_epoch, 'start_epoch')   # pruning runs from this epoch...
+        self.end_epoch = None if end_epoch is None else _check_epoch(end_epoch, 'end_epoch')   # ...to this one
+        if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
+            raise ValueError(f'end_epoch ({end_epoch}) must come after start_epoch ({start_epoch})')
+        if not isinstance(lth, bool): raise ValueError(f'lth must be True or False, got {lth!r}')
+        self.lth, self.rewind_epoch = lth, _check_epoch(rewind_epoch, 'rewind_epoch')   # lottery-ticket rewinding
+        self.exclude, self.leaf_modules = exclude, leaf_modules  # layers left dense; modules the tracer keeps whole
+        self.sparsifier, self.history, self._rewind = None, [], None
 
+    def planned(self, epoch, n_epoch):
+        "The scheduled sparsity (a number, or a dict by layer) at `epoch` (a float) of `n_epoch`."
+        end = self.end_epoch if self.end_epoch is not None else n_epoch
+        pos = min(max((epoch - self.start_epoch) / max(end - self.start_epoch, 1e-12), 0.), 1.)
+        if isinstance(self.sparsity, dict):
+            return {k: self.sched_func(self.start_sparsity, v, pos) for k, v in self.sparsity.items()}
+        return self.sched_func(self.start_sparsity, self.sparsity, pos)
+
+    # ------------------------------------------------------------ events
     def before_fit(self):
-        find_layers(self.learn.model, self.layer_type)
-        self.sparsifier = None
-        print(f'Pruning of {self.granularity} until a sparsity of {self.sparsity:g}%')
+        find_layers(self.learn.model, self.layer_type, self.exclude)
+        self.sparsifier, self.history, self._rewind = None, [], None
+        print(f'Pruning of {self.granularity} until a sparsity of '
+              f'{self.sparsity if isinstance(self.sparsity, dict) else format(self.sparsity, "g")}%')
 
     def before_batch(self):
         if self.sparsifier is None:   # built on the first batch, whose shape the graph is traced with
             self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
-                                         self.layer_type, self.xb[0].shape, self.leaf_modules)
+                                         self.layer_type, self.xb[0].shape, self.leaf_modules, self.exclude)
+        if self.lth and self._rewind is None and self.epoch >= self.rewind_epoch:
+            self._rewind = {k: p.detach().clone() for k, p in self.learn.model.named_parameters()}
+            if self.sparsifier.criterion.needs_ref: self.sparsifier.set_reference()
+
+    def after_backward(self):
+        self.sparsifier.accumulate()
 
     def after_batch(self):
-        pos = (self.epoch + (self.iter + 1) / self.n_iter) / self.n_epoch
-        self.sparsifier.sparsify(self.sched_func(self.start_sparsity, self.sparsity, min(pos, 1.0)))
+        epoch = self.epoch + (self.iter + 1) / self.n_iter
+        planned = self.planned(epoch, self.n_epoch)
+        if self.sparsifier.sparsify(planned):
+            if self.lth and self._rewind is not None: self._rewind_weights()
+            self._measured = self.sparsifier.sparsity()
+        self.history.append((epoch, planned, self._measured))
+
+    @torch.no_grad()
+    def _rewind_weights(self):
+        "Lottery tickets: surviving weights go back to their values at the rewind epoch; pruned ones stay zero."
+        for k, p in self.learn.model.named_parameters(): p.copy_(self._rewind[k])
+        self.sparsifier.apply_masks()
 
     def after_epoch(self):
         if self.sparsifier is not None:
@@ -54,3 +97,29 @@ class SparsifyCallback(Callback):
     def after_fit(self):
         if self.sparsifier is not None:
             print(f'Final Sparsity: {self.sparsifier.sparsity():.2f}')
+
+    # ------------------------------------------------------------ plots
+    def plot_schedule(self, n_epoch, n_iter=100, ax=None):
+        "Draw the planned sparsity over `n_epoch` epochs (before `fit`); returns the matplotlib axes."
+        import matplotlib.pyplot as plt
+        ax = ax or plt.subplots(figsize=(5, 3))[1]
+        xs = [n_epoch * i / (n_epoch * n_iter) for i in range(n_epoch * n_iter + 1)]
+        ys = [self.planned(x, n_epoch) for x in xs]
+        if isinstance(self.sparsity, dict):
+            for k in self.sparsity: ax.plot(xs, [y[k] for y in ys], label=k)
+            ax.legend()
+        else:
+            ax.plot(xs, ys, label='planned')
+        ax.set_xlabel('epoch'); ax.set_ylabel('sparsity (%)')
+        return ax
+
+    def plot_history(self, ax=None):
+        "Draw the planned and the measured sparsity of each batch of the last `fit`; returns the axes."
+        import matplotlib.pyplot as plt
+        if not self.history: raise ValueError('no history yet: plot_history draws the batches of a finished fit')
+        ax = ax or plt.subplots(figsize=(5, 3))[1]
+        xs = [h[0] for h in self.history]
+        if not isinstance(self.sparsity, dict): ax.plot(xs, [h[1] for h in self.history], label='planned')
+        ax.plot(xs, [h[2] for h in self.history], label='measured', linestyle='--')
+        ax.set_xlabel('epoch'); ax.set_ylabel('sparsity (%)'); ax.legend()
+        return ax

@@ -8,7 +8,8 @@ import inspect
 import math
 from functools import partial
 
-__all__ = ['annealing_cos', 'annealing_linear', 'annealing_agp', 'one_shot', 'SCHEDULES', 'resolve_schedule']
+__all__ = ['annealing_cos', 'annealing_linear', 'annealing_agp', 'one_shot', 'iterative', 'one_cycle', 'dsd',
+           'SCHEDULES', 'resolve_schedule']
 
 
 def annealing_cos(start, end, pos):
@@ -34,7 +35,33 @@ def one_shot(start, end, pos):
     return end if pos >= 1 else start
 
 
-SCHEDULES = {'cos': annealing_cos, 'linear': annealing_linear, 'agp': annealing_agp, 'one_shot': one_shot}
+def _steps(n, start, end, pos):
+    return start + (end - start) * math.floor(pos * n + 1e-9) / n
+
+
+def iterative(n):
+    "`n` equal steps from `start` to `end`, at pos = 1/n, 2/n, ..., 1 (iterative pruning: prune, train, repeat)."
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f'iterative needs n >= 1 steps, got {n!r}')
+    return partial(_steps, n)
+
+
+def one_cycle(start, end, pos, alpha=14, beta=6):
+    """A logistic S-curve from `start` to `end`: slow start, steep middle, flat end.
+
+    s(pos) = start + (end - start) * (g(pos) - g(0)) / (g(1) - g(0)) with g(p) = 1 / (1 + exp(beta - alpha * p)).
+    """
+    g = lambda p: 1 / (1 + math.exp(beta - alpha * p))
+    return start + (end - start) * (g(pos) - g(0)) / (g(1) - g(0))
+
+
+def dsd(start, end, pos):
+    """Dense-sparse-dense: cosine up to `end` at mid-training, then back down to `start` so the pruned weights
+    can grow again (Han et al. 2017, https://arxiv.org/abs/1607.04381)."""
+    return annealing_cos(start, end, 2 * pos) if pos < 0.5 else annealing_cos(end, start, 2 * pos - 1)
+
+
+SCHEDULES = {'cos': annealing_cos, 'linear': annealing_linear, 'agp': annealing_agp, 'one_shot': one_shot,
+             'one_cycle': one_cycle, 'dsd': dsd}
 "Schedules by name."
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .criteria import resolve_criterion
-from .granularity import FILTER, resolve_granularity
+from .granularity import FILTER, NM, layer_dims, resolve_granularity
 from .graph import trace
 from .surgery import out_dim
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
@@ -44,16 +44,32 @@ def check_layer_type(layer_type):
     return types
 
 
-def find_layers(model, layer_type):
-    "Qualified name -> module for every module of `layer_type` (a type or tuple of types), or a ValueError."
+def find_layers(model, layer_type, exclude=()):
+    """Qualified name -> module for every module of `layer_type` (a type or tuple of types) not in `exclude`
+    (qualified names or the modules themselves), or a ValueError."""
     types = check_layer_type(layer_type)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
+    skip = _excluded(model, exclude)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, types) and n not in skip}
     if not layers:
         raise ValueError(f'{type(model).__name__} has no layer of layer_type '
-                         f'{", ".join(t.__name__ for t in types)} to sparsify')
+                         f'{", ".join(t.__name__ for t in types)} to sparsify' + (' outside exclude' if skip else ''))
     bad = [n for n, m in layers.items() if not isinstance(getattr(m, 'weight', None), torch.Tensor)]
     if bad: raise ValueError(f"layer '{bad[0]}' of layer_type has no weight to sparsify")
     return layers
+
+
+def _excluded(model, exclude):
+    "The qualified names of the modules `exclude` names or holds, and of their submodules."
+    items = [exclude] if isinstance(exclude, (str, nn.Module)) else list(exclude)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = set()
+    for e in items:
+        if isinstance(e, nn.Module) and id(e) in names: e = names[id(e)]
+        if not isinstance(e, str) or e not in names.values():
+            raise ValueError(f'exclude must name modules of {type(model).__name__} (qualified names or the modules '
+                             f'themselves), got {e!r}')
+        out |= {n for n in names.values() if n == e or n.startswith(e + '.')}
+    return out
 
 
 def n_zero(units, sparsity):
@@ -61,35 +77,61 @@ def n_zero(units, sparsity):
     return math.floor(units * sparsity / 100 + 0.5 + 1e-9)
 
 
-def _scored(criterion, w):
-    "The criterion's scores of `w`, checked to give one score per weight."
-    s = criterion(w)
-    if not isinstance(s, torch.Tensor) or s.shape != w.shape:
-        raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '
-                         f'{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}')
-    return s
-
-
 class _WeightTarget:
-    "One layer's weight, scored in blocks of `dims` ('weight': each element; 'kernel': each k x k kernel)."
+    "One layer's weight, scored in blocks summed over `dims` ('weight': each element; 'kernel': each k x k kernel)."
     structured = False
 
     def __init__(self, name, module, dims):
         w = module.weight
-        if any(d >= w.dim() for d in dims):
-            raise ValueError(f"granularity dims {dims} do not fit layer '{name}' whose weight has {w.dim()} dims")
         self.name, self.module, self.dims, self.layers = name, module, dims, [name]
         self.shape = tuple(1 if d in dims else s for d, s in enumerate(w.shape))
         self.units = math.prod(self.shape)
 
-    def scores(self, criterion):
-        s = _scored(criterion, self.module.weight.detach())
+    def count(self, sparsity): return n_zero(self.units, sparsity)
+
+    def scores(self, score):
+        s = score(self.name)
         return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
+
+    def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
 
     def masks(self, drop):
         keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
         keep[drop] = False
         return {f'{self.name}.weight': keep.view(self.shape)}
+
+
+class _NMTarget:
+    "One layer's weight in blocks of M consecutive weights along the input dim; each block loses the same count."
+    structured = False
+
+    def __init__(self, name, module, nm):
+        w = module.weight
+        if w.dim() < 2 or w.shape[1] % nm.m:
+            raise ValueError(f"{nm.n}:{nm.m} sparsity needs the input dim of layer '{name}' (weight shape "
+                             f'{tuple(w.shape)}) to be a multiple of {nm.m}')
+        self.name, self.module, self.nm, self.layers = name, module, nm, [name]
+        self.units = w.numel()
+
+    def count(self, sparsity):
+        n, m = self.nm
+        if sparsity > 100 * (m - n) / m + 1e-9:
+            raise ValueError(f'{n}:{m} sparsity keeps {n} of every {m} weights: at most {100 * (m - n) / m:g}% '
+                             f'can be zero, got {sparsity:g}%')
+        return n_zero(m, sparsity)
+
+    def _blocks(self, t): return t.movedim(1, -1).reshape(-1, self.nm.m)
+
+    def scores(self, score): return self._blocks(score(self.name)).float()
+
+    def drop(self, scores, k): return torch.topk(scores, k, dim=1, largest=False).indices
+
+    def masks(self, drop):
+        w = self.module.weight
+        keep = torch.ones(w.numel() // self.nm.m, self.nm.m, dtype=torch.bool, device=w.device)
+        keep.scatter_(1, drop.to(w.device), False)
+        moved = w.movedim(1, -1).shape
+        return {f'{self.name}.weight': keep.view(moved).movedim(-1, 1)}
 
 
 class _GroupTarget:
@@ -101,16 +143,20 @@ class _GroupTarget:
         self.layers = layer_names
         self.name = '+'.join(s.module for s in group.by_role('out'))
 
-    def scores(self, criterion):
+    def count(self, sparsity): return min(n_zero(self.units, sparsity), self.units - 1)   # keep one unit
+
+    def scores(self, score):
         """Each unit's score: the sum over the group's producers of their row scores, each divided by its mean
         (a unit of tied channels sums its channels)."""
         total = torch.zeros(self.group.size)
         for s in self.group.by_role('out'):
             m = self.modules[s.module]
-            w = m.weight.detach().movedim(out_dim(m), 0)[s.offset:s.offset + s.length]
-            rows = _scored(criterion, w).flatten(1).sum(1).float().cpu()
-            total[s.start:s.start + s.length] += rows / rows.mean().clamp_min(torch.finfo(rows.dtype).tiny)
+            w = score(s.module).movedim(out_dim(m), 0)[s.offset:s.offset + s.length]
+            rows = w.flatten(1).sum(1).float().cpu()
+            total[s.start:s.start + s.length] += rows / rows.abs().mean().clamp_min(torch.finfo(rows.dtype).tiny)
         return total.view(self.group.tie, -1).sum(0)
+
+    def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
 
     def masks(self, drop):
         "Keep-masks for every producer row and bias, depthwise row and bias, and norm scale and shift."
@@ -133,26 +179,33 @@ class _GroupTarget:
 class Sparsifier:
     """Zeroes the least important parts of a model's layers and keeps masks to hold them at zero.
 
-    `granularity`: 'weight', 'kernel', 'filter' (whole channel groups, prunable by `Pruner`), or a dims tuple.
+    `granularity`: 'weight', 'vector', 'kernel', 'column', 'filter' or 'row' (whole channel groups, prunable
+    by `Pruner`), 'N:M' such as '2:4', or a tuple of weight dims to score together (see `GRANULARITIES`).
     `method`: 'local' (each layer to the target) or 'global' (one threshold, scores normalised per layer).
-    `criteria`: a name in `CRITERIA` ('l1', 'l2') or a function of the weight.
+    `criteria`: a name in `CRITERIA`, a `Criterion`, or a function of the weight.
     `layer_type`: the layer type(s) to sparsify (a group is targeted when one of its producers is one).
     `example_input`: a tensor or shape for tracing at 'filter' granularity (guessed when None).
     `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
+    `exclude`: qualified names of modules (or the modules) whose layers are left dense.
     """
     def __init__(self, model, granularity='filter', method='local', criteria='l1', layer_type=nn.Conv2d,
-                 example_input=None, leaf_modules=()):
+                 example_input=None, leaf_modules=(), exclude=()):
         self.model, self.granularity = model, resolve_granularity(granularity)
         self.method, self.criterion = check_method(method), resolve_criterion(criteria)
-        self.layers = find_layers(model, layer_type)
+        if isinstance(self.granularity, NM) and method == 'global':
+            raise ValueError("N:M sparsity is the same count in every block: use method='local'")
+        self.layers = find_layers(model, layer_type, exclude)
         self.frozen = {}   # targeted layer name -> why it cannot be sparsified at this granularity
         self.targets = self._targets(example_input, leaf_modules)
         self.masks, self._drop, self._counts = {}, {}, None
         self._params = dict(model.named_parameters(remove_duplicate=False))
+        self.ref, self.acc = {}, {}   # criterion state: reference weights, accumulated gradient statistics
+        if self.criterion.needs_ref: self.set_reference()
 
     def _targets(self, example_input, leaf_modules):
-        if self.granularity != FILTER:
-            return [_WeightTarget(n, m, self.granularity) for n, m in self.layers.items()]
+        g = self.granularity
+        if isinstance(g, NM): return [_NMTarget(n, m, g) for n, m in self.layers.items()]
+        if g != FILTER: return [_WeightTarget(n, m, layer_dims(g, n, m.weight)) for n, m in self.layers.items()]
         self.graph = trace(self.model, example_input, leaf_modules)
         modules, targets = self.graph.modules(), []
         for g in self.graph.groups:
@@ -165,27 +218,67 @@ class Sparsifier:
                              f'of {type(self.model).__name__} can be sparsified: {self.frozen}')
         return targets
 
+    # ------------------------------------------------------------ criterion state
+    @torch.no_grad()
+    def set_reference(self):
+        "Take the targeted layers' current weights as the reference of init-based criteria."
+        self.ref = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+
+    @torch.no_grad()
+    def accumulate(self):
+        "Add this step's gradient statistic (after backward) for criteria that need one; a no-op otherwise."
+        f = self.criterion.accumulate
+        if f is None: return
+        for n, m in self.layers.items():
+            if m.weight.grad is None: continue
+            step = f(m.weight.detach(), m.weight.grad.detach())
+            self.acc[n] = self.acc[n] + step if n in self.acc else step.clone()
+
+    def _score(self, name):
+        "The criterion's score of every weight of layer `name`, checked to give one score per weight."
+        w = self.layers[name].weight.detach()
+        s = self.criterion(w, self.ref.get(name), self.acc.get(name))
+        if not isinstance(s, torch.Tensor) or s.shape != w.shape:
+            raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '
+                             f'{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}')
+        return s
+
+    # ------------------------------------------------------------ sparsify
     def _plan(self, sparsity):
         "Zero units per target ('local') or in all ('global')."
+        if isinstance(sparsity, dict):
+            return tuple(t.count(max(sparsity.get(n, 0.) for n in t.layers)) for t in self.targets)
         if self.method == 'local':
-            return tuple(min(n_zero(t.units, sparsity), t.units - 1 if t.structured else t.units)
-                         for t in self.targets)
+            return tuple(t.count(sparsity) for t in self.targets)
         return (min(n_zero(sum(t.units for t in self.targets), sparsity),
-                    sum(t.units - 1 for t in self.targets)),)
+                    sum(t.units - 1 for t in self.targets)),)   # never a layer emptied
+
+    def check_sparsity(self, sparsity):
+        "`sparsity` as a float percentage, or a dict of them by targeted layer name ('local' only)."
+        if not isinstance(sparsity, dict): return check_sparsity(sparsity)
+        if self.method != 'local': raise ValueError("a sparsity per layer needs method='local'")
+        unknown = set(sparsity) - set(self.layers)
+        if unknown: raise ValueError(f'sparsity names layers that are not targeted: {sorted(unknown)}; '
+                                     f'choose among {sorted(self.layers)}')
+        return {k: check_sparsity(v) for k, v in sparsity.items()}
 
     @torch.no_grad()
     def sparsify(self, sparsity):
-        "Zero `sparsity` percent of the targeted units (re-scoring only when the counts change), apply masks."
-        counts = self._plan(check_sparsity(sparsity))
-        if counts != self._counts:
+        """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units, re-scoring only
+        when the counts change, and apply the masks. Returns True when the masks changed."""
+        counts = self._plan(self.check_sparsity(sparsity))
+        changed = counts != self._counts
+        if changed:
             self._update_masks(counts)
             self._counts = counts
+            if self.criterion.updating: self.set_reference()
         self.apply_masks()
+        return changed
 
     def _update_masks(self, counts):
-        scores = [t.scores(self.criterion) for t in self.targets]
+        scores = [t.scores(self._score) for t in self.targets]
         if self.method == 'local':
-            drops = [torch.topk(s, k, largest=False).indices for s, k in zip(scores, counts)]
+            drops = [t.drop(s, k) for t, s, k in zip(self.targets, scores, counts)]
         else:
             drops = self._global_drops(scores, counts[0])
         self.masks = {}
@@ -198,7 +291,7 @@ class Sparsifier:
         "One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped."
         normed = []
         for s in scores:
-            s = s / s.mean().clamp_min(torch.finfo(s.dtype).tiny)
+            s = s / s.abs().mean().clamp_min(torch.finfo(s.dtype).tiny)
             s[s.argmax()] = math.inf
             normed.append(s)
         flat = torch.cat(normed)
@@ -212,6 +305,7 @@ class Sparsifier:
         for name, drop in self._drop.items():
             self._params[name].masked_fill_(drop, 0)
 
+    # ------------------------------------------------------------ reports
     def _targeted(self):
         "Name -> layer for every layer of `layer_type` that some target sparsifies."
         return {n: self.layers[n] for t in self.targets for n in t.layers}
