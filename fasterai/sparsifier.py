@@ -72,6 +72,11 @@ def _excluded(model, exclude):
     return out
 
 
+def _pname(layer, pname):
+    "The qualified name of parameter `pname` of the module named `layer` ('' for the model itself)."
+    return f'{layer}.{pname}' if layer else pname
+
+
 def n_zero(units, sparsity):
     "How many of `units` make `sparsity` percent, rounding half up: 30% of 20 is 6, 7.5% of 20 is 2."
     return math.floor(units * sparsity / 100 + 0.5 + 1e-9)
@@ -98,7 +103,7 @@ class _WeightTarget:
     def masks(self, drop):
         keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
         keep[drop] = False
-        return {f'{self.name}.weight': keep.view(self.shape)}
+        return {_pname(self.name, 'weight'): keep.view(self.shape)}
 
 
 class _NMTarget:
@@ -131,7 +136,7 @@ class _NMTarget:
         keep = torch.ones(w.numel() // self.nm.m, self.nm.m, dtype=torch.bool, device=w.device)
         keep.scatter_(1, drop.to(w.device), False)
         moved = w.movedim(1, -1).shape
-        return {f'{self.name}.weight': keep.view(moved).movedim(-1, 1)}
+        return {_pname(self.name, 'weight'): keep.view(moved).movedim(-1, 1)}
 
 
 class _GroupTarget:
@@ -171,7 +176,7 @@ class _GroupTarget:
                 if p is None: continue
                 d = out_dim(m, pname)
                 shape = [1] * p.dim(); shape[d] = -1
-                mask = out.setdefault(f'{s.module}.{pname}', (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device))[0]
+                mask = out.setdefault(_pname(s.module, pname), (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device))[0]
                 mask[s.offset:s.offset + s.length] &= k
         return {name: mask.view(shape).to(device) for name, (mask, shape, device) in out.items()}
 
