@@ -122,6 +122,10 @@ class Pruner:
                  leaf_modules=(), verify=True):
         self.sparsity = None if sparsity is None else check_sparsity(sparsity)   # percent of filters, or None
         self.criteria, self.method = resolve_criterion(criteria), check_method(method)
+        if sparsity is not None and (self.criteria.needs_ref or self.criteria.accumulate is not None):
+            raise ValueError(f"criteria '{self.criteria.name}' needs training (reference weights or gradients): "
+                             'one-shot pruning takes a criterion of the weights alone, such as l1 or l2; '
+                             'train with SparsifyCallback, then prune what it zeroed with Pruner()')
         self.layer_type = check_layer_type(layer_type)   # what one-shot pruning scores
         if not isinstance(verify, bool): raise ValueError(f'verify must be True or False, got {verify!r}')
         self.example_input, self.leaf_modules, self.verify = example_input, leaf_modules, verify

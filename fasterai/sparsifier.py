@@ -5,6 +5,7 @@ and the schedules.
 """
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -242,6 +243,9 @@ class Sparsifier:
     def _score(self, name):
         "The criterion's score of every weight of layer `name`, checked to give one score per weight."
         w = self.layers[name].weight.detach()
+        if self.criterion.accumulate is not None and name not in self.acc:
+            warnings.warn(f"criteria '{self.criterion.name}' has no gradient statistics for '{name}' yet: call "
+                          'accumulate() after each backward pass (SparsifyCallback does); scoring it as all zeros')
         s = self.criterion(w, self.ref.get(name), self.acc.get(name))
         if not isinstance(s, torch.Tensor) or s.shape != w.shape:
             raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '

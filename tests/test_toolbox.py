@@ -229,3 +229,14 @@ def test_learner_summary_works_dense_and_pruned():
 def test_bad_callback_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SparsifyCallback(**kwargs)
+
+
+@pytest.mark.parametrize('criteria', ['taylor', 'large_init'])
+def test_one_shot_pruning_refuses_criteria_that_need_training(criteria):
+    with pytest.raises(ValueError, match=f"criteria '{criteria}' needs training"):
+        Pruner(sparsity=30, criteria=criteria)
+
+
+def test_scoring_without_gradients_warns():
+    with pytest.warns(UserWarning, match="criteria 'movement' has no gradient statistics for 'conv1' yet"):
+        Sparsifier(Net(3), 'weight', criteria='movement').sparsify(30)
