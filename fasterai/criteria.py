@@ -41,7 +41,9 @@ def _increase(w, ref, acc): return w.abs() - ref.abs()
 def _acc(w, ref, acc): return acc
 def _movement_step(w, g): return -w * g
 def _taylor_step(w, g): return (w * g).square()
-def _random(w, ref, acc): return torch.rand(w.shape, device=w.device)
+def _random(w, ref, acc):
+    g = torch.Generator().manual_seed(hash(tuple(w.shape)) % 2 ** 31)   # the same scores at every call
+    return torch.rand(w.shape, generator=g).to(w.device)
 
 
 large_final = l1 = Criterion('l1', _abs)
@@ -67,7 +69,8 @@ taylor = Criterion('taylor', _acc, accumulate=_taylor_step)
 """sum over steps of (w * dL/dw)**2: the first-order Taylor estimate of the loss change when a weight is removed
 (Molchanov et al. 2019, https://arxiv.org/abs/1906.10771); a filter sums its weights' estimates."""
 random = Criterion('random', _random)
-"Uniform random scores: the control every criterion should beat."
+"""Uniform random scores, fixed per weight shape (so masks only grow and agree across processes): the control
+every criterion should beat."""
 
 CRITERIA = {c.name: c for c in (l1, l2, small_final, large_init, small_init, large_init_large_final,
                                 magnitude_increase, updating_magnitude_increase, movement, taylor, random)}

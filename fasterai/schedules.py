@@ -42,7 +42,9 @@ def _steps(n, start, end, pos):
 def iterative(n):
     "`n` equal steps from `start` to `end`, at pos = 1/n, 2/n, ..., 1 (iterative pruning: prune, train, repeat)."
     if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f'iterative needs n >= 1 steps, got {n!r}')
-    return partial(_steps, n)
+    f = partial(_steps, n)
+    f.__name__ = f'iterative({n})'
+    return f
 
 
 def one_cycle(start, end, pos, alpha=14, beta=6):

@@ -1,3 +1,5 @@
+import pickle
+
 
 import pytest
 from fastai.callback.schedule import sched_cos, sched_lin
@@ -36,6 +38,7 @@ def test_resolve():
 
 def test_iterative_one_cycle_and_dsd_by_hand():
     f = iterative(4)
+    assert f.__name__ == 'iterative(4)' and pickle.loads(pickle.dumps(f))(0, 40, 0.5) == 20
     assert [f(0, 40, p) for p in (0, 0.24, 0.25, 0.6, 0.99, 1)] == [0, 0, 10, 20, 30, 40]
     assert one_cycle(0, 50, 0) == 0 and one_cycle(0, 50, 1) == pytest.approx(50)
     assert one_cycle(0, 50, 0.2) < 0.1 * 50 < 0.9 * 50 < one_cycle(0, 50, 0.7)   # flat, steep, flat

@@ -47,7 +47,7 @@ def test_criteria_by_hand():
     for name, e in expect.items():
         assert torch.allclose(CRITERIA[name](w, ref, acc), torch.tensor([e], dtype=torch.float)), name
     r = CRITERIA['random'](w)
-    assert r.shape == w.shape and ((0 <= r) & (r < 1)).all()
+    assert r.shape == w.shape and ((0 <= r) & (r < 1)).all() and torch.equal(r, CRITERIA['random'](w + 1))
     with pytest.raises(ValueError, match="'large_init' needs the reference weights"):
         CRITERIA['large_init'](w)
 
