@@ -11,5 +11,7 @@ from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _errors
 from .report import *  # noqa: F401,F403
 from .report import __all__ as _report
+from .export import *  # noqa: F401,F403
+from .export import __all__ as _export
 
-__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, 'CRITERIA', 'GRANULARITIES']
+__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, *_export, 'CRITERIA', 'GRANULARITIES']

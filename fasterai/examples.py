@@ -66,9 +66,13 @@ def load_fashion_mnist(split='train', n=None, path=None):
     return ((x.float() / 255 - MEAN) / STD).unsqueeze(1), y.long()
 
 
-class _Labelled(torch.utils.data.TensorDataset):
-    "A tensor dataset that tells fastai's Learner its loss function."
+class LabelledTensors(torch.utils.data.TensorDataset):
+    "A tensor dataset of (input, label) that tells fastai's Learner its loss function and can `learn.export`."
     loss_func, n_inp = nn.CrossEntropyLoss(), 1
+
+    def new_empty(self):
+        "The same dataset without items (what `learn.export` keeps of the data)."
+        return type(self)(*(t[:0] for t in self.tensors))
 
 
 def fashion_mnist_dls(n_train=None, n_valid=None, bs=64, seed=0):
@@ -76,5 +80,5 @@ def fashion_mnist_dls(n_train=None, n_valid=None, bs=64, seed=0):
     from fastai.data.core import DataLoaders
     from fastai.torch_core import set_seed
     set_seed(seed)
-    train, valid = (_Labelled(*load_fashion_mnist(s, n)) for s, n in (('train', n_train), ('valid', n_valid)))
+    train, valid = (LabelledTensors(*load_fashion_mnist(s, n)) for s, n in (('train', n_train), ('valid', n_valid)))
     return DataLoaders.from_dsets(train, valid, bs=bs, device='cpu', num_workers=0)   # in-memory tensors

@@ -11,10 +11,9 @@ import torch
 import torch.nn as nn
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
-from torch.utils.data import TensorDataset
 
 from fasterai.criteria import CRITERIA, resolve_criterion
-from fasterai.examples import Net
+from fasterai.examples import LabelledTensors, Net
 from fasterai.pruner import Pruner
 from fasterai.schedules import iterative, one_shot
 from fasterai.sparsifier import Sparsifier, SparsifyCallback, n_zero
@@ -166,8 +165,8 @@ def synthetic_dls(n=256, bs=32):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, 28, 28, generator=g)
     y = (x.mean((1, 2, 3)) > 0).long() + 2 * (x[:, :, :14].mean((1, 2, 3)) > 0).long()
-    ds = TensorDataset(x, y)
-    return DataLoaders.from_dsets(ds, ds, bs=bs, device='cpu')
+    ds = LabelledTensors(x, y)
+    return DataLoaders.from_dsets(ds, ds, bs=bs, device='cpu', num_workers=0)
 
 
 def fit(cb, epochs=4, model=None):
