@@ -2,6 +2,10 @@
 import torch
 import torch.nn as nn
 from fastai.callback.core import Callback
+from fastai.learner import Learner
+from fastcore.basics import patch
+from fastcore.meta import delegates
+from fastcore.xtras import join_path_file
 
 from .criteria import resolve_criterion
 from .granularity import resolve_granularity
@@ -22,7 +26,8 @@ class SparsifyCallback(Callback):
 
     After every training batch the schedule is evaluated on training progress, the `Sparsifier` re-scores
     when the number of zero units changes, and masks are applied again after the optimizer step. `history`
-    records (epoch, planned, measured sparsity) per batch.
+    records (epoch, planned, measured sparsity) per batch. `learn.save` also writes the callback's state
+    (`NAME.sparsify.pth` beside `NAME.pth`), and after `learn.load` the next SparsifyCallback resumes from it.
     """
     order = 55         # after Recorder (which prints the epoch row), before ProgressCallback (the header)
     run_valid = False
@@ -61,7 +66,8 @@ class SparsifyCallback(Callback):
     # ------------------------------------------------------------ events
     def before_fit(self):
         find_layers(self.learn.model, self.layer_type, self.exclude)
-        self.sparsifier, self.history, self._rewind = None, [], None
+        self.sparsifier, self.history, self._rewind, self._measured = None, [], None, 0.
+        self.learn._sparsify_last = self   # learn.save after fit still finds the state
         print(f'Pruning of {self.granularity} until a sparsity of '
               f'{self.sparsity if isinstance(self.sparsity, dict) else format(self.sparsity, "g")}%')
 
@@ -69,6 +75,10 @@ class SparsifyCallback(Callback):
         if self.sparsifier is None:   # built on the first batch, whose shape the graph is traced with
             self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
                                          self.layer_type, self.xb[0].shape, self.leaf_modules, self.exclude)
+            state = getattr(self.learn, '_sparsify_resume', None)   # left by learn.load (see below)
+            if state is not None:
+                self.load_state_dict(state)
+                del self.learn._sparsify_resume
         if self.lth and self._rewind is None and self.epoch >= self.rewind_epoch:
             self._rewind = {k: p.detach().clone() for k, p in self.learn.model.named_parameters()}
             if self.sparsifier.criterion.needs_ref: self.sparsifier.set_reference()
@@ -98,6 +108,18 @@ class SparsifyCallback(Callback):
         if self.sparsifier is not None:
             print(f'Final Sparsity: {self.sparsifier.sparsity():.2f}')
 
+    # ------------------------------------------------------------ state
+    def state_dict(self):
+        "The sparsifier's state, the lottery-ticket rewind weights and the history: what resuming needs."
+        return {'sparsifier': self.sparsifier.state_dict(), 'rewind': self._rewind,
+                'history': [[e, p, m] for e, p, m in self.history], 'measured': self._measured}
+
+    def load_state_dict(self, state):
+        "Restore `state_dict()` into this callback, whose sparsifier exists (built on the first batch)."
+        self.sparsifier.load_state_dict(state['sparsifier'])
+        self._rewind, self._measured = state['rewind'], state['measured']
+        self.history = [tuple(h) for h in state['history']]
+
     # ------------------------------------------------------------ plots
     def plot_schedule(self, n_epoch, n_iter=100, ax=None):
         "Draw the planned sparsity over `n_epoch` epochs (before `fit`); returns the matplotlib axes."
@@ -123,3 +145,37 @@ class SparsifyCallback(Callback):
         ax.plot(xs, [h[2] for h in self.history], label='measured', linestyle='--')
         ax.set_xlabel('epoch'); ax.set_ylabel('sparsity (%)'); ax.legend()
         return ax
+
+
+# ---------------------------------------------------------------- learn.save / learn.load carry the state
+def _state_file(model_file):
+    return model_file.with_name(model_file.stem + '.sparsify.pth')
+
+
+def _sparsify_cb(learn):
+    "The SparsifyCallback training `learn` now, or the one that trained it last."
+    cb = next((c for c in learn.cbs if isinstance(c, SparsifyCallback)), getattr(learn, '_sparsify_last', None))
+    return cb if cb is not None and cb.sparsifier is not None else None
+
+
+_save, _load = Learner.save, Learner.load
+
+
+@patch
+@delegates(_save)
+def save(self: Learner, file, **kwargs):
+    "Learner.save, plus the SparsifyCallback's state (masks, schedule history, criterion state) beside the model."
+    path = _save(self, file, **kwargs)
+    cb = _sparsify_cb(self)
+    if cb is not None: torch.save(cb.state_dict(), _state_file(path))
+    return path
+
+
+@patch
+@delegates(_load)
+def load(self: Learner, file, device=None, **kwargs):
+    "Learner.load; a SparsifyCallback state saved beside the model is restored by the next SparsifyCallback."
+    res = _load(self, file, device=device, **kwargs)
+    state = _state_file(join_path_file(file, self.path / self.model_dir, ext='.pth'))
+    self._sparsify_resume = torch.load(state, map_location=device, weights_only=True) if state.exists() else None
+    return res

@@ -314,6 +314,30 @@ class Sparsifier:
         for name, drop in self._drop.items():
             self._params[name].masked_fill_(drop, 0)
 
+    # ------------------------------------------------------------ state
+    def state_dict(self):
+        "Masks, the zero counts they were made for, and the criterion's state: what resuming needs."
+        return {'masks': dict(self.masks), 'counts': None if self._counts is None else list(self._counts),
+                'ref': dict(self.ref), 'acc': dict(self.acc)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        "Restore `state_dict()` (masks are re-applied); a ValueError when it does not fit this model."
+        params = self._params
+        for name, keep in state['masks'].items():
+            if name not in params or keep.dim() != params[name].dim() or any(
+                    k not in (1, p) for k, p in zip(keep.shape, params[name].shape)):
+                raise ValueError(f'the saved sparsity state does not fit this model: mask {name!r} of shape '
+                                 f'{tuple(keep.shape)} has no matching parameter')
+        for key in ('ref', 'acc'):
+            bad = [n for n, t in state[key].items() if n not in self.layers or t.shape != self.layers[n].weight.shape]
+            if bad: raise ValueError(f'the saved sparsity state does not fit this model: {key} of layer {bad[0]!r}')
+        self.masks = {k: v.to(params[k].device) for k, v in state['masks'].items()}
+        self._drop = {k: ~v for k, v in self.masks.items()}
+        self._counts = None if state['counts'] is None else tuple(state['counts'])
+        self.ref, self.acc = dict(state['ref']), dict(state['acc'])
+        self.apply_masks()
+
     # ------------------------------------------------------------ reports
     def _targeted(self):
         "Name -> layer for every layer of `layer_type` that some target sparsifies."
