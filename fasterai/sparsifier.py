@@ -193,9 +193,12 @@ class Sparsifier:
     `example_input`: a tensor or shape for tracing at 'filter' granularity (guessed when None).
     `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
     `exclude`: qualified names of modules (or the modules) whose layers are left dense.
+    A model wrapped in DataParallel or DistributedDataParallel is sparsified through its `module`; under DDP
+    every process computes the same masks (the weights, and the gradients after backward, agree).
     """
     def __init__(self, model, granularity='filter', method='local', criteria='l1', layer_type=nn.Conv2d,
                  example_input=None, leaf_modules=(), exclude=()):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         self.model, self.granularity = model, resolve_granularity(granularity)
         self.method, self.criterion = check_method(method), resolve_criterion(criteria)
         if isinstance(self.granularity, NM) and method == 'global':
