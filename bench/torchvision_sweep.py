@@ -29,7 +29,8 @@ from fasterai.sparsifier import Sparsifier
 
 SIZES = {'inception_v3': 299}
 "Input sizes other than 224 (the usual size of every other model)."
-PEER_SKIP = {'maxvit_t': 'not run: Torch-Pruning 1.6.1 used all 24 GiB and was killed after 5+ minutes'}
+PEER_SKIP = {'maxvit_t': 'not run: Torch-Pruning 1.6.1 used all 24 GiB and was killed after 5+ minutes',
+             'swin_t': 'not run: Torch-Pruning 1.6.1 used all 24 GiB and was killed'}
 "Models the peer is not run on, and why."
 
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import TraceError
-from .tracing import (Leaves, check_hooks, input_dtype, input_shape, propagate_shapes, symbolic_trace,
-                      training_mode)
+from .tracing import (Leaves, check_example_input, check_hooks, check_model, input_dtype, input_shape,
+                      propagate_shapes, symbolic_trace, training_mode)
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
                   is_inplace)
 
@@ -163,7 +163,12 @@ def trace(model, example_input=None, leaf_modules=()):
     `leaf_modules`: qualified names or types of modules to keep whole (untraceable code, custom layers):
     their inputs and outputs are frozen.
     """
+    check_model(model)
+    check_example_input(model, example_input)
     leaves = Leaves(leaf_modules)
+    names = dict(model.named_modules())
+    unknown = sorted(n for n in leaves.names if n not in names)
+    if unknown: raise ValueError(f'leaf_modules names modules that {type(model).__name__} does not have: {unknown}')
     check_hooks(model, leaves)
     shape, dtype = input_shape(model, example_input), input_dtype(model, example_input)
     spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()

@@ -7,7 +7,7 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
-from .tracing import example_tensor, training_mode
+from .tracing import check_model, example_tensor, training_mode
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity
 from .surgery import out_dim, shrink
 
@@ -132,6 +132,9 @@ class Pruner:
 
     def prune_model(self, model):
         "A new model of the same class, computing the same function without the zero channels."
+        check_model(model)
+        bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+        if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
         pruned = copy.deepcopy(model)
         if self.sparsity is None:
             graph = trace(pruned, self.example_input, self.leaf_modules)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .granularity import FILTER, NM, layer_dims, resolve_granularity
 from .graph import trace
+from .tracing import check_model
 from .surgery import out_dim
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
@@ -95,6 +96,8 @@ class _WeightTarget:
 
     def count(self, sparsity): return n_zero(self.units, sparsity)
 
+    def scored(self): return {self.name: self.module}
+
     def scores(self, score):
         s = score(self.name)
         return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
@@ -126,6 +129,8 @@ class _NMTarget:
                              f'can be zero, got {sparsity:g}%')
         return n_zero(m, sparsity)
 
+    def scored(self): return {self.name: self.module}
+
     def _blocks(self, t): return t.movedim(1, -1).reshape(-1, self.nm.m)
 
     def scores(self, score): return self._blocks(score(self.name)).float()
@@ -150,6 +155,8 @@ class _GroupTarget:
         self.name = '+'.join(s.module for s in group.by_role('out'))
 
     def count(self, sparsity): return min(n_zero(self.units, sparsity), self.units - 1)   # keep one unit
+
+    def scored(self): return {s.module: self.modules[s.module] for s in self.group.by_role('out')}
 
     def scores(self, score):
         """Each unit's score: the sum over the group's producers of their row scores, each divided by its mean
@@ -199,13 +206,16 @@ class Sparsifier:
     def __init__(self, model, granularity='filter', method='local', criteria='l1', layer_type=nn.Conv2d,
                  example_input=None, leaf_modules=(), exclude=()):
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        check_model(model)
         self.model, self.granularity = model, resolve_granularity(granularity)
         self.method, self.criterion = check_method(method), resolve_criterion(criteria)
         if isinstance(self.granularity, NM) and method == 'global':
             raise ValueError("N:M sparsity is the same count in every block: use method='local'")
         self.layers = find_layers(model, layer_type, exclude)
+        self.excluded = _excluded(model, exclude)
         self.frozen = {}   # targeted layer name -> why it cannot be sparsified at this granularity
         self.targets = self._targets(example_input, leaf_modules)
+        self.scored = {n: m for t in self.targets for n, m in t.scored().items()}   # layers whose weights are scored
         self.masks, self._drop, self._counts = {}, {}, None
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self.ref, self.acc = {}, {}   # criterion state: reference weights, accumulated gradient statistics
@@ -220,7 +230,9 @@ class Sparsifier:
         for g in self.graph.groups:
             mine = [s.module for s in g.by_role('out') if s.module in self.layers]
             if not mine: continue
-            if g.prunable: targets.append(_GroupTarget(g, modules, mine))
+            kept = [s.module for s in g.slices if s.role != 'in' and s.module in self.excluded]
+            if kept: self.frozen.update({n: f"shares its filters with excluded layer '{kept[0]}'" for n in mine})
+            elif g.prunable: targets.append(_GroupTarget(g, modules, mine))
             else: self.frozen.update({n: '; '.join(g.frozen) for n in mine})
         if not targets:
             raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in self.layers.values()}))} filter '
@@ -231,21 +243,24 @@ class Sparsifier:
     @torch.no_grad()
     def set_reference(self):
         "Take the targeted layers' current weights as the reference of init-based criteria."
-        self.ref = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+        self.ref = {n: m.weight.detach().clone() for n, m in self.scored.items()}
 
     @torch.no_grad()
     def accumulate(self):
         "Add this step's gradient statistic (after backward) for criteria that need one; a no-op otherwise."
         f = self.criterion.accumulate
         if f is None: return
-        for n, m in self.layers.items():
+        for n, m in self.scored.items():
             if m.weight.grad is None: continue
             step = f(m.weight.detach(), m.weight.grad.detach())
             self.acc[n] = self.acc[n] + step if n in self.acc else step.clone()
 
     def _score(self, name):
         "The criterion's score of every weight of layer `name`, checked to give one score per weight."
-        w = self.layers[name].weight.detach()
+        w = self.scored[name].weight.detach()
+        if not torch.isfinite(w).all():
+            raise ValueError(f"layer '{name}' has NaN or inf weights, which cannot be ranked: the training diverged "
+                             'or the model was loaded wrongly (no mask was changed)')
         if self.criterion.accumulate is not None and name not in self.acc:
             warnings.warn(f"criteria '{self.criterion.name}' has no gradient statistics for '{name}' yet: call "
                           'accumulate() after each backward pass (SparsifyCallback does); scoring it as all zeros')
@@ -333,7 +348,7 @@ class Sparsifier:
                 raise ValueError(f'the saved sparsity state does not fit this model: mask {name!r} of shape '
                                  f'{tuple(keep.shape)} has no matching parameter')
         for key in ('ref', 'acc'):
-            bad = [n for n, t in state[key].items() if n not in self.layers or t.shape != self.layers[n].weight.shape]
+            bad = [n for n, t in state[key].items() if n not in self.scored or t.shape != self.scored[n].weight.shape]
             if bad: raise ValueError(f'the saved sparsity state does not fit this model: {key} of layer {bad[0]!r}')
         self.masks = {k: v.to(params[k].device) for k, v in state['masks'].items()}
         self._drop = {k: ~v for k, v in self.masks.items()}

@@ -8,8 +8,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import TraceError
 
-__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'symbolic_trace', 'input_shape', 'input_dtype',
-           'propagate_shapes']
+__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'check_example_input',
+           'symbolic_trace', 'input_shape', 'input_dtype', 'propagate_shapes']
 
 
 def check_hooks(model, leaves):
@@ -23,6 +23,8 @@ def check_hooks(model, leaves):
 class Leaves:
     "Modules the tracer keeps whole, by qualified name (and everything under it) or by type."
     def __init__(self, leaf_modules):
+        if not isinstance(leaf_modules, (str, type, list, tuple, set, frozenset)) and leaf_modules is not None:
+            raise ValueError(f'leaf_modules must be a list of qualified module names or nn.Module types, got {leaf_modules!r}')
         items = [leaf_modules] if isinstance(leaf_modules, (str, type)) else list(leaf_modules or ())
         bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, type) and issubclass(x, nn.Module)))]
         if bad: raise ValueError(f'leaf_modules must hold qualified module names or nn.Module types, got {bad[0]!r}')
@@ -113,6 +115,32 @@ def default_input_shape(model):
     if isinstance(first, nn.Conv2d): return (2, first.in_channels, 224, 224)
     if isinstance(first, nn.Linear): return (2, first.in_features)
     raise TraceError(f'cannot guess the input shape of {type(model).__name__}: pass example_input')
+
+
+def check_model(model):
+    "A TypeError unless `model` is an nn.Module."
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'expected a torch.nn.Module to sparsify or prune, got {type(model).__name__}')
+
+
+def check_example_input(model, example_input):
+    """A ValueError unless `example_input` is None, a shape (positive ints, batch first) or a tensor of the
+    model's floating dtype on the model's device."""
+    if example_input is None: return
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if isinstance(example_input, torch.Tensor):
+        if p is None: return
+        if example_input.is_floating_point() and example_input.dtype != p.dtype:
+            raise ValueError(f'example_input is {example_input.dtype} but the model computes in {p.dtype}: pass a '
+                             f'tensor of dtype {p.dtype}, or a shape')
+        if example_input.device != p.device:
+            raise ValueError(f'example_input is on {example_input.device} but the model is on {p.device}: move one '
+                             'of them, or pass a shape')
+        return
+    if (not isinstance(example_input, (tuple, list, torch.Size)) or len(example_input) < 2 or
+            not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in example_input)):
+        raise ValueError(f'example_input must be a tensor or a shape of positive ints with the batch first, such as '
+                         f'(2, 3, 224, 224), got {example_input!r}')
 
 
 def input_shape(model, example_input):
