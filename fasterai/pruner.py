@@ -1,5 +1,6 @@
 """Pruner: rebuild a sparse model smaller, without the channels whose whole group is zero."""
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -131,21 +132,59 @@ class Pruner:
         self.example_input, self.leaf_modules, self.verify = example_input, leaf_modules, verify
 
     def prune_model(self, model):
-        "A new model of the same class, computing the same function without the zero channels."
+        """A new model of the same class, computing the same function without the zero channels.
+
+        The user's model is not changed (one-shot masks are applied to it only while the pruned copy is
+        built, then its values are put back); the copy is built layer by layer from the kept channels, so
+        the peak memory is about the size of the pruned model plus the masked entries."""
         check_model(model)
         bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
         if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
-        pruned = copy.deepcopy(model)
         if self.sparsity is None:
-            graph = trace(pruned, self.example_input, self.leaf_modules)
+            graph, masks = trace(model, self.example_input, self.leaf_modules), {}
         else:
-            sp = Sparsifier(pruned, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
+            sp = Sparsifier(model, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
                             self.leaf_modules)
-            sp.sparsify(self.sparsity)
-            graph = sp.graph
+            graph, masks = sp.graph, sp.plan_masks(self.sparsity)
         example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
-        reference = eval_outputs(pruned, example) if self.verify else None
-        for name, keep in plan(graph).items():
-            shrink(pruned.get_submodule(name), keep)
+        with _masked(model, masks):
+            reference = eval_outputs(model, example) if self.verify else None
+            pruned = _pruned_copy(model, plan(graph))
         if self.verify: check_same_function(reference, pruned, example)
         return pruned
+
+
+@contextmanager
+def _masked(model, masks):
+    "Zero the masked entries of `model` for a while; their values come back afterwards, whatever happens."
+    params, saved = dict(model.named_parameters(remove_duplicate=False)), []
+    try:
+        with torch.no_grad():
+            for name, keep in masks.items():
+                p = params[name]
+                drop = (~keep).expand_as(p)
+                saved.append((p, drop, p[drop]))
+                p.masked_fill_(drop, 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, drop, values in saved: p.masked_scatter_(drop, values)
+
+
+@torch.no_grad()
+def _pruned_copy(model, keep):
+    """A copy of `model` whose layers in `keep` hold only the kept channels: the module tree is copied with
+    the tensors shared, the resized layers get new smaller tensors, and every other tensor is cloned."""
+    original = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    pruned = copy.deepcopy(model, memo=dict(original))
+    for name, k in keep.items(): shrink(pruned.get_submodule(name), k)
+    clones = {}
+    for m in pruned.modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in store.items():
+                if t is None or id(t) not in original: continue
+                if id(t) not in clones:
+                    c = t.detach().clone()
+                    clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+                store[k] = clones[id(t)]
+    return pruned

@@ -293,13 +293,23 @@ class Sparsifier:
     def sparsify(self, sparsity):
         """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units, re-scoring only
         when the counts change, and apply the masks. Returns True when the masks changed."""
+        changed = self._rescore(sparsity)
+        self.apply_masks()
+        return changed
+
+    @torch.no_grad()
+    def plan_masks(self, sparsity):
+        "The keep-masks (parameter name -> bool) `sparsify(sparsity)` would apply, without changing the model."
+        self._rescore(sparsity)
+        return dict(self.masks)
+
+    def _rescore(self, sparsity):
         counts = self._plan(self.check_sparsity(sparsity))
         changed = counts != self._counts
         if changed:
             self._update_masks(counts)
             self._counts = counts
             if self.criterion.updating: self.set_reference()
-        self.apply_masks()
         return changed
 
     def _update_masks(self, counts):

@@ -132,3 +132,27 @@ def test_one_shot_pruning_reuses_the_sparsifier_scoring():
         Pruner(sparsity=30, criteria='l0')
     with pytest.raises(ValueError, match='sparsity must be a percentage'):
         Pruner(sparsity=300)
+
+
+def test_one_shot_leaves_the_model_and_shares_no_tensor():
+    torch.manual_seed(0)
+    model = Net(3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = Pruner(sparsity=40, layer_type=(nn.Conv2d, nn.Linear)).prune_model(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    mine = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not mine & {t.untyped_storage().data_ptr() for t in pruned.state_dict().values()}
+    assert pruned.conv2.out_channels == 30 and model.conv2.out_channels == 50
+
+
+def test_masked_values_come_back_after_an_error():
+    from fasterai.pruner import _masked
+    model = Net(3)
+    before = model.conv1.weight.detach().clone()
+    keep = torch.ones(20, 1, 1, 1, dtype=torch.bool)
+    keep[:5] = False
+    with pytest.raises(RuntimeError, match='boom'):
+        with _masked(model, {'conv1.weight': keep}):
+            assert (model.conv1.weight[:5] == 0).all()
+            raise RuntimeError('boom')
+    assert torch.equal(model.conv1.weight, before)
