@@ -29,8 +29,7 @@ from fasterai.sparsifier import Sparsifier
 
 SIZES = {'inception_v3': 299}
 "Input sizes other than 224 (the usual size of every other model)."
-PEER_SKIP = {'maxvit_t': 'not run: Torch-Pruning 1.6.1 used all 24 GiB and was killed after 5+ minutes',
-             'swin_t': 'not run: Torch-Pruning 1.6.1 used all 24 GiB and was killed'}
+PEER_SKIP = {}
 "Models the peer is not run on, and why."
 
 
@@ -76,6 +75,25 @@ def peer(model, shape, method):
     return row
 
 
+PEER_MEMORY = 14 * 2 ** 30
+"Address-space limit of the process that runs the peer (about 10 GiB resident): a blow-up becomes a row, not a kill."
+
+
+def peer_isolated(name, shape, method):
+    "`peer` in a fresh process under PEER_MEMORY; its fields, or the reason it gave none."
+    import json, resource, subprocess
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (PEER_MEMORY, PEER_MEMORY))
+    cmd = [sys.executable, __file__, '--peer-child', name, method, str(shape[-1])]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, timeout=900)
+    except subprocess.TimeoutExpired:
+        return {'error': 'no result in 15 minutes'}
+    lines = [l for l in out.stdout.splitlines() if l.startswith('{')]
+    if out.returncode == 0 and lines: return json.loads(lines[-1])
+    err = (out.stderr.strip().splitlines() or [f'exit code {out.returncode}'])[-1]
+    return {'error': 'out of memory (over 10 GiB)' if 'MemoryError' in err or 'alloc' in err.lower() else err[:100]}
+
+
 def build(name, shape, **kwargs):
     """The model with weights=None (and builder `kwargs`), in eval mode; weights initialised at zero or nearly
     (ViT's head, ConvNeXt's layer scale of 1e-6) get random values, so that comparing outputs means something."""
@@ -112,12 +130,12 @@ def run(name, methods, size=None, with_peer=False):
         if with_peer and name in PEER_SKIP:
             row['tp'] = PEER_SKIP[name]
         elif with_peer:
-            try:
-                p = peer(model, shape, method)
+            p = peer_isolated(name, shape, method)
+            if 'error' in p:
+                row['tp'] = p['error']
+            else:
                 row['tp'] = 'ok' if p['ok'] else 'wrong output'
                 row['tp_params'], row['tp_s'] = p['params'] / count_params(model), p['s']
-            except Exception as e:
-                row['tp'] = f'{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ""}'
         rows.append(row)
     return rows
 
@@ -132,7 +150,21 @@ def fmt(row, with_peer):
     return '| ' + ' | '.join(cells + [row.get('note', '')]) + ' |'
 
 
+def peer_child(name, method, size):
+    "The --peer-child process: build the model as `run` does, run the peer, print its fields as JSON."
+    import json
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(2)
+    shape = input_shape(name, int(size))
+    try:
+        print(json.dumps(peer(build(name, shape), shape, method)))
+    except Exception as e:
+        print(f'{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ""}', file=sys.stderr)
+        sys.exit(1)
+
+
 def main():
+    if sys.argv[1:2] == ['--peer-child']: return peer_child(*sys.argv[2:5])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--models', nargs='*', default=None)
     ap.add_argument('--methods', nargs='*', default=['local', 'global'])
