@@ -161,14 +161,21 @@ def _masked(model, masks):
     try:
         with torch.no_grad():
             for name, keep in masks.items():
-                p = params[name]
-                drop = (~keep).expand_as(p)
-                saved.append((p, drop, p[drop]))
-                p.masked_fill_(drop, 0)
+                p, dims = params[name], [d for d, k in enumerate(keep.shape) if k != 1]
+                if len(dims) == 1:   # whole rows (filter masks): save and zero them by index, much faster
+                    idx = (~keep).flatten().nonzero().flatten()
+                    saved.append((p, dims[0], idx, p.index_select(dims[0], idx)))
+                    p.index_fill_(dims[0], idx, 0)
+                else:
+                    drop = (~keep).expand_as(p)
+                    saved.append((p, None, drop, p[drop]))
+                    p.masked_fill_(drop, 0)
         yield
     finally:
         with torch.no_grad():
-            for p, drop, values in saved: p.masked_scatter_(drop, values)
+            for p, dim, where, values in saved:
+                if dim is None: p.masked_scatter_(where, values)
+                else: p.index_copy_(dim, where, values)
 
 
 @torch.no_grad()

@@ -87,6 +87,21 @@ def training_mode(model, training):
         for m, flag in flags: m.training = flag
 
 
+SAME_SHAPE = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm,
+              nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.GELU, nn.Hardswish,
+              nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d,
+              nn.Dropout2d, nn.Identity}
+"Module types whose output has their input's shape, dtype and layout: shape propagation passes them through."
+
+
+def _fits(m, x):
+    "Whether `x` has the shape `m` checks for (a norm's channel count): otherwise run `m` to raise its error."
+    if not isinstance(x, torch.Tensor): return False
+    if isinstance(m, nn.LayerNorm): return tuple(x.shape[-len(m.normalized_shape):]) == tuple(m.normalized_shape)
+    n = getattr(m, 'num_features', getattr(m, 'num_channels', None))
+    return n is None or (x.dim() >= 2 and x.shape[1] == n)
+
+
 class _Shapes(fx.Interpreter):
     "Runs the traced graph and records each node's output shape; on meta tensors no weight is read."
     def __init__(self, gm, meta):
@@ -102,6 +117,8 @@ class _Shapes(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if not self.meta: return super().call_module(target, args, kwargs)
         m = self.fetch_attr(target)
+        if type(m) in SAME_SHAPE and len(args) == 1 and not kwargs and _fits(m, args[0]):
+            return args[0]   # shape, dtype and layout pass through: no need to run it, even on meta tensors
         state = {k: torch.empty_like(v, device='meta') for k, v in (*m.named_parameters(), *m.named_buffers())}
         return torch.func.functional_call(m, state, args, kwargs)
 
