@@ -10,7 +10,7 @@ from fastcore.xtras import join_path_file
 from .criteria import resolve_criterion
 from .granularity import resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
-from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity, find_layers
+from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity, find_layers
 
 __all__ = ['SparsifyCallback']
 
@@ -34,7 +34,7 @@ class SparsifyCallback(Callback):
 
     def __init__(self, sparsity, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
                  layer_type=nn.Conv2d, start_sparsity=0, start_epoch=0, end_epoch=None, lth=False, rewind_epoch=0,
-                 exclude=(), leaf_modules=()):
+                 exclude=(), leaf_modules=(), round_to=None):
         self.sparsity = (check_sparsity(sparsity) if not isinstance(sparsity, dict)   # target percentage at
                          else {k: check_sparsity(v) for k, v in sparsity.items()})   # the end, or one per layer
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
@@ -53,6 +53,7 @@ class SparsifyCallback(Callback):
         if not isinstance(lth, bool): raise ValueError(f'lth must be True or False, got {lth!r}')
         self.lth, self.rewind_epoch = lth, _check_epoch(rewind_epoch, 'rewind_epoch')   # lottery-ticket rewinding
         self.exclude, self.leaf_modules = exclude, leaf_modules  # layers left dense; modules the tracer keeps whole
+        self.round_to = check_round_to(round_to)                 # kept channels per group a multiple of it
         self.sparsifier, self.history, self._rewind = None, [], None
 
     def planned(self, epoch, n_epoch):
@@ -74,7 +75,8 @@ class SparsifyCallback(Callback):
     def before_batch(self):
         if self.sparsifier is None:   # built on the first batch, whose shape the graph is traced with
             self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
-                                         self.layer_type, self.xb[0].shape, self.leaf_modules, self.exclude)
+                                         self.layer_type, self.xb[0].shape, self.leaf_modules, self.exclude,
+                                         self.round_to)
             state = getattr(self.learn, '_sparsify_resume', None)   # left by learn.load (see below)
             if state is not None:
                 self.load_state_dict(state)

@@ -8,8 +8,8 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
-from .tracing import check_model, example_tensor, training_mode
-from .sparsifier import Sparsifier, check_layer_type, check_method, check_sparsity
+from .tracing import check_model, example_tensor, finite, training_mode
+from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity
 from .surgery import out_dim, shrink
 
 __all__ = ['Pruner', 'dead_channels', 'check_same_function']
@@ -17,7 +17,7 @@ __all__ = ['Pruner', 'dead_channels', 'check_same_function']
 
 def _zero_rows(t, start, length):
     "Which of rows [start, start+length) of `t` are exactly zero everywhere."
-    return (t.detach()[start:start + length].flatten(1) == 0).all(1)
+    return torch.count_nonzero(t.detach()[start:start + length].flatten(1), dim=1) == 0
 
 
 def dead_channels(group, modules):
@@ -118,9 +118,10 @@ class Pruner:
     `verify` runs on it, otherwise on a random input of that shape.
     `leaf_modules`: names or types of modules the tracer keeps whole (see `graph.trace`).
     `verify`: run the sparse and pruned models and raise PruningError if their outputs differ.
+    `round_to`: with `sparsity`, each group keeps a multiple of this many channels (see `Sparsifier`).
     """
     def __init__(self, sparsity=None, criteria='l1', method='local', layer_type=nn.Conv2d, example_input=None,
-                 leaf_modules=(), verify=True):
+                 leaf_modules=(), verify=True, round_to=None):
         self.sparsity = None if sparsity is None else check_sparsity(sparsity)   # percent of filters, or None
         self.criteria, self.method = resolve_criterion(criteria), check_method(method)
         if sparsity is not None and (self.criteria.needs_ref or self.criteria.accumulate is not None):
@@ -130,6 +131,9 @@ class Pruner:
         self.layer_type = check_layer_type(layer_type)   # what one-shot pruning scores
         if not isinstance(verify, bool): raise ValueError(f'verify must be True or False, got {verify!r}')
         self.example_input, self.leaf_modules, self.verify = example_input, leaf_modules, verify
+        if round_to is not None and sparsity is None:
+            raise ValueError('round_to applies when the Pruner chooses the channels itself: pass sparsity too')
+        self.round_to = check_round_to(round_to)   # kept channels of each group a multiple of it (see Sparsifier)
 
     def prune_model(self, model):
         """A new model of the same class, computing the same function without the zero channels.
@@ -138,13 +142,13 @@ class Pruner:
         built, then its values are put back); the copy is built layer by layer from the kept channels, so
         the peak memory is about the size of the pruned model plus the masked entries."""
         check_model(model)
-        bad = next((n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+        bad = next((n for n, p in model.named_parameters() if not finite(p)), None)
         if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
         if self.sparsity is None:
             graph, masks = trace(model, self.example_input, self.leaf_modules), {}
         else:
             sp = Sparsifier(model, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
-                            self.leaf_modules)
+                            self.leaf_modules, round_to=self.round_to)
             graph, masks = sp.graph, sp.plan_masks(self.sparsity)
         example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
         with _masked(model, masks):

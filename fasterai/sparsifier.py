@@ -13,12 +13,12 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .granularity import FILTER, NM, layer_dims, resolve_granularity
 from .graph import trace
-from .tracing import check_model
+from .tracing import check_model, finite
 from .surgery import out_dim
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
 
-__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'check_method', 'check_layer_type',
+__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'check_method', 'check_layer_type', 'check_round_to',
            'find_layers', *_schedules]
 
 METHODS = ('local', 'global')
@@ -44,6 +44,13 @@ def check_layer_type(layer_type):
     if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
         raise ValueError(f'layer_type must be an nn.Module subclass or a tuple of them, got {layer_type!r}')
     return types
+
+
+def check_round_to(round_to):
+    "`round_to` if it is None or a positive int, or a ValueError."
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f'round_to must be a positive int (kept channels a multiple of it) or None, got {round_to!r}')
+    return round_to
 
 
 def find_layers(model, layer_type, exclude=()):
@@ -149,12 +156,18 @@ class _GroupTarget:
     "A channel group: scored by its producers' rows, zeroed in every producer row, bias and norm."
     structured = True
 
-    def __init__(self, group, modules, layer_names):
+    def __init__(self, group, modules, layer_names, round_to=None):
         self.group, self.modules, self.units = group, modules, group.units
-        self.layers = layer_names
+        self.layers, self.round_to = layer_names, round_to
         self.name = '+'.join(s.module for s in group.by_role('out'))
 
-    def count(self, sparsity): return min(n_zero(self.units, sparsity), self.units - 1)   # keep one unit
+    def count(self, sparsity):
+        "Units to zero: round(sparsity% of them), keeping one; with `round_to`, kept channels a multiple of it."
+        drop = min(n_zero(self.units, sparsity), self.units - 1)
+        if not self.round_to or drop == 0: return drop
+        step = self.round_to // math.gcd(self.round_to, self.group.tie)   # kept units per multiple of round_to
+        kept = max(step, step * round((self.units - drop) / step))
+        return max(self.units - kept, 0)
 
     def scored(self): return {s.module: self.modules[s.module] for s in self.group.by_role('out')}
 
@@ -200,17 +213,24 @@ class Sparsifier:
     `example_input`: a tensor or shape for tracing at 'filter' granularity (guessed when None).
     `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
     `exclude`: qualified names of modules (or the modules) whose layers are left dense.
+    `round_to`: at 'filter' and 'local', round each group's kept channels to a multiple of it (8 or 16 suit
+    vectorised kernels; a group smaller than it is left whole).
     A model wrapped in DataParallel or DistributedDataParallel is sparsified through its `module`; under DDP
     every process computes the same masks (the weights, and the gradients after backward, agree).
     """
     def __init__(self, model, granularity='filter', method='local', criteria='l1', layer_type=nn.Conv2d,
-                 example_input=None, leaf_modules=(), exclude=()):
+                 example_input=None, leaf_modules=(), exclude=(), round_to=None):
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         check_model(model)
         self.model, self.granularity = model, resolve_granularity(granularity)
         self.method, self.criterion = check_method(method), resolve_criterion(criteria)
         if isinstance(self.granularity, NM) and method == 'global':
             raise ValueError("N:M sparsity is the same count in every block: use method='local'")
+        check_round_to(round_to)
+        if round_to is not None and (self.granularity != FILTER or method != 'local'):
+            raise ValueError("round_to rounds the kept channels of each group: it needs granularity='filter' and "
+                             "method='local'")
+        self.round_to = round_to
         self.layers = find_layers(model, layer_type, exclude)
         self.excluded = _excluded(model, exclude)
         self.frozen = {}   # targeted layer name -> why it cannot be sparsified at this granularity
@@ -232,7 +252,7 @@ class Sparsifier:
             if not mine: continue
             kept = [s.module for s in g.slices if s.role != 'in' and s.module in self.excluded]
             if kept: self.frozen.update({n: f"shares its filters with excluded layer '{kept[0]}'" for n in mine})
-            elif g.prunable: targets.append(_GroupTarget(g, modules, mine))
+            elif g.prunable: targets.append(_GroupTarget(g, modules, mine, self.round_to))
             else: self.frozen.update({n: '; '.join(g.frozen) for n in mine})
         if not targets:
             raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in self.layers.values()}))} filter '
@@ -258,7 +278,7 @@ class Sparsifier:
     def _score(self, name):
         "The criterion's score of every weight of layer `name`, checked to give one score per weight."
         w = self.scored[name].weight.detach()
-        if not torch.isfinite(w).all():
+        if not finite(w):
             raise ValueError(f"layer '{name}' has NaN or inf weights, which cannot be ranked: the training diverged "
                              'or the model was loaded wrongly (no mask was changed)')
         if self.criterion.accumulate is not None and name not in self.acc:

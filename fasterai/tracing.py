@@ -8,7 +8,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import TraceError
 
-__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'check_example_input',
+__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite', 'check_example_input',
            'symbolic_trace', 'input_shape', 'input_dtype', 'propagate_shapes']
 
 
@@ -132,6 +132,12 @@ def default_input_shape(model):
     if isinstance(first, nn.Conv2d): return (2, first.in_channels, 224, 224)
     if isinstance(first, nn.Linear): return (2, first.in_features)
     raise TraceError(f'cannot guess the input shape of {type(model).__name__}: pass example_input')
+
+
+def finite(t):
+    "Whether tensor `t` holds no NaN or inf (a sum first: one cheap pass; element-wise only if it is not finite)."
+    if not t.is_floating_point(): return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_model(model):

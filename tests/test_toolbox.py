@@ -239,3 +239,15 @@ def test_one_shot_pruning_refuses_criteria_that_need_training(criteria):
 def test_scoring_without_gradients_warns():
     with pytest.warns(UserWarning, match="criteria 'movement' has no gradient statistics for 'conv1' yet"):
         Sparsifier(Net(3), 'weight', criteria='movement').sparsify(30)
+
+
+def test_round_to_keeps_multiples_of_8():
+    torch.manual_seed(0)
+    model = Net(3)
+    pruned = Pruner(sparsity=30, round_to=8).prune_model(model)
+    # 20, 50, 100 filters; 30% gives 14, 35, 70 kept; rounded to the nearest multiple of 8: 16, 32, 72
+    assert [pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.conv3.out_channels] == [16, 32, 72]
+    with pytest.raises(ValueError, match='round_to rounds the kept channels of each group'):
+        Sparsifier(Net(3), 'weight', round_to=8)
+    with pytest.raises(ValueError, match='round_to must be a positive int'):
+        Pruner(sparsity=30, round_to=0)
