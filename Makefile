@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup data notebooks clean
+.PHONY: demo test setup data notebooks bench bench-setup clean
 
 demo: setup data          ## the seed flow on Fashion-MNIST: train sparse, prune, compare
 	$(BIN)/python -m fasterai.demo
@@ -23,6 +23,16 @@ data:                     ## Fashion-MNIST from Debian's dataset-fashion-mnist p
 
 notebooks: setup data     ## re-execute the notebooks in place, outputs included
 	$(BIN)/python scripts/run_notebooks.py --write
+
+bench-setup: setup       ## the benchmark peers, installed beside fasterai, never its dependencies
+	$(BIN)/pip install --progress-bar off -q torch-pruning==1.6.1 einops==0.8.2
+	test -d bench/.peer/fasterai || $(BIN)/pip install --progress-bar off -q --no-deps --target bench/.peer fasterai==0.4.1
+
+bench: bench-setup data   ## every benchmark table and plot in bench/results (BENCHMARKS.md collects them)
+	$(BIN)/python bench/prune_time.py --out bench/results/prune_time.md
+	$(BIN)/python bench/memory.py --out bench/results/memory.md
+	$(BIN)/python bench/callback_overhead.py --out bench/results/callback_overhead.md
+	$(BIN)/python bench/latency.py --out bench/results/latency.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,134 @@
+"""Training overhead of SparsifyCallback: fastai epochs with and without it, and the time spent in its events.
+
+The seed net on Fashion-MNIST (the first --n-train images), batches of 64, `fit_one_cycle(1, 1e-3)` per
+run, the same data and seed; each run alternates a dense fit and a fit with the callback ('filter', 'local',
+L1, cosine to 30%), repeated, medians reported. The callback's event methods are wrapped with timers, so
+the table also gives the time spent inside them. fasterai 0.4.1's SparsifyCallback with its closest settings
+(sparsity=0.3, 'filter', 'local', large_final, cos) runs the same way in its own process, importing that
+version from bench/.peer (`make bench-setup`).
+
+Run: `.venv/bin/python bench/callback_overhead.py [--n-train 12000] [--repeats 3] [--out bench/results/callback_overhead.md]`
+"""
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = ROOT / 'bench' / '.peer'
+EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward',
+          'before_step', 'after_step', 'after_batch', 'after_epoch', 'after_fit')
+
+
+def examples():
+    "fasterai's examples module loaded from its file, so that the peer's process can use it too."
+    spec = importlib.util.spec_from_file_location('fasterai_examples', ROOT / 'fasterai' / 'examples.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_callback(impl):
+    if impl == 'fasterai':
+        from fasterai.sparsifier import SparsifyCallback, annealing_cos
+        return SparsifyCallback(sparsity=30, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos)
+    from fasterai.sparse.all import SparsifyCallback, cos, large_final   # fasterai 0.4.1
+    return SparsifyCallback(sparsity=0.3, granularity='filter', context='local', criteria=large_final, schedule=cos)
+
+
+def timed_events(cb):
+    "Wrap the callback's event methods; returns the dict their seconds accumulate in."
+    spent = {}
+    for ev in EVENTS:
+        f = getattr(type(cb), ev, None)
+        if f is None: continue
+        def wrapper(f=f, ev=ev):
+            t = time.perf_counter()
+            try: return f(cb)
+            finally: spent[ev] = spent.get(ev, 0.) + time.perf_counter() - t
+        setattr(cb, ev, wrapper)
+    return spent
+
+
+def child(impl, n_train, repeats):
+    "In this process: alternate dense and sparse fits; print the seconds of each as JSON."
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    import fastai.callback.schedule  # noqa: F401
+    import fastai.callback.progress  # noqa: F401
+    ex = examples()
+    torch.set_num_threads(2)
+    dls = ex.fashion_mnist_dls(n_train, 1000, bs=64)
+    out = {'dense': [], 'sparse': [], 'inside': [], 'events': {}}
+    for r in range(repeats + 1):   # the first round warms up
+        for kind in ('dense', 'sparse'):
+            torch.manual_seed(0)
+            learn = Learner(dls, ex.Net(1), metrics=accuracy)
+            cbs, spent = [], {}
+            if kind == 'sparse':
+                cb = make_callback(impl)
+                spent, cbs = timed_events(cb), [cb]
+            with contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging():
+                t = time.perf_counter()
+                learn.fit_one_cycle(1, 1e-3, cbs=cbs)
+                s = time.perf_counter() - t
+            if r == 0: continue
+            out[kind].append(s)
+            if kind == 'sparse':
+                out['inside'].append(sum(spent.values()))
+                for k, v in spent.items(): out['events'].setdefault(k, []).append(v)
+    print(json.dumps(out))
+
+
+def run(impl, n_train, repeats):
+    env = dict(os.environ)
+    if impl == 'fasterai 0.4.1':
+        if not (PEER / 'fasterai').exists(): return None
+        env['PYTHONPATH'] = str(PEER)
+    cmd = [sys.executable, __file__, '--child', 'fasterai' if impl == 'fasterai' else 'peer', str(n_train), str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT / 'bench')
+    if out.returncode != 0: raise RuntimeError(f'{impl} failed:\n{out.stderr[-2000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    warnings.filterwarnings('ignore')
+    if sys.argv[1:2] == ['--child']: return child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--n-train', type=int, default=12000)
+    ap.add_argument('--repeats', type=int, default=3)
+    ap.add_argument('--out', default=None)
+    args = ap.parse_args()
+    med = statistics.median
+    lines = ['| callback | dense epoch s | epoch with callback s | overhead | time inside the callback s | '
+             'inside / dense epoch | slowest events (s per epoch) |', '|' + '---|' * 7]
+    for impl in ('fasterai', 'fasterai 0.4.1'):
+        r = run(impl, args.n_train, args.repeats)
+        if r is None:
+            lines.append(f'| {impl} | not installed: run `make bench-setup` |  |  |  |  |  |'); continue
+        d, s, i = med(r['dense']), med(r['sparse']), med(r['inside'])
+        slow = sorted(((med(v), k) for k, v in r['events'].items()), reverse=True)[:3]
+        lines.append(f'| {impl} | {d:.2f} | {s:.2f} | {100 * (s - d) / d:+.1f}% | {i:.3f} | {100 * i / d:.2f}% | '
+                     + ', '.join(f'{k} {v:.3f}' for v, k in slow) + ' |')
+        print(lines[-1], flush=True)
+    if args.out:
+        head = (f'# Training overhead of SparsifyCallback\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split("Run:")[0]}'
+                f'Command: `{" ".join(["python"] + sys.argv)}`  \nMachine: {platform.machine()}, 2 threads, '
+                f'torch {torch.__version__}, {date.today()}, {args.n_train:,} images per epoch\n\n')
+        Path(args.out).write_text(head + '\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+    main()
