@@ -237,6 +237,7 @@ class Sparsifier:
         self.targets = self._targets(example_input, leaf_modules)
         self.scored = {n: m for t in self.targets for n, m in t.scored().items()}   # layers whose weights are scored
         self.masks, self._drop, self._counts = {}, {}, None
+        self._target_masks = [None] * len(self.targets)   # each target's own masks, kept until its count changes
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self.ref, self.acc = {}, {}   # criterion state: reference weights, accumulated gradient statistics
         if self.criterion.needs_ref: self.set_reference()
@@ -311,8 +312,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def sparsify(self, sparsity):
-        """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units, re-scoring only
-        when the counts change, and apply the masks. Returns True when the masks changed."""
+        """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units and apply the masks.
+        A target is re-scored only when its count of zero units changes ('global': when the total changes).
+        Returns True when the masks changed."""
         changed = self._rescore(sparsity)
         self.apply_masks()
         return changed
@@ -333,14 +335,18 @@ class Sparsifier:
         return changed
 
     def _update_masks(self, counts):
-        scores = [t.scores(self._score) for t in self.targets]
+        "New masks for the targets whose count changed ('local'; every target for 'global'), then combined."
         if self.method == 'local':
-            drops = [t.drop(s, k) for t, s, k in zip(self.targets, scores, counts)]
+            old = self._counts or (None,) * len(counts)
+            for i, (t, k) in enumerate(zip(self.targets, counts)):
+                if k != old[i] or self._target_masks[i] is None:
+                    self._target_masks[i] = t.masks(t.drop(t.scores(self._score), k))
         else:
-            drops = self._global_drops(scores, counts[0])
+            drops = self._global_drops([t.scores(self._score) for t in self.targets], counts[0])
+            self._target_masks = [t.masks(d) for t, d in zip(self.targets, drops)]
         self.masks = {}
-        for t, d in zip(self.targets, drops):
-            for name, keep in t.masks(d).items():   # a layer shared by groups (a norm on a concat) ANDs them
+        for m in self._target_masks:
+            for name, keep in m.items():   # a layer shared by groups (a norm on a concat) ANDs them
                 self.masks[name] = self.masks[name] & keep if name in self.masks else keep
         self._drop = {k: ~v for k, v in self.masks.items()}
 
@@ -366,7 +372,7 @@ class Sparsifier:
     def state_dict(self):
         "Masks, the zero counts they were made for, and the criterion's state: what resuming needs."
         return {'masks': dict(self.masks), 'counts': None if self._counts is None else list(self._counts),
-                'ref': dict(self.ref), 'acc': dict(self.acc)}
+                'target_masks': list(self._target_masks), 'ref': dict(self.ref), 'acc': dict(self.acc)}
 
     @torch.no_grad()
     def load_state_dict(self, state):
@@ -383,6 +389,11 @@ class Sparsifier:
         self.masks = {k: v.to(params[k].device) for k, v in state['masks'].items()}
         self._drop = {k: ~v for k, v in self.masks.items()}
         self._counts = None if state['counts'] is None else tuple(state['counts'])
+        if len(state['target_masks']) != len(self.targets):
+            raise ValueError(f"the saved sparsity state does not fit this model: {len(state['target_masks'])} "
+                             f'targets saved, {len(self.targets)} here')
+        self._target_masks = [None if m is None else {k: v.to(params[k].device) for k, v in m.items()}
+                              for m in state['target_masks']]
         self.ref, self.acc = dict(state['ref']), dict(state['acc'])
         self.apply_masks()
 
