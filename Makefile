@@ -33,6 +33,7 @@ bench: bench-setup data   ## every benchmark table and plot in bench/results (BE
 	$(BIN)/python bench/memory.py --out bench/results/memory.md
 	$(BIN)/python bench/callback_overhead.py --out bench/results/callback_overhead.md
 	$(BIN)/python bench/latency.py --out bench/results/latency.md
+	$(BIN)/python bench/accuracy.py --out bench/results/accuracy.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
