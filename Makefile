@@ -34,6 +34,7 @@ bench: bench-setup data   ## every benchmark table and plot in bench/results (BE
 	$(BIN)/python bench/callback_overhead.py --out bench/results/callback_overhead.md
 	$(BIN)/python bench/latency.py --out bench/results/latency.md
 	$(BIN)/python bench/accuracy.py --out bench/results/accuracy.md
+	$(BIN)/python bench/collect.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
