@@ -68,7 +68,7 @@ class SparsifyCallback(Callback):
     def before_fit(self):
         find_layers(self.learn.model, self.layer_type, self.exclude)
         self.sparsifier, self.history, self._rewind, self._measured = None, [], None, 0.
-        self.learn._sparsify_last = self   # learn.save after fit still finds the state
+        self.learn._sparsify_last = _Last(self)   # learn.save after fit still finds the state
         print(f'Pruning of {self.granularity} until a sparsity of '
               f'{self.sparsity if isinstance(self.sparsity, dict) else format(self.sparsity, "g")}%')
 
@@ -85,7 +85,9 @@ class SparsifyCallback(Callback):
             self._rewind = {k: p.detach().clone() for k, p in self.learn.model.named_parameters()}
             if self.sparsifier.criterion.needs_ref: self.sparsifier.set_reference()
 
-    def after_backward(self):
+    def before_step(self):
+        # gradients are final here: unscaled by fastai's MixedPrecision (order 10), and a step it skips for
+        # overflowing never reaches this callback
         self.sparsifier.accumulate()
 
     def after_batch(self):
@@ -154,9 +156,16 @@ def _state_file(model_file):
     return model_file.with_name(model_file.stem + '.sparsify.pth')
 
 
+class _Last:
+    "Holds the SparsifyCallback that trained a learner last; pickled empty (`learn.export` does not carry it)."
+    def __init__(self, cb=None): self.cb = cb
+    def __reduce__(self): return (_Last, ())
+
+
 def _sparsify_cb(learn):
     "The SparsifyCallback training `learn` now, or the one that trained it last."
-    cb = next((c for c in learn.cbs if isinstance(c, SparsifyCallback)), getattr(learn, '_sparsify_last', None))
+    last = getattr(learn, '_sparsify_last', None)
+    cb = next((c for c in learn.cbs if isinstance(c, SparsifyCallback)), last.cb if last is not None else None)
     return cb if cb is not None and cb.sparsifier is not None else None
 
 
@@ -179,5 +188,6 @@ def load(self: Learner, file, device=None, **kwargs):
     "Learner.load; a SparsifyCallback state saved beside the model is restored by the next SparsifyCallback."
     res = _load(self, file, device=device, **kwargs)
     state = _state_file(join_path_file(file, self.path / self.model_dir, ext='.pth'))
+    if device is None: device = getattr(self.dls, 'device', None)
     self._sparsify_resume = torch.load(state, map_location=device, weights_only=True) if state.exists() else None
     return res

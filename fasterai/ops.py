@@ -247,9 +247,12 @@ def _sized(ctx, node, lay, d, sizes):
     if set(counts) - {d}: raise Unhandled('uses a channel count to size another dim')
     if d in counts:
         _unite(ctx, counts[d].layout, lay, lambda x, y: x)
-    elif len(sizes) > d and isinstance(sizes[d], int) and sizes[d] != -1:
-        raise Unhandled(f'hard-codes size {sizes[d]} for the channel dim, which pruning changes; '
-                        'compute it from the tensor (x.view(x.size(0), -1)) instead')
+    elif len(sizes) > d and sizes[d] != -1:
+        if isinstance(sizes[d], int):
+            raise Unhandled(f'hard-codes size {sizes[d]} for the channel dim, which pruning changes; '
+                            'compute it from the tensor (x.view(x.size(0), -1)) instead')
+        raise Unhandled('sizes the channel dim with a number computed elsewhere, which pruning would not change; '
+                        'use -1 or the channel count of the same tensor')
 
 
 def _first_and_sizes(ctx, node):
@@ -286,6 +289,8 @@ def expand(ctx, node):
         lay, other = ctx.layout(node), ctx.env.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
         if lay is None and other is None: return None
         if lay is None or other is None: raise Unhandled('expands tracked channels to or from an untracked shape')
+        if len(ctx.shape(node.args[0])) - lay.dim != len(ctx.shape(node.args[1])) - other.dim:
+            raise Unhandled('expands channels onto a dim of the other tensor that is not its channels')
         lay = _unite(ctx, lay, other, lambda x, y: x)
     else:
         lay, sizes = _first_and_sizes(ctx, node)

@@ -136,11 +136,13 @@ class Pruner:
         self.round_to = check_round_to(round_to)   # kept channels of each group a multiple of it (see Sparsifier)
 
     def prune_model(self, model):
-        """A new model of the same class, computing the same function without the zero channels.
+        """A new model of the same class, computing the same function without the zero channels (of the
+        wrapped module for a DataParallel or DistributedDataParallel model).
 
         The user's model is not changed (one-shot masks are applied to it only while the pruned copy is
         built, then its values are put back); the copy is built layer by layer from the kept channels, so
         the peak memory is about the size of the pruned model plus the masked entries."""
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         check_model(model)
         bad = next((n for n, p in model.named_parameters() if not finite(p)), None)
         if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
@@ -177,7 +179,7 @@ def _masked(model, masks):
         yield
     finally:
         with torch.no_grad():
-            for p, dim, where, values in saved:
+            for p, dim, where, values in reversed(saved):
                 if dim is None: p.masked_scatter_(where, values)
                 else: p.index_copy_(dim, where, values)
 

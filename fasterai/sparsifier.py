@@ -262,18 +262,20 @@ class Sparsifier:
 
     # ------------------------------------------------------------ criterion state
     @torch.no_grad()
-    def set_reference(self):
-        "Take the targeted layers' current weights as the reference of init-based criteria."
-        self.ref = {n: m.weight.detach().clone() for n, m in self.scored.items()}
+    def set_reference(self, names=None):
+        "Take the current weights of the scored layers (or of `names`) as the reference of init-based criteria."
+        self.ref.update({n: self.scored[n].weight.detach().clone() for n in (self.scored if names is None else names)})
 
     @torch.no_grad()
     def accumulate(self):
-        "Add this step's gradient statistic (after backward) for criteria that need one; a no-op otherwise."
+        """Add this step's gradient statistic (after backward, before the optimizer step) for criteria that need
+        one; a no-op otherwise. A non-finite statistic (an overflowing step) is skipped."""
         f = self.criterion.accumulate
         if f is None: return
         for n, m in self.scored.items():
             if m.weight.grad is None: continue
             step = f(m.weight.detach(), m.weight.grad.detach())
+            if not finite(step): continue   # an overflowing step must not poison the sum for good
             self.acc[n] = self.acc[n] + step if n in self.acc else step.clone()
 
     def _score(self, name):
@@ -315,9 +317,11 @@ class Sparsifier:
         """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units and apply the masks.
         A target is re-scored only when its count of zero units changes ('global': when the total changes).
         Returns True when the masks changed."""
-        changed = self._rescore(sparsity)
+        rescored = self._rescore(sparsity)
         self.apply_masks()
-        return changed
+        if rescored and self.criterion.updating:   # the reference moves only where masks were chosen anew
+            self.set_reference([n for t in rescored for n in t.scored()])
+        return rescored is not None
 
     @torch.no_grad()
     def plan_masks(self, sparsity):
@@ -326,29 +330,31 @@ class Sparsifier:
         return dict(self.masks)
 
     def _rescore(self, sparsity):
+        "New masks where the counts changed: the targets re-scored (a list), or None when nothing changed."
         counts = self._plan(self.check_sparsity(sparsity))
-        changed = counts != self._counts
-        if changed:
-            self._update_masks(counts)
-            self._counts = counts
-            if self.criterion.updating: self.set_reference()
-        return changed
+        if counts == self._counts: return None
+        rescored = self._update_masks(counts)
+        self._counts = counts
+        return rescored
 
     def _update_masks(self, counts):
         "New masks for the targets whose count changed ('local'; every target for 'global'), then combined."
         if self.method == 'local':
             old = self._counts or (None,) * len(counts)
-            for i, (t, k) in enumerate(zip(self.targets, counts)):
-                if k != old[i] or self._target_masks[i] is None:
-                    self._target_masks[i] = t.masks(t.drop(t.scores(self._score), k))
+            rescored = [i for i, k in enumerate(counts) if k != old[i] or self._target_masks[i] is None]
+            for i in rescored:
+                t = self.targets[i]
+                self._target_masks[i] = t.masks(t.drop(t.scores(self._score), counts[i]))
+            rescored = [self.targets[i] for i in rescored]
         else:
             drops = self._global_drops([t.scores(self._score) for t in self.targets], counts[0])
-            self._target_masks = [t.masks(d) for t, d in zip(self.targets, drops)]
+            self._target_masks, rescored = [t.masks(d) for t, d in zip(self.targets, drops)], self.targets
         self.masks = {}
         for m in self._target_masks:
             for name, keep in m.items():   # a layer shared by groups (a norm on a concat) ANDs them
                 self.masks[name] = self.masks[name] & keep if name in self.masks else keep
         self._drop = {k: ~v for k, v in self.masks.items()}
+        return rescored
 
     def _global_drops(self, scores, k):
         "One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped."
@@ -376,25 +382,24 @@ class Sparsifier:
 
     @torch.no_grad()
     def load_state_dict(self, state):
-        "Restore `state_dict()` (masks are re-applied); a ValueError when it does not fit this model."
-        params = self._params
-        for name, keep in state['masks'].items():
-            if name not in params or keep.dim() != params[name].dim() or any(
-                    k not in (1, p) for k, p in zip(keep.shape, params[name].shape)):
-                raise ValueError(f'the saved sparsity state does not fit this model: mask {name!r} of shape '
-                                 f'{tuple(keep.shape)} has no matching parameter')
+        "Restore `state_dict()` (masks are re-applied); a ValueError, with nothing changed, when it does not fit."
+        params, unfit = self._params, 'the saved sparsity state does not fit this model: '
+        fits = lambda name, keep: name in params and keep.dim() == params[name].dim() and all(
+            k in (1, p) for k, p in zip(keep.shape, params[name].shape))
+        if len(state['target_masks']) != len(self.targets):
+            raise ValueError(unfit + f"{len(state['target_masks'])} targets saved, {len(self.targets)} here")
+        for masks in [state['masks'], *[m for m in state['target_masks'] if m is not None]]:
+            bad = [n for n, keep in masks.items() if not fits(n, keep)]
+            if bad: raise ValueError(unfit + f'mask {bad[0]!r} has no matching parameter')
         for key in ('ref', 'acc'):
             bad = [n for n, t in state[key].items() if n not in self.scored or t.shape != self.scored[n].weight.shape]
-            if bad: raise ValueError(f'the saved sparsity state does not fit this model: {key} of layer {bad[0]!r}')
-        self.masks = {k: v.to(params[k].device) for k, v in state['masks'].items()}
+            if bad: raise ValueError(unfit + f'{key} of layer {bad[0]!r}')
+        on = lambda d: {k: v.to(params[k].device) for k, v in d.items()}
+        self.masks = on(state['masks'])
         self._drop = {k: ~v for k, v in self.masks.items()}
         self._counts = None if state['counts'] is None else tuple(state['counts'])
-        if len(state['target_masks']) != len(self.targets):
-            raise ValueError(f"the saved sparsity state does not fit this model: {len(state['target_masks'])} "
-                             f'targets saved, {len(self.targets)} here')
-        self._target_masks = [None if m is None else {k: v.to(params[k].device) for k, v in m.items()}
-                              for m in state['target_masks']]
-        self.ref, self.acc = dict(state['ref']), dict(state['acc'])
+        self._target_masks = [None if m is None else on(m) for m in state['target_masks']]
+        self.ref, self.acc = ({n: t.to(self.scored[n].weight.device) for n, t in state[key].items()} for key in ('ref', 'acc'))
         self.apply_masks()
 
     # ------------------------------------------------------------ reports

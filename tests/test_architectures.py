@@ -343,3 +343,26 @@ class CountMisuse(nn.Module):
 def test_other_uses_of_a_channel_count_freeze(how):
     (a,) = groups_with(trace(CountMisuse(how), (2, 3, 4, 4)), 'a')
     assert any('channel count' in r for r in a.frozen), a.frozen
+
+
+class SizeMisuse(nn.Module):
+    "Reshapes whose channel size comes from arithmetic, or an expand onto the wrong dim (found in review)."
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.a, self.z, self.fc = how, nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1), nn.Linear(4, 8)
+        self.head, self.flat = nn.Conv2d(8, 2, 1), nn.Linear(8 * 8 * 8, 2)
+
+    def forward(self, x):
+        a, z = self.a(x), self.z(x)
+        n, c, h, w = a.shape
+        if self.how == 'product': y = self.head(z.reshape(n, c * 2, h, w)).mean((2, 3))
+        elif self.how == 'flatten': y = self.flat(z.reshape(n, 8 * h * w))
+        else: y = self.head(z * self.fc(a.mean((2, 3))).expand_as(z)).mean((2, 3))   # features land on W
+        return y + a.mean((2, 3)).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize('how', ['product', 'flatten', 'expand_as'])
+def test_sizes_from_arithmetic_and_misaligned_expands_freeze(how):
+    shape = (8, 3, 8, 8) if how == 'expand_as' else (2, 3, 8, 8)   # a batch of 8 broadcasts onto H
+    (z,) = groups_with(trace(SizeMisuse(how), shape), 'z')
+    assert not z.prunable, z

@@ -251,3 +251,42 @@ def test_round_to_keeps_multiples_of_8():
         Sparsifier(Net(3), 'weight', round_to=8)
     with pytest.raises(ValueError, match='round_to must be a positive int'):
         Pruner(sparsity=30, round_to=0)
+
+
+def test_updating_reference_moves_only_for_rescored_layers():
+    torch.manual_seed(0)
+    model = Net(3)
+    sp = Sparsifier(model, 'filter', criteria='updating_magnitude_increase')
+    sp.sparsify(25)
+    first = {k: v.clone() for k, v in sp.ref.items()}
+    with torch.no_grad():
+        for p in model.parameters(): p.add_(0.01)
+    sp.sparsify(26)   # 26% changes only conv3's count (25 -> 26 of 100); conv1 (5 of 20) and conv2 (13 of 50) stay
+    assert torch.equal(sp.ref['conv1'], first['conv1']) and torch.equal(sp.ref['conv2'], first['conv2'])
+    assert torch.equal(sp.ref['conv3'], model.conv3.weight)
+
+
+def test_a_state_that_does_not_fit_changes_nothing():
+    sp = Sparsifier(Net(3), 'filter')
+    sp.sparsify(30)
+    masks, state = dict(sp.masks), sp.state_dict()
+    other = Sparsifier(Net(3), 'filter')
+    other.sparsify(50)
+    before = dict(other.masks)
+    bad = dict(state, target_masks=state['target_masks'][:1])
+    with pytest.raises(ValueError, match='1 targets saved, 3 here'):
+        other.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in other.masks.items()) and masks.keys() == before.keys()
+
+
+def test_data_parallel_models_prune_through_their_module():
+    torch.manual_seed(0)
+    pruned = Pruner(sparsity=30).prune_model(nn.DataParallel(Net(3)))
+    assert isinstance(pruned, Net) and pruned.conv2.out_channels == 35
+
+
+def test_the_last_callback_is_not_pickled_with_the_learner():
+    import pickle
+    learn = fit(SparsifyCallback(30, 'filter'), epochs=1)
+    assert learn._sparsify_last.cb is not None
+    assert pickle.loads(pickle.dumps(learn._sparsify_last)).cb is None
