@@ -15,36 +15,34 @@ from .surgery import out_dim, shrink
 __all__ = ['Pruner', 'dead_channels', 'check_same_function']
 
 
-def _zero_rows(t, start, length):
-    "Which of rows [start, start+length) of `t` are exactly zero everywhere."
-    return torch.count_nonzero(t.detach()[start:start + length].flatten(1), dim=1) == 0
+def _vectors(s, m):
+    "The per-channel vectors of slice `s` of module `m` that must be zero for its channels to go."
+    if s.role in ('out', 'dw'): return [] if m.bias is None else [m.bias]
+    if m.affine: return [m.weight, m.bias]
+    rm = getattr(m, 'running_mean', None)
+    return [] if rm is None else [rm]
 
 
 def dead_channels(group, modules):
     """Which channels of `group` are exactly zero wherever a layer reads them (so removing them is exact).
 
     The graph has checked that a zeroed group reaches its readers as zeros; here every producer's and
-    depthwise conv's weight row and bias must be zero, and every BatchNorm's scale and shift (or, without
-    affine parameters, its running mean).
+    depthwise conv's weight row and bias must be zero, and every norm's scale and shift (or, without affine
+    parameters, its running mean). The cheap per-channel vectors are read first; weights only where some
+    channel is still in question.
     """
     dead = torch.zeros(group.size, dtype=torch.bool)
     if not group.prunable: return dead
     dead[:] = True
-    for s in group.slices:
-        m, rows = modules[s.module], slice(s.start, s.start + s.length)
-        if s.role in ('out', 'dw'):
-            ok = _zero_rows(m.weight.movedim(out_dim(m), 0), s.offset, s.length)
-            if m.bias is not None: ok &= _zero_rows(m.bias[:, None], s.offset, s.length)
-        elif s.role == 'norm':
-            if m.affine:
-                ok = _zero_rows(m.weight[:, None], s.offset, s.length) & _zero_rows(m.bias[:, None], s.offset, s.length)
-            elif getattr(m, 'running_mean', None) is not None:
-                ok = _zero_rows(m.running_mean[:, None], s.offset, s.length)
-            else:
-                ok = torch.ones(s.length, dtype=torch.bool)
-        else:
-            continue
-        dead[rows] &= ok.cpu()
+    slices = [s for s in group.slices if s.role in ('out', 'dw', 'norm')]
+    for s in slices:
+        for v in _vectors(s, modules[s.module]):
+            dead[s.start:s.start + s.length] &= (v.detach()[s.offset:s.offset + s.length] == 0).cpu()
+    for s in slices:
+        if s.role == 'norm' or not dead[s.start:s.start + s.length].any(): continue
+        w = modules[s.module].weight.detach().movedim(out_dim(modules[s.module]), 0)
+        lo, hi = torch.aminmax(w[s.offset:s.offset + s.length].flatten(1), dim=1)   # one pass, no temporary
+        dead[s.start:s.start + s.length] &= ((lo == 0) & (hi == 0)).cpu()
     dead = dead.view(group.tie, -1).all(0)   # a unit of tied channels goes only as a whole
     if dead.all(): dead[0] = False   # a layer keeps at least one channel
     return group.channels(dead)
