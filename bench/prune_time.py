@@ -96,8 +96,11 @@ def _sparse(model):
 
 
 def child(name, side):
-    "One prune in this fresh process: the growth of its peak RSS (bytes)."
-    model = build(name, SHAPE)
+    """One prune in this fresh process: the growth of its peak RSS (bytes). The model is built without the
+    calibration pass (whose activations would set the peak before pruning starts)."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
     plan = chosen(model) if side == 'peer' else None
     m = copy.deepcopy(model) if side == 'peer' else model   # the peer prunes in place: give it its copy first
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

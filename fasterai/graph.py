@@ -174,18 +174,19 @@ def trace(model, example_input=None, leaf_modules=()):
     spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()
     for training in (False, True):
         with training_mode(model, training):
-            gm = symbolic_trace(model, leaves)
-            if gm.code in seen: continue
-            seen.add(gm.code)
+            graph = symbolic_trace(model, leaves)
+            signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
+            if signature in seen: continue   # the same graph in both modes: follow it once
+            seen.add(signature)
             try:
-                propagate_shapes(gm, model, shape, dtype, example_input is None)
+                propagate_shapes(graph, model, shape, dtype, example_input is None)
             except TraceError as e:
                 if not training: raise
                 warnings.warn(f'{type(model).__name__} cannot run in train mode on {shape}, so branches that run '
                               f'only in training are not covered: pass an example_input it can train on ({e})')
                 continue
-            ctx = _Context(gm, spaces, owner, poisoned, opaque)
-            for node in gm.graph.nodes: ctx.env[node] = ctx.visit(node)
+            ctx = _Context(model, spaces, owner, poisoned, opaque)
+            for node in graph.nodes: ctx.env[node] = ctx.visit(node)
     # a module some call could not follow, or that also lives inside a module kept whole, keeps all its channels
     poisoned |= {t for t, _ in owner if id(model.get_submodule(t)) in opaque}
     for (target, role), lay in owner.items():
@@ -202,8 +203,9 @@ def _meta(node):
 
 class _Context:
     """What a rule sees of the trace: the node, its inputs' layouts, and ways to create and record spaces."""
-    def __init__(self, gm, spaces, owner, poisoned, opaque):
-        self.gm, self.spaces, self.owner, self.poisoned, self.opaque, self.env = gm, spaces, owner, poisoned, opaque, {}
+    def __init__(self, model, spaces, owner, poisoned, opaque):
+        self.spaces, self.owner, self.poisoned, self.opaque, self.env = spaces, owner, poisoned, opaque, {}
+        self.modules = dict(model.named_modules(remove_duplicate=False))
 
     def visit(self, node):
         if node.op == 'placeholder': return None
@@ -242,7 +244,7 @@ class _Context:
 
     def rule(self, node):
         if node.op == 'call_module':
-            m = self.gm.get_submodule(node.target)
+            m = self.modules[node.target]
             return MODULE_RULES.get(type(m)), f"{type(m).__name__} '{node.target}'"
         if node.op == 'call_method':
             return METHOD_RULES.get(node.target), f"method '.{node.target}()'"
@@ -267,7 +269,7 @@ class _Context:
         return out
 
     # helpers for rules
-    def module(self, node): return self.gm.get_submodule(node.target)
+    def module(self, node): return self.modules[node.target]
     def layout(self, node, i=0):
         v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None
         if isinstance(v, (tuple, SizeOf, Count)): raise Unhandled('reads a tuple of tensors or sizes')

@@ -55,10 +55,10 @@ class _Tracer(fx.Tracer):
 
 
 def symbolic_trace(model, leaves):
+    "The fx graph of `model` (its modules are `model`'s own: no GraphModule is built, no code generated)."
     tracer = _Tracer(leaves)
     try:
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph)
+        return tracer.trace(model)
     except Exception as e:
         where = (f" inside module '{tracer.failed[0]}' ({tracer.failed[1]})" if tracer.failed and tracer.failed[0]
                  else '')
@@ -104,8 +104,8 @@ def _fits(m, x):
 
 class _Shapes(fx.Interpreter):
     "Runs the traced graph and records each node's output shape; on meta tensors no weight is read."
-    def __init__(self, gm, meta):
-        super().__init__(gm)
+    def __init__(self, root, graph, meta):
+        super().__init__(root, graph=graph)
         self.meta = meta
 
     def run_node(self, n):
@@ -171,16 +171,16 @@ def input_shape(model, example_input):
     return tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else tuple(example_input)
 
 
-def propagate_shapes(gm, model, shape, dtype, guessed):
-    "Shapes of every node on meta tensors; in eval mode, code that needs real tensors runs on zeros."
+def propagate_shapes(graph, model, shape, dtype, guessed):
+    "Shapes of every node of `model`'s `graph` on meta tensors; in eval mode, code that needs real tensors runs on zeros."
     try:
         try:
-            _Shapes(gm, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
+            _Shapes(model, graph, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
         except Exception:
             if model.training: raise   # a real train-mode run would update BatchNorm statistics
             p = next(model.parameters(), None)
             with torch.no_grad():
-                _Shapes(gm, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
+                _Shapes(model, graph, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
     except Exception as e:
         hint = ' (the shape was guessed: pass example_input)' if guessed else ''
         mode = 'train' if model.training else 'eval'

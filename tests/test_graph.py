@@ -152,7 +152,7 @@ def test_module_called_twice_unites_its_channels():
 def test_shapes_come_from_meta_tensors_only(monkeypatch):
     import fasterai.tracing as G
     runs, init = [], G._Shapes.__init__
-    monkeypatch.setattr(G._Shapes, '__init__', lambda self, gm, meta: (runs.append(meta), init(self, gm, meta))[1])
+    monkeypatch.setattr(G._Shapes, '__init__', lambda self, root, graph, meta: (runs.append(meta), init(self, root, graph, meta))[1])
     g = trace(Net(3), torch.zeros(4, 3, 40, 40))
     assert g.input_shape == (4, 3, 40, 40) and runs == [True]
 
