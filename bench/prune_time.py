@@ -6,7 +6,8 @@ score, choose 30% of every channel group by L1, build the pruned copy; `verify=F
 against Torch-Pruning's dependency graph built on the same input plus the pruning of the very channels
 fasterai chose (one `get_pruning_group(...).prune()` per fasterai group, on its first producer). Times are
 medians of repeated runs alternating the two sides, 2 CPU threads, each side on its own deep copy (the copy
-not timed). Peak memory is the growth of the peak RSS of a fresh process doing one prune.
+not timed). Peak memory is how far the peak RSS of a fresh process rises above its RSS while doing one prune
+(the peak reset through /proc/self/clear_refs just before).
 Torch-Pruning is a benchmark peer only (`pip install torch-pruning==1.6.1`), never a dependency of fasterai.
 
 Run: `.venv/bin/python bench/prune_time.py [--models ...] [--repeats 5] [--out bench/results/prune_time.md]`
@@ -15,7 +16,6 @@ import argparse
 import copy
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,9 +103,16 @@ def child(name, side):
     model = torchvision.models.get_model(name, weights=None).eval()
     plan = chosen(model) if side == 'peer' else None
     m = copy.deepcopy(model) if side == 'peer' else model   # the peer prunes in place: give it its copy first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path('/proc/self/clear_refs').write_text('5')   # reset the peak (VmHWM) to the current RSS (Linux)
+    before = _status('VmRSS')
     ours(m) if side == 'ours' else peer(m, plan)
-    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before))
+    print(json.dumps(_status('VmHWM') - before))
+
+
+def _status(key):
+    "A memory figure of this process from /proc/self/status, in bytes."
+    line = next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(key + ':'))
+    return int(line.split()[1]) * 1024
 
 
 def peak(name, side):
