@@ -81,7 +81,9 @@ PEER_MEMORY = 14 * 2 ** 30
 
 def peer_isolated(name, shape, method):
     "`peer` in a fresh process under PEER_MEMORY; its fields, or the reason it gave none."
-    import json, resource, subprocess
+    import json
+    import resource
+    import subprocess
     limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (PEER_MEMORY, PEER_MEMORY))
     cmd = [sys.executable, __file__, '--peer-child', name, method, str(shape[-1])]
     try:

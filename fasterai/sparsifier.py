@@ -286,7 +286,7 @@ class Sparsifier:
                              'or the model was loaded wrongly (no mask was changed)')
         if self.criterion.accumulate is not None and name not in self.acc:
             warnings.warn(f"criteria '{self.criterion.name}' has no gradient statistics for '{name}' yet: call "
-                          'accumulate() after each backward pass (SparsifyCallback does); scoring it as all zeros')
+                          'accumulate() after each backward pass (SparsifyCallback does); scoring it as all zeros', stacklevel=3)
         s = self.criterion(w, self.ref.get(name), self.acc.get(name))
         if not isinstance(s, torch.Tensor) or s.shape != w.shape:
             raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '

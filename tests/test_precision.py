@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import randomize_norms
 from fastai.learner import Learner
-from test_resume import dls, fit
+from test_resume import dls
 
 from fasterai.examples import Net
 from fasterai.pruner import Pruner
