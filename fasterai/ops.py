@@ -139,28 +139,25 @@ def no_tensor(ctx, node):
 
 
 def batchnorm(ctx, node):
-    """BatchNorm (and InstanceNorm) on dim 1: sliced with its channels; with its scale and shift zeroed it
+    """BatchNorm (and InstanceNorm, GroupNorm with a group per channel) on dim 1: sliced with its channels; with its scale and shift zeroed it
     outputs exact zeros."""
     lay = keep(ctx, node)
     if lay is None: return ctx.record(None, node, 'norm')   # all its channels stay, in every call
-    if lay.dim != 1 or lay.block != 1: raise Unhandled('BatchNorm normalises dim 1, not the tracked channels')
-    ctx.record(lay, node, 'norm')
     m = ctx.module(node)
+    if lay.dim != 1 or lay.block != 1: raise Unhandled(f'{type(m).__name__} normalises dim 1, not the tracked channels')
+    ctx.record(lay, node, 'norm')
     if m.affine: return lay.cleared()
     # without scale and shift: (0 - running mean) / std in eval mode, 0 when only batch statistics are used
-    return lay.marked(node.name) if m.track_running_stats else lay
+    return lay.marked(node.name) if getattr(m, 'track_running_stats', False) else lay
 
 
 def groupnorm(ctx, node):
     """GroupNorm computes statistics across the channels of each group: frozen, unless each group is one
     channel (num_groups == num_channels), which is a per-channel norm like BatchNorm."""
-    m, lay = ctx.module(node), keep(ctx, node)
-    if lay is None: return ctx.record(None, node, 'norm')
-    if m.num_groups != m.num_channels:
+    m = ctx.module(node)
+    if m.num_groups != m.num_channels and ctx.layout(node) is not None:
         raise Unhandled(f'GroupNorm computes its statistics across the channels of each of its {m.num_groups} groups')
-    if lay.dim != 1 or lay.block != 1: raise Unhandled('GroupNorm normalises dim 1, not the tracked channels')
-    ctx.record(lay, node, 'norm')
-    return lay.cleared() if m.affine else lay
+    return batchnorm(ctx, node)
 
 
 def layernorm(ctx, node):
@@ -240,10 +237,9 @@ def _counts(ctx, sizes):
     return {i: ctx.env[a] for i, a in enumerate(sizes) if isinstance(a, fx.Node) and isinstance(ctx.env.get(a), Count)}
 
 
-def _sized(ctx, node, lay, d, sizes):
+def _sized(ctx, lay, d, sizes, counts):
     """Check the size given for output channel dim `d`: computed from a tensor, not hard-coded; a channel
-    count read from another tensor makes both tensors' channels the same ones (united)."""
-    counts = _counts(ctx, sizes)
+    count read from another tensor (`counts`, by position) makes both tensors' channels the same ones (united)."""
     if set(counts) - {d}: raise Unhandled('uses a channel count to size another dim')
     if d in counts:
         _unite(ctx, counts[d].layout, lay, lambda x, y: x)
@@ -256,7 +252,8 @@ def _sized(ctx, node, lay, d, sizes):
 
 
 def _first_and_sizes(ctx, node):
-    "The first input's layout and the size arguments; a tracked tensor other than the first is unhandled."
+    """The first input's layout, the size arguments and the channel counts among them; a tracked tensor other
+    than the first is unhandled."""
     sizes = _size_args(node) if node.target in ('view', 'reshape', 'expand', torch.reshape) else []
     counts = _counts(ctx, sizes)
     allowed = {id(c.layout) for c in counts.values()}
@@ -264,19 +261,19 @@ def _first_and_sizes(ctx, node):
         raise Unhandled('combines the channels with another tracked tensor')
     lay = ctx.layout(node)
     if lay is None and counts: raise Unhandled('sizes an untracked tensor by a channel count')
-    return lay, sizes
+    return lay, sizes, counts
 
 
 def reshape(ctx, node):
     "view/reshape/flatten: keep the channel dim, or flatten it with the dims after it into blocks."
-    lay, sizes = _first_and_sizes(ctx, node)
+    lay, sizes, counts = _first_and_sizes(ctx, node)
     if lay is None: return None
     src, out, d = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), lay.dim
     if out[:d + 1] == src[:d + 1]:
-        _sized(ctx, node, lay, d, sizes)
+        _sized(ctx, lay, d, sizes, counts)
         return lay
-    if _counts(ctx, sizes): raise Unhandled('uses a channel count in a reshape that flattens the channels')
-    _sized(ctx, node, lay, d, sizes)
+    if counts: raise Unhandled('uses a channel count in a reshape that flattens the channels')
+    _sized(ctx, lay, d, sizes, counts)
     if len(out) == d + 1 and out[:d] == src[:d] and out[d] == math.prod(src[d:]):
         return replace(lay, block=lay.block * math.prod(src[d + 1:]))
     raise Unhandled(f'reshapes {src} -> {out} across the channel dim {d}')
@@ -293,9 +290,9 @@ def expand(ctx, node):
             raise Unhandled('expands channels onto a dim of the other tensor that is not its channels')
         lay = _unite(ctx, lay, other, lambda x, y: x)
     else:
-        lay, sizes = _first_and_sizes(ctx, node)
+        lay, sizes, counts = _first_and_sizes(ctx, node)
         if lay is None: return None
-        _sized(ctx, node, lay, len(sizes) - (len(ctx.shape(node.args[0])) - lay.dim), sizes)
+        _sized(ctx, lay, len(sizes) - (len(ctx.shape(node.args[0])) - lay.dim), sizes, counts)
     if lay.block != 1: raise Unhandled('expands flattened channels')
     return lay.moved(len(ctx.shape(node)) - (len(ctx.shape(node.args[0])) - lay.dim))
 

@@ -93,8 +93,6 @@ def n_zero(units, sparsity):
 
 class _WeightTarget:
     "One layer's weight, scored in blocks summed over `dims` ('weight': each element; 'kernel': each k x k kernel)."
-    structured = False
-
     def __init__(self, name, module, dims):
         w = module.weight
         self.name, self.module, self.dims, self.layers = name, module, dims, [name]
@@ -119,8 +117,6 @@ class _WeightTarget:
 
 class _NMTarget:
     "One layer's weight in blocks of M consecutive weights along the input dim; each block loses the same count."
-    structured = False
-
     def __init__(self, name, module, nm):
         w = module.weight
         if w.dim() < 2 or w.shape[1] % nm.m:
@@ -154,8 +150,6 @@ class _NMTarget:
 
 class _GroupTarget:
     "A channel group: scored by its producers' rows, zeroed in every producer row, bias and norm."
-    structured = True
-
     def __init__(self, group, modules, layer_names, round_to=None):
         self.group, self.modules, self.units = group, modules, group.units
         self.layers, self.round_to = layer_names, round_to
@@ -349,12 +343,16 @@ class Sparsifier:
         else:
             drops = self._global_drops([t.scores(self._score) for t in self.targets], counts[0])
             self._target_masks, rescored = [t.masks(d) for t, d in zip(self.targets, drops)], self.targets
+        self._combine()
+        return rescored
+
+    def _combine(self):
+        "`masks` (and what they drop) from every target's own masks; a layer shared by groups ANDs them."
         self.masks = {}
         for m in self._target_masks:
-            for name, keep in m.items():   # a layer shared by groups (a norm on a concat) ANDs them
+            for name, keep in (m or {}).items():
                 self.masks[name] = self.masks[name] & keep if name in self.masks else keep
         self._drop = {k: ~v for k, v in self.masks.items()}
-        return rescored
 
     def _global_drops(self, scores, k):
         "One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped."
@@ -376,8 +374,8 @@ class Sparsifier:
 
     # ------------------------------------------------------------ state
     def state_dict(self):
-        "Masks, the zero counts they were made for, and the criterion's state: what resuming needs."
-        return {'masks': dict(self.masks), 'counts': None if self._counts is None else list(self._counts),
+        "Each target's masks, the zero counts they were made for, and the criterion's state: what resuming needs."
+        return {'counts': None if self._counts is None else list(self._counts),
                 'target_masks': list(self._target_masks), 'ref': dict(self.ref), 'acc': dict(self.acc)}
 
     @torch.no_grad()
@@ -388,17 +386,16 @@ class Sparsifier:
             k in (1, p) for k, p in zip(keep.shape, params[name].shape))
         if len(state['target_masks']) != len(self.targets):
             raise ValueError(unfit + f"{len(state['target_masks'])} targets saved, {len(self.targets)} here")
-        for masks in [state['masks'], *[m for m in state['target_masks'] if m is not None]]:
-            bad = [n for n, keep in masks.items() if not fits(n, keep)]
+        for masks in state['target_masks']:
+            bad = [n for n, keep in (masks or {}).items() if not fits(n, keep)]
             if bad: raise ValueError(unfit + f'mask {bad[0]!r} has no matching parameter')
         for key in ('ref', 'acc'):
             bad = [n for n, t in state[key].items() if n not in self.scored or t.shape != self.scored[n].weight.shape]
             if bad: raise ValueError(unfit + f'{key} of layer {bad[0]!r}')
-        on = lambda d: {k: v.to(params[k].device) for k, v in d.items()}
-        self.masks = on(state['masks'])
-        self._drop = {k: ~v for k, v in self.masks.items()}
         self._counts = None if state['counts'] is None else tuple(state['counts'])
-        self._target_masks = [None if m is None else on(m) for m in state['target_masks']]
+        self._target_masks = [None if m is None else {k: v.to(params[k].device) for k, v in m.items()}
+                              for m in state['target_masks']]
+        self._combine()
         self.ref, self.acc = ({n: t.to(self.scored[n].weight.device) for n, t in state[key].items()} for key in ('ref', 'acc'))
         self.apply_masks()
 

@@ -35,20 +35,23 @@ def out_dim(module, pname='weight'):
     return 1 if pname == 'weight' and type(module) is nn.ConvTranspose2d else 0
 
 
+def _shrink_out_in(m, out, inp, out_attr, in_attr):
+    "Keep outputs `out` (weight along `out_dim`, bias) and inputs `inp` (the weight's other leading dim)."
+    o = out_dim(m)
+    if out is not None:
+        _take(m, 'weight', o, out); _take(m, 'bias', 0, out); setattr(m, out_attr, len(out))
+    if inp is not None:
+        _take(m, 'weight', 1 - o, inp); setattr(m, in_attr, len(inp))
+
+
 def shrink_conv_transpose(m, out=None, inp=None):
     "ConvTranspose2d (groups=1): its weight is input x output x k x k."
-    if out is not None:
-        _take(m, 'weight', 1, out); _take(m, 'bias', 0, out); m.out_channels = len(out)
-    if inp is not None:
-        _take(m, 'weight', 0, inp); m.in_channels = len(inp)
+    _shrink_out_in(m, out, inp, 'out_channels', 'in_channels')
 
 
 def shrink_linear(m, out=None, inp=None):
     "Linear: keep output features `out` (weight rows, bias) and input features `inp`."
-    if out is not None:
-        _take(m, 'weight', 0, out); _take(m, 'bias', 0, out); m.out_features = len(out)
-    if inp is not None:
-        _take(m, 'weight', 1, inp); m.in_features = len(inp)
+    _shrink_out_in(m, out, inp, 'out_features', 'in_features')
 
 
 def shrink_norm(m, norm=None):

@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import TraceError
+from .ops import ZERO_KEEPING, ZERO_MOVING
 
 __all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite', 'check_example_input',
            'symbolic_trace', 'input_shape', 'input_dtype', 'propagate_shapes']
@@ -87,10 +88,8 @@ def training_mode(model, training):
         for m, flag in flags: m.training = flag
 
 
-SAME_SHAPE = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm,
-              nn.LayerNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.GELU, nn.Hardswish,
-              nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d,
-              nn.Dropout2d, nn.Identity}
+SAME_SHAPE = {*ZERO_KEEPING, *ZERO_MOVING, nn.Hardtanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm}
 "Module types whose output has their input's shape, dtype and layout: shape propagation passes them through."
 
 
