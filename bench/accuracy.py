@@ -14,12 +14,8 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
-import subprocess
 import sys
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -27,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from callback_overhead import PEER, ROOT, examples  # noqa: E402 (no fasterai import: the peer's process uses it too)
+from common import PEER_NAME, examples, run_child, write_result  # noqa: E402 (no fasterai import: the peer's process uses it too)
 
 SPARSITIES, SCHEDULES = (30, 50, 70), ('cos', 'agp', 'one_shot')
 
@@ -113,17 +109,6 @@ def prune(impl, model, sparsity, dls):
     return model
 
 
-def run(impl, n_train, epochs):
-    env = dict(os.environ)
-    if impl == 'fasterai 0.4.1':
-        if not (PEER / 'fasterai').exists(): return []
-        env['PYTHONPATH'] = str(PEER)
-    cmd = [sys.executable, __file__, '--child', 'fasterai' if impl == 'fasterai' else 'peer', str(n_train), str(epochs)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT / 'bench')
-    if out.returncode != 0: raise RuntimeError(f'{impl} failed:\n{out.stderr[-2000:]}')
-    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
-
-
 def plot(rows, dense, path):
     import matplotlib
     matplotlib.use('Agg')
@@ -151,7 +136,7 @@ def main():
     ap.add_argument('--epochs', type=int, default=2)
     ap.add_argument('--out', default=None)
     args = ap.parse_args()
-    rows = run('fasterai', args.n_train, args.epochs) + run('fasterai 0.4.1', args.n_train, args.epochs)
+    rows = [r for impl in ('fasterai', PEER_NAME) for r in run_child(__file__, impl, args.n_train, args.epochs) or []]
     dense = {r['arch']: r for r in rows if r['sparsity'] == 0}
     lines = ['| model | sparsity | schedule | library | sparse acc. | pruned acc. | pruned - sparse | params ratio | '
              'MACs ratio | latency ratio (batch 64) |', '|' + '---|' * 10]
@@ -165,11 +150,8 @@ def main():
     if args.out:
         png = Path(args.out).with_name('accuracy_vs_macs.png')
         plot(rows, dense, png)
-        head = (f'# Accuracy against compression\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split("Run:")[0]}'
-                f'Command: `{" ".join(["python"] + sys.argv)}`  \nMachine: {platform.machine()}, 2 threads, torch '
-                f'{torch.__version__}, {date.today()}, {args.n_train:,} training images, {args.epochs} epochs\n\n'
-                f'![accuracy against MACs]({png.name})\n\n')
-        Path(args.out).write_text(head + '\n'.join(lines) + '\n')
+        write_result(args.out, 'Accuracy against compression', __doc__, lines,
+                     f', {args.n_train:,} training images, {args.epochs} epochs', f'![accuracy against MACs]({png.name})\n\n')
 
 
 if __name__ == '__main__':

@@ -11,33 +11,21 @@ Run: `.venv/bin/python bench/callback_overhead.py [--n-train 12000] [--repeats 3
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-PEER = ROOT / 'bench' / '.peer'
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PEER_NAME, examples, run_child, write_result  # noqa: E402
+
 EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward',
           'before_step', 'after_step', 'after_batch', 'after_epoch', 'after_fit')
-
-
-def examples():
-    "fasterai's examples module loaded from its file, so that the peer's process can use it too."
-    spec = importlib.util.spec_from_file_location('fasterai_examples', ROOT / 'fasterai' / 'examples.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def make_callback(impl):
@@ -92,17 +80,6 @@ def child(impl, n_train, repeats):
     print(json.dumps(out))
 
 
-def run(impl, n_train, repeats):
-    env = dict(os.environ)
-    if impl == 'fasterai 0.4.1':
-        if not (PEER / 'fasterai').exists(): return None
-        env['PYTHONPATH'] = str(PEER)
-    cmd = [sys.executable, __file__, '--child', 'fasterai' if impl == 'fasterai' else 'peer', str(n_train), str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT / 'bench')
-    if out.returncode != 0: raise RuntimeError(f'{impl} failed:\n{out.stderr[-2000:]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     warnings.filterwarnings('ignore')
     if sys.argv[1:2] == ['--child']: return child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
@@ -114,20 +91,19 @@ def main():
     med = statistics.median
     lines = ['| callback | dense epoch s | epoch with callback s | overhead | time inside the callback s | '
              'inside / dense epoch | slowest events (s per epoch) |', '|' + '---|' * 7]
-    for impl in ('fasterai', 'fasterai 0.4.1'):
-        r = run(impl, args.n_train, args.repeats)
+    for impl in ('fasterai', PEER_NAME):
+        r = run_child(__file__, impl, args.n_train, args.repeats)
         if r is None:
             lines.append(f'| {impl} | not installed: run `make bench-setup` |  |  |  |  |  |'); continue
+        r = r[-1]
         d, s, i = med(r['dense']), med(r['sparse']), med(r['inside'])
         slow = sorted(((med(v), k) for k, v in r['events'].items()), reverse=True)[:3]
         lines.append(f'| {impl} | {d:.2f} | {s:.2f} | {100 * (s - d) / d:+.1f}% | {i:.3f} | {100 * i / d:.2f}% | '
                      + ', '.join(f'{k} {v:.3f}' for v, k in slow) + ' |')
         print(lines[-1], flush=True)
     if args.out:
-        head = (f'# Training overhead of SparsifyCallback\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split("Run:")[0]}'
-                f'Command: `{" ".join(["python"] + sys.argv)}`  \nMachine: {platform.machine()}, 2 threads, '
-                f'torch {torch.__version__}, {date.today()}, {args.n_train:,} images per epoch\n\n')
-        Path(args.out).write_text(head + '\n'.join(lines) + '\n')
+        write_result(args.out, 'Training overhead of SparsifyCallback', __doc__, lines,
+                     f', {args.n_train:,} images per epoch')
 
 
 if __name__ == '__main__':

@@ -9,10 +9,8 @@ latency ratio / MACs ratio: 1.0 means the time fell exactly as the work did; the
 Run: `.venv/bin/python bench/latency.py [--models ...] [--out bench/results/latency.md]`
 """
 import argparse
-import platform
 import sys
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch.nn as nn
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
 from torchvision_sweep import build  # noqa: E402
 
 from fasterai.examples import Net  # noqa: E402
@@ -92,11 +91,7 @@ def main():
     for name in args.models:
         for r, base in rows_for(name, *MODELS[name]):
             lines.append(fmt(r, base)); print(lines[-1], flush=True)
-    if args.out:
-        head = (f'# Latency of pruned models\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split("Run:")[0]}'
-                f'Command: `{" ".join(["python"] + sys.argv)}`  \nMachine: {platform.machine()}, '
-                f'{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}\n\n')
-        Path(args.out).write_text(head + '\n'.join(lines) + '\n')
+    if args.out: write_result(args.out, 'Latency of pruned models', __doc__, lines)
 
 
 if __name__ == '__main__':

@@ -12,13 +12,15 @@ Run: `.venv/bin/python bench/memory.py [--models resnet50 vit_b_16] [--out bench
 """
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
-from datetime import date
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
 
 MODELS = ['resnet50', 'vit_b_16', 'mobilenet_v2', 'densenet121']
 
@@ -55,11 +57,7 @@ def main():
         lines.append(f"| {name} | {mib(r['weights'])} | {mib(r['pruned'])} | {mib(r['growth'])} | "
                      f"{r['growth'] / r['weights']:.2f} |")
         print(lines[-1], flush=True)
-    if args.out:
-        head = (f'# Peak memory while pruning\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split("Run:")[0]}'
-                f'Command: `{" ".join(["python"] + sys.argv)}`  \nMachine: {platform.machine()}, torch '
-                f'{torch.__version__}, {date.today()}\n\n')
-        with open(args.out, 'w') as f: f.write(head + '\n'.join(lines) + '\n')
+    if args.out: write_result(args.out, 'Peak memory while pruning', __doc__, lines)
 
 
 if __name__ == '__main__':

@@ -15,19 +15,18 @@ Run: `.venv/bin/python bench/prune_time.py [--models ...] [--repeats 5] [--out b
 import argparse
 import copy
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
 from torchvision_sweep import build  # noqa: E402 (one model set-up for every benchmark)
 
 from fasterai.pruner import Pruner, check_same_function, eval_outputs  # noqa: E402
@@ -146,11 +145,7 @@ def main():
                f'{max(ratios):.2f}); fasterai / deepcopy: median '
                f'{statistics.median(r["ours"] / r["copy"] for r in rows):.2f}.')
     print(summary)
-    if args.out:
-        head = (f'# Prune time and peak memory\n\n{__doc__.split(chr(10) + chr(10), 1)[1].split("Run:")[0]}'
-                f'Command: `{" ".join(["python"] + sys.argv)}`  \nMachine: {platform.machine()}, '
-                f'{torch.get_num_threads()} threads, torch {torch.__version__}, {date.today()}\n\n{summary}\n\n')
-        Path(args.out).write_text(head + '\n'.join(lines) + '\n')
+    if args.out: write_result(args.out, 'Prune time and peak memory', __doc__, lines, before_table=summary + '\n\n')
 
 
 if __name__ == '__main__':

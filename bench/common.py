@@ -1,0 +1,49 @@
+"""What the benchmark scripts share: paths, the example data loader, child processes, the results header.
+
+Nothing here imports fasterai: the peer's processes (fasterai 0.4.1 from bench/.peer) import this module too.
+"""
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = ROOT / 'bench' / '.peer'
+PEER_NAME = 'fasterai 0.4.1'
+
+
+def examples():
+    "fasterai's examples module loaded from its file, so that the peer's process can use it too."
+    spec = importlib.util.spec_from_file_location('fasterai_examples', ROOT / 'fasterai' / 'examples.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_child(script, impl, *args):
+    """Run `script --child fasterai|peer ARGS` in a fresh process (the peer importing fasterai 0.4.1 from
+    bench/.peer) and return the JSON lines it printed; None when the peer is not installed."""
+    env = dict(os.environ)
+    if impl == PEER_NAME:
+        if not (PEER / 'fasterai').exists(): return None
+        env['PYTHONPATH'] = str(PEER)
+    cmd = [sys.executable, str(script), '--child', 'fasterai' if impl == 'fasterai' else 'peer', *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT / 'bench')
+    if out.returncode != 0: raise RuntimeError(f'{impl} failed:\n{out.stderr[-2000:]}')
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
+
+
+def write_result(path, title, doc, lines, details='', before_table=''):
+    """Write a results file: `title`, the description from the script's docstring `doc` (its second paragraph
+    on, up to "Run:"), the command, machine and date (+ `details`), then `before_table` and the table `lines`."""
+    description = doc.split('\n\n', 1)[1].split('Run:')[0]
+    head = (f'# {title}\n\n{description}Command: `{" ".join(["python"] + sys.argv)}`  \n'
+            f'Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
+            f'{date.today()}{details}\n\n{before_table}')
+    Path(path).write_text(head + '\n'.join(lines) + '\n')
