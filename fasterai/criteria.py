@@ -24,6 +24,8 @@ class Criterion:
     needs_ref: bool = False               # the weights at a reference point (init, or a rewind epoch)
     accumulate: Optional[Callable] = None  # a per-step statistic of (weight, gradient), summed over steps
     updating: bool = False                # the reference moves to the current weights at each pruning step
+    elementwise: bool = False             # each score depends on that weight's entries alone: rows can be
+                                          # scored a block at a time (no full-size temporary)
 
     def __call__(self, w, ref=None, acc=None):
         if self.needs_ref and ref is None: raise ValueError(f"criteria '{self.name}' needs the reference weights")
@@ -46,26 +48,26 @@ def _random(w, ref, acc):
     return torch.rand(w.shape, generator=g).to(w.device)
 
 
-large_final = l1 = Criterion('l1', _abs)
+large_final = l1 = Criterion('l1', _abs, elementwise=True)
 "|w|: keep the largest weights (Han et al. 2015, https://arxiv.org/abs/1506.02626)."
-squared_final = l2 = Criterion('l2', _square)
+squared_final = l2 = Criterion('l2', _square, elementwise=True)
 "w**2: a filter's score is its squared L2 norm (Li et al. 2017, https://arxiv.org/abs/1608.08710)."
-small_final = Criterion('small_final', _neg_abs)
+small_final = Criterion('small_final', _neg_abs, elementwise=True)
 "-|w|: keep the smallest weights, a control (Zhou et al. 2019, https://arxiv.org/abs/1905.01067)."
-large_init = Criterion('large_init', _ref_abs, needs_ref=True)
+large_init = Criterion('large_init', _ref_abs, needs_ref=True, elementwise=True)
 "|w_init|: keep what was large at the reference point (Zhou et al. 2019, https://arxiv.org/abs/1905.01067)."
-small_init = Criterion('small_init', _neg_ref_abs, needs_ref=True)
+small_init = Criterion('small_init', _neg_ref_abs, needs_ref=True, elementwise=True)
 "-|w_init|: keep what was small at the reference point (Zhou et al. 2019)."
-large_init_large_final = Criterion('large_init_large_final', _min_abs, needs_ref=True)
+large_init_large_final = Criterion('large_init_large_final', _min_abs, needs_ref=True, elementwise=True)
 "min(|w_init|, |w|): large at both points (Zhou et al. 2019, https://arxiv.org/abs/1905.01067)."
-magnitude_increase = Criterion('magnitude_increase', _increase, needs_ref=True)
+magnitude_increase = Criterion('magnitude_increase', _increase, needs_ref=True, elementwise=True)
 "|w| - |w_init|: keep the weights that grew most (Zhou et al. 2019, https://arxiv.org/abs/1905.01067)."
-updating_magnitude_increase = Criterion('updating_magnitude_increase', _increase, needs_ref=True, updating=True)
+updating_magnitude_increase = Criterion('updating_magnitude_increase', _increase, needs_ref=True, updating=True, elementwise=True)
 "|w| - |w_prev|, the reference moving to the weights of the last pruning step."
-movement = Criterion('movement', _acc, accumulate=_movement_step)
+movement = Criterion('movement', _acc, accumulate=_movement_step, elementwise=True)
 """-sum over steps of w * dL/dw: keep the weights moving away from zero (movement pruning, Sanh et al. 2020,
 https://arxiv.org/abs/2005.07683)."""
-taylor = Criterion('taylor', _acc, accumulate=_taylor_step)
+taylor = Criterion('taylor', _acc, accumulate=_taylor_step, elementwise=True)
 """sum over steps of (w * dL/dw)**2: the first-order Taylor estimate of the loss change when a weight is removed
 (Molchanov et al. 2019, https://arxiv.org/abs/1906.10771); a filter sums its weights' estimates."""
 random = Criterion('random', _random)

@@ -11,13 +11,13 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import TraceError
 from .tracing import (Leaves, check_example_input, check_hooks, check_model, input_dtype, input_shape,
-                      propagate_shapes, symbolic_trace, training_mode)
+                      propagate_shapes, reads_training, symbolic_trace, training_mode)
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
                   is_inplace)
 
@@ -158,8 +158,8 @@ def trace(model, example_input=None, leaf_modules=()):
 
     `example_input`: a tensor or a shape, batch included (shapes come from meta tensors, no compute);
     when None, (2, C, 224, 224) or (2, F) is guessed from the first Conv2d or Linear.
-    The model is traced in eval and in train mode (branches such as auxiliary heads that run only in
-    training are covered too); both traces feed one graph.
+    The model is traced in eval and, when the code traced reads a `training` flag, in train mode too (branches
+    such as auxiliary heads that run only in training are covered); both traces feed one graph.
     `leaf_modules`: qualified names or types of modules to keep whole (untraceable code, custom layers):
     their inputs and outputs are frozen.
     """
@@ -172,7 +172,8 @@ def trace(model, example_input=None, leaf_modules=()):
     check_hooks(model, leaves)
     shape, dtype = input_shape(model, example_input), input_dtype(model, example_input)
     spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()
-    for training in (False, True):
+    modes = (False, True) if reads_training(model, leaves) else (False,)   # a train trace could not differ
+    for training in modes:
         with training_mode(model, training):
             graph = symbolic_trace(model, leaves)
             signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
@@ -196,9 +197,6 @@ def trace(model, example_input=None, leaf_modules=()):
     return ChannelGraph(model, spaces.groups(), shape)
 
 
-def _meta(node):
-    tm = node.meta.get('tensor_meta')
-    return tm if isinstance(tm, TensorMetadata) else None
 
 
 class _Context:
@@ -274,7 +272,10 @@ class _Context:
         v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None
         if isinstance(v, (tuple, SizeOf, Count)): raise Unhandled('reads a tuple of tensors or sizes')
         return v
-    def shape(self, node): return _meta(node).shape if _meta(node) is not None else None
+    def shape(self, node):
+        "The output shape of `node` (None when it is not one tensor)."
+        shape = node.meta.get('shape')
+        return shape if isinstance(shape, torch.Size) else None
     def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]
 
     def new_layout(self, n, dim):

@@ -450,7 +450,7 @@ def split(ctx, node):
     dim = _dim(_arg(node, 1 if node.target in ('unbind', torch.unbind) else 2, 'dim', 0), n)
     if dim == lay.dim: raise Unhandled('splits the channels into parts whose sizes pruning would change')
     if node.target in ('unbind', torch.unbind) and dim < lay.dim: lay = lay.moved(lay.dim - 1)
-    return tuple(lay for _ in node.meta.get('tensor_meta'))
+    return tuple(lay for _ in node.meta['shape'])
 
 
 def pad(ctx, node):

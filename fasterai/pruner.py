@@ -1,5 +1,6 @@
 """Pruner: rebuild a sparse model smaller, without the channels whose whole group is zero."""
 import copy
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
@@ -17,32 +18,53 @@ __all__ = ['Pruner', 'dead_channels', 'check_same_function']
 
 def _vectors(s, m):
     "The per-channel vectors of slice `s` of module `m` that must be zero for its channels to go."
-    if s.role in ('out', 'dw'): return [] if m.bias is None else [m.bias]
-    if m.affine: return [m.weight, m.bias]
+    if s.role in ('out', 'dw'): return [] if m.bias is None else [('bias', m.bias)]
+    if m.affine: return [('weight', m.weight), ('bias', m.bias)]
     rm = getattr(m, 'running_mean', None)
-    return [] if rm is None else [rm]
+    return [] if rm is None else [('running_mean', rm)]
 
 
-def dead_channels(group, modules):
+def _row_zero(masks, name, m):
+    "Per-row bool vector of `m`'s parameter `name` that `masks` zeroes (None when it has no mask)."
+    keep = masks.get(name)
+    return None if keep is None else ~keep.flatten().cpu()
+
+
+def dead_channels(group, modules, masks=None):
     """Which channels of `group` are exactly zero wherever a layer reads them (so removing them is exact).
 
     The graph has checked that a zeroed group reaches its readers as zeros; here every producer's and
     depthwise conv's weight row and bias must be zero, and every norm's scale and shift (or, without affine
-    parameters, its running mean). The cheap per-channel vectors are read first; weights only where some
-    channel is still in question.
+    parameters, its running mean). The cheap per-channel vectors are read first; weights only for the channels
+    still in question. `masks` (parameter name -> keep-mask of whole rows, as the Sparsifier plans them): the
+    rows they drop count as zero without being read, as they would read once the masks are applied.
     """
     dead = torch.zeros(group.size, dtype=torch.bool)
     if not group.prunable: return dead
-    dead[:] = True
+    dead[:], masks = True, masks or {}
     slices = [s for s in group.slices if s.role in ('out', 'dw', 'norm')]
     for s in slices:
-        for v in _vectors(s, modules[s.module]):
-            dead[s.start:s.start + s.length] &= (v.detach()[s.offset:s.offset + s.length] == 0).cpu()
+        m = modules[s.module]
+        for pname, v in _vectors(s, m):
+            zero = v.detach()[s.offset:s.offset + s.length] == 0
+            known = _row_zero(masks, f'{s.module}.{pname}', m)
+            if known is not None: zero = zero.cpu() | known[s.offset:s.offset + s.length]
+            dead[s.start:s.start + s.length] &= zero.cpu()
     for s in slices:
-        if s.role == 'norm' or not dead[s.start:s.start + s.length].any(): continue
+        if s.role == 'norm': continue
+        known = _row_zero(masks, f'{s.module}.weight', modules[s.module])
+        question = dead[s.start:s.start + s.length].clone()
+        if known is not None: question &= ~known[s.offset:s.offset + s.length]
+        rows = question.nonzero().flatten()   # only the channels still in question
+        if not len(rows): continue
         w = modules[s.module].weight.detach().movedim(out_dim(modules[s.module]), 0)
-        lo, hi = torch.aminmax(w[s.offset:s.offset + s.length].flatten(1), dim=1)   # one pass, no temporary
-        dead[s.start:s.start + s.length] &= ((lo == 0) & (hi == 0)).cpu()
+        if 2 * len(rows) > s.length:   # most rows: read them all in place (a view), keep those in question
+            part = w[s.offset:s.offset + s.length].flatten(1)
+            zero = ((part.amax(1) == 0) & (part.amin(1) == 0)).cpu()[rows]
+        else:
+            part = w.index_select(0, (rows + s.offset).to(w.device)).flatten(1)
+            zero = ((part.amax(1) == 0) & (part.amin(1) == 0)).cpu()
+        dead[rows + s.start] = zero
     dead = dead.view(group.tie, -1).all(0)   # a unit of tied channels goes only as a whole
     if dead.all(): dead[0] = False   # a layer keeps at least one channel
     return group.channels(dead)
@@ -56,11 +78,12 @@ def _channels(module, role):
     return next(getattr(module, a) for a in attr if hasattr(module, a))
 
 
-def plan(graph):
-    "Module name -> {role: indices to keep}, for every module that loses channels."
+def plan(graph, masks=None):
+    """Module name -> {role: indices to keep}, for every module that loses channels (`masks`: rows known to be
+    zero, see `dead_channels`)."""
     modules, drops = graph.modules(), {}
     for g in graph.groups:
-        dead = dead_channels(g, modules)
+        dead = dead_channels(g, modules, masks)
         if not dead.any(): continue
         for s in g.slices:
             idx = dead[s.start:s.start + s.length].nonzero().flatten() + s.offset
@@ -151,9 +174,12 @@ class Pruner:
                             self.leaf_modules, round_to=self.round_to)
             graph, masks = sp.graph, sp.plan_masks(self.sparsity)
         example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
-        with _masked(model, masks):
-            reference = eval_outputs(model, example) if self.verify else None
-            pruned = _pruned_copy(model, plan(graph))
+        if self.verify:
+            with _masked(model, masks): reference = eval_outputs(model, example)
+        # the masks are never needed on the user's model to build the copy: the rows they drop are known zero,
+        # the copy leaves them out, and the few it keeps (a layer keeps one channel) are zeroed in the copy
+        keep = plan(graph, masks)
+        pruned = _pruned_copy(model, keep, masks)
         if self.verify: check_same_function(reference, pruned, example)
         return pruned
 
@@ -182,12 +208,41 @@ def _masked(model, masks):
                 else: p.index_copy_(dim, where, values)
 
 
+_ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device)
+_PLAIN = tuple(getattr(nn.Module, k, None) for k in ('__reduce_ex__', '__reduce__', '__getstate__', '__setstate__'))
+
+
+def copy_modules(module, memo):
+    """What `copy.deepcopy(module, memo)` returns, several times faster on a tree of plain modules: each module's
+    own dicts (children, parameters, buffers, empty hook dicts) are rebuilt directly instead of through the
+    generic pickling protocol; every other attribute, and any module class with its own copy or pickling
+    methods, goes through `copy.deepcopy` with the same `memo`, so shared objects stay shared."""
+    if id(module) in memo: return memo[id(module)]
+    cls = type(module)
+    if hasattr(cls, '__deepcopy__') or tuple(getattr(cls, k, None) for k in
+                                              ('__reduce_ex__', '__reduce__', '__getstate__', '__setstate__')) != _PLAIN:
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for k, v in module.__dict__.items():
+        t = type(v)
+        if k == '_modules': state[k] = t((n, None if c is None else copy_modules(c, memo)) for n, c in v.items())
+        elif k in ('_parameters', '_buffers'): state[k] = t((n, copy.deepcopy(x, memo)) for n, x in v.items())
+        elif t in _ATOMIC: state[k] = v
+        elif t in (dict, OrderedDict, set) and not v: state[k] = t()
+        else: state[k] = copy.deepcopy(v, memo)
+    new.__setstate__(state)
+    return new
+
+
 @torch.no_grad()
-def _pruned_copy(model, keep):
+def _pruned_copy(model, keep, masks=None):
     """A copy of `model` whose layers in `keep` hold only the kept channels: the module tree is copied with
-    the tensors shared, the resized layers get new smaller tensors, and every other tensor is cloned."""
+    the tensors shared, the resized layers get new smaller tensors, and every other tensor is cloned. Then
+    the rows `masks` drop that the copy still holds are zeroed in it (the user's model keeps its values)."""
     original = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    pruned = copy.deepcopy(model, memo=dict(original))
+    pruned = copy_modules(model, dict(original))
     for name, k in keep.items(): shrink(pruned.get_submodule(name), k)
     clones = {}
     for m in pruned.modules():
@@ -198,4 +253,13 @@ def _pruned_copy(model, keep):
                     c = t.detach().clone()
                     clones[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
                 store[k] = clones[id(t)]
+    for pname, mask in (masks or {}).items():
+        module, _, attr = pname.rpartition('.')
+        kept = keep.get(module, {})
+        rows = next((kept[r] for r in ('out', 'dw', 'norm') if r in kept), None)
+        drop = ~mask.flatten()
+        if rows is not None: drop = drop[rows.to(drop.device)]
+        if drop.any():
+            m = pruned.get_submodule(module)
+            getattr(m, attr).index_fill_(out_dim(m, attr), drop.nonzero().flatten().to(mask.device), 0)
     return pruned

@@ -81,6 +81,10 @@ def _excluded(model, exclude):
     return out
 
 
+_BLOCK = 2 ** 20
+"About how many weights `Sparsifier.row_scores` scores at a time."
+
+
 def _pname(layer, pname):
     "The qualified name of parameter `pname` of the module named `layer` ('' for the model itself)."
     return f'{layer}.{pname}' if layer else pname
@@ -103,8 +107,8 @@ class _WeightTarget:
 
     def scored(self): return {self.name: self.module}
 
-    def scores(self, score):
-        s = score(self.name)
+    def scores(self, sp):
+        s = sp.score(self.name)
         return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
 
     def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
@@ -136,7 +140,7 @@ class _NMTarget:
 
     def _blocks(self, t): return t.movedim(1, -1).reshape(-1, self.nm.m)
 
-    def scores(self, score): return self._blocks(score(self.name)).float()
+    def scores(self, sp): return self._blocks(sp.score(self.name)).float()
 
     def drop(self, scores, k): return torch.topk(scores, k, dim=1, largest=False).indices
 
@@ -165,14 +169,12 @@ class _GroupTarget:
 
     def scored(self): return {s.module: self.modules[s.module] for s in self.group.by_role('out')}
 
-    def scores(self, score):
+    def scores(self, sp):
         """Each unit's score: the sum over the group's producers of their row scores, each divided by its mean
         (a unit of tied channels sums its channels)."""
         total = torch.zeros(self.group.size)
         for s in self.group.by_role('out'):
-            m = self.modules[s.module]
-            w = score(s.module).movedim(out_dim(m), 0)[s.offset:s.offset + s.length]
-            rows = w.flatten(1).sum(1).float().cpu()
+            rows = sp.row_scores(s.module, out_dim(self.modules[s.module]), s.offset, s.length).float().cpu()
             total[s.start:s.start + s.length] += rows / rows.abs().mean().clamp_min(torch.finfo(rows.dtype).tiny)
         return total.view(self.group.tie, -1).sum(0)
 
@@ -272,20 +274,38 @@ class Sparsifier:
             if not finite(step): continue   # an overflowing step must not poison the sum for good
             self.acc[n] = self.acc[n] + step if n in self.acc else step.clone()
 
-    def _score(self, name):
-        "The criterion's score of every weight of layer `name`, checked to give one score per weight."
+    def _weight(self, name):
+        "The weight of layer `name`, checked finite (the criterion's statistics for it may be missing: a warning)."
         w = self.scored[name].weight.detach()
         if not finite(w):
             raise ValueError(f"layer '{name}' has NaN or inf weights, which cannot be ranked: the training diverged "
                              'or the model was loaded wrongly (no mask was changed)')
         if self.criterion.accumulate is not None and name not in self.acc:
             warnings.warn(f"criteria '{self.criterion.name}' has no gradient statistics for '{name}' yet: call "
-                          'accumulate() after each backward pass (SparsifyCallback does); scoring it as all zeros', stacklevel=3)
+                          'accumulate() after each backward pass (SparsifyCallback does); scoring it as all zeros', stacklevel=4)
+        return w
+
+    def score(self, name):
+        "The criterion's score of every weight of layer `name`, checked to give one score per weight."
+        w = self._weight(name)
         s = self.criterion(w, self.ref.get(name), self.acc.get(name))
         if not isinstance(s, torch.Tensor) or s.shape != w.shape:
             raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '
                              f'{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}')
         return s
+
+    def row_scores(self, name, dim, start, length):
+        """The summed score of each of the channels [start, start+length) along `dim` of layer `name`'s weight.
+        An element-wise criterion scores a block of about a million weights at a time, so a large layer
+        needs no full-size temporary."""
+        if not self.criterion.elementwise:
+            return self.score(name).movedim(dim, 0)[start:start + length].flatten(1).sum(1)
+        rows = lambda t: None if t is None else t.detach().movedim(dim, 0)[start:start + length]
+        w, ref, acc = rows(self._weight(name)), rows(self.ref.get(name)), rows(self.acc.get(name))
+        step = max(1, _BLOCK // max(1, w[0].numel()))
+        part = lambda t, i: None if t is None else t[i:i + step]
+        return torch.cat([self.criterion(w[i:i + step], part(ref, i), part(acc, i)).flatten(1).sum(1)
+                          for i in range(0, length, step)])
 
     # ------------------------------------------------------------ sparsify
     def _plan(self, sparsity):
@@ -338,10 +358,10 @@ class Sparsifier:
             rescored = [i for i, k in enumerate(counts) if k != old[i] or self._target_masks[i] is None]
             for i in rescored:
                 t = self.targets[i]
-                self._target_masks[i] = t.masks(t.drop(t.scores(self._score), counts[i]))
+                self._target_masks[i] = t.masks(t.drop(t.scores(self), counts[i]))
             rescored = [self.targets[i] for i in rescored]
         else:
-            drops = self._global_drops([t.scores(self._score) for t in self.targets], counts[0])
+            drops = self._global_drops([t.scores(self) for t in self.targets], counts[0])
             self._target_masks, rescored = [t.masks(d) for t, d in zip(self.targets, drops)], self.targets
         self._combine()
         return rescored

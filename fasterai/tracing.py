@@ -1,16 +1,18 @@
 """Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
+import operator
+import types
 from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+import torch.nn.functional as F
 
 from .errors import TraceError
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
 __all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite', 'check_example_input',
-           'symbolic_trace', 'input_shape', 'input_dtype', 'propagate_shapes']
+           'symbolic_trace', 'reads_training', 'input_shape', 'input_dtype', 'propagate_shapes']
 
 
 def check_hooks(model, leaves):
@@ -69,6 +71,44 @@ def symbolic_trace(model, leaves):
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
 
 
+def _reads_training(code, scope, seen):
+    "Whether `code`, its nested code or a function of the user's it names reads an attribute or key 'training'."
+    if 'training' in code.co_names or 'training' in code.co_consts: return True
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType) and _reads_training(c, scope, seen): return True
+    for name in code.co_names:
+        f = scope.get(name)
+        if isinstance(f, types.FunctionType) and f not in seen and not f.__module__.startswith('torch'):
+            seen.add(f)
+            if _reads_training(f.__code__, f.__globals__, seen): return True
+    return False
+
+
+def _functions(cls):
+    "The functions of `cls` and its bases up to nn.Module (properties' getters included)."
+    for c in cls.__mro__:
+        if c in (nn.Module, object): break
+        for v in vars(c).values():
+            v = getattr(v, 'fget', getattr(v, '__func__', v))
+            if isinstance(v, types.FunctionType): yield v
+
+
+def reads_training(model, leaves):
+    """Whether the code the tracer runs (the methods of every module it traces through, and the user functions
+    they name) may read a `training` flag: only then can a train-mode trace differ from the eval one."""
+    tracer, seen, todo = _Tracer(leaves), set(), [('', model)]
+    while todo:
+        name, m = todo.pop()
+        if name and tracer.is_leaf_module(m, name) and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            continue   # called whole (lists and dicts are never called: their members are)
+        for f in _functions(type(m)):
+            if f not in seen:
+                seen.add(f)
+                if _reads_training(f.__code__, f.__globals__, seen): return True
+        todo += [(f'{name}.{n}' if name else n, c) for n, c in m.named_children()]
+    return False
+
+
 def example_tensor(model, example):
     "`example` if it is a tensor, else one seeded random input of that shape on the model's device and dtype."
     if isinstance(example, torch.Tensor): return example
@@ -101,16 +141,41 @@ def _fits(m, x):
     return n is None or (x.dim() >= 2 and x.shape[1] == n)
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ADAPTIVE = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}   # -> pooled dims
+_POINTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+              torch.sigmoid, torch.tanh, torch.relu, F.relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.relu6}
+"""Functions whose output has the broadcast shape of their tensor arguments: shape propagation computes it
+(on meta tensors, these run slow Python decompositions)."""
+
+
+def _pointwise(f, args, kwargs):
+    """The meta output of `f` when it is a pointwise function of floating tensors of one dtype and numbers (its
+    shape by broadcasting); None when it is not, to run it for real."""
+    if f is F.layer_norm and args and isinstance(args[0], torch.Tensor):
+        x, ns = args[0], args[1] if len(args) > 1 else kwargs.get('normalized_shape')
+        ns = (ns,) if isinstance(ns, int) else tuple(ns or ())
+        return x.new_empty(x.shape) if ns and tuple(x.shape[-len(ns):]) == ns else None
+    if f not in _POINTWISE or not set(kwargs) <= {'inplace', 'approximate'}: return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if (not tensors or len({t.dtype for t in tensors}) != 1 or not tensors[0].is_floating_point() or
+            not all(isinstance(a, (torch.Tensor, int, float)) for a in args)):
+        return None
+    return tensors[0].new_empty(torch.broadcast_shapes(*(t.shape for t in tensors)))
+
+
 class _Shapes(fx.Interpreter):
-    "Runs the traced graph and records each node's output shape; on meta tensors no weight is read."
+    """Runs the traced graph and records each node's output shape (`node.meta['shape']`, a tuple of them for
+    a tuple output); on meta tensors no weight is read."""
     def __init__(self, root, graph, meta):
         super().__init__(root, graph=graph)
         self.meta = meta
 
     def run_node(self, n):
         out = super().run_node(n)
-        n.meta['tensor_meta'] = fx.node.map_aggregate(
-            out, lambda v: _extract_tensor_metadata(v) if isinstance(v, torch.Tensor) else None)
+        if isinstance(out, torch.Tensor): n.meta['shape'] = out.shape
+        elif isinstance(out, (tuple, list)) and not isinstance(out, torch.Size):
+            n.meta['shape'] = tuple(v.shape if isinstance(v, torch.Tensor) else None for v in out)
         return out
 
     def call_module(self, target, args, kwargs):
@@ -118,8 +183,25 @@ class _Shapes(fx.Interpreter):
         m = self.fetch_attr(target)
         if type(m) in SAME_SHAPE and len(args) == 1 and not kwargs and _fits(m, args[0]):
             return args[0]   # shape, dtype and layout pass through: no need to run it, even on meta tensors
-        state = {k: torch.empty_like(v, device='meta') for k, v in (*m.named_parameters(), *m.named_buffers())}
+        meta = lambda t: None if t is None else torch.empty_like(t, device='meta')
+        if type(m) in _CONVS and len(args) == 1 and not kwargs:   # the op itself checks and sizes: much cheaper
+            return m._conv_forward(args[0], meta(m.weight), meta(m.bias))
+        x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
+        if type(m) is nn.Linear and x is not None and x.dim() >= 1 and x.shape[-1] == m.in_features:
+            return x.new_empty((*x.shape[:-1], m.out_features))   # a matmul on meta runs slow decompositions
+        d = _ADAPTIVE.get(type(m))
+        if d is not None and x is not None and x.dim() in (d + 1, d + 2):
+            size = (m.output_size,) * d if isinstance(m.output_size, int) else tuple(m.output_size)
+            return x.new_empty((*x.shape[:-d], *(i if o is None else o for o, i in zip(size, x.shape[-d:]))))
+        state = {k: meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
+        if not state: return m(*args, **kwargs)   # nothing to swap for meta tensors
         return torch.func.functional_call(m, state, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if self.meta:
+            out = _pointwise(target, args, kwargs)
+            if out is not None: return out
+        return super().call_function(target, args, kwargs)
 
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)

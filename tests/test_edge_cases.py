@@ -282,3 +282,37 @@ def test_per_channel_norms_prune_and_grouped_statistics_freeze(norm, prunable):
     for mode in ('train', 'eval'):
         getattr(model, mode)(); getattr(pruned, mode)()
         assert pruned.a.out_channels == 4 and max_rel_diff(model(x), pruned(x)) < 1e-5, mode
+
+
+def _aux_head(block, h):
+    "A helper outside the module's class that branches on the mode."
+    return block.aux(h.mean((2, 3))) if block.training else None
+
+
+class HelperAux(nn.Module):
+    "A train-only branch decided in a free function: the train trace must still run and freeze what it reads."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        extra = _aux_head(self, h)
+        return self.b(h) if extra is None else (self.b(h), extra)
+
+
+def test_train_trace_runs_when_a_helper_reads_the_mode_and_only_then(monkeypatch):
+    from fasterai import graph as graph_module
+    modes = []
+    real = graph_module.training_mode
+    def spy(model, training):
+        modes.append(training)
+        return real(model, training)
+    monkeypatch.setattr(graph_module, 'training_mode', spy)
+    g = trace(HelperAux(), (2, 3, 8, 8))
+    assert modes == [False, True]
+    (grp,) = [x for x in g.groups if any(s.module == 'a' for s in x.slices)]
+    assert {s.module for s in grp.slices} == {'a', 'b', 'aux'}   # seen only by the train-mode trace
+    modes.clear()
+    trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)), (2, 3, 8, 8))
+    assert modes == [False]   # torch.nn layers are leaves: their own mode checks cannot change the graph

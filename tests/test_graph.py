@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from conftest import FlatNet
 
 from fasterai.errors import TraceError
@@ -160,3 +161,35 @@ def test_shapes_come_from_meta_tensors_only(monkeypatch):
 def test_bad_example_input_names_the_shape():
     with pytest.raises(TraceError, match=r'shape \(2, 5, 8, 8\)'):
         trace(Net(3), (2, 5, 8, 8))
+
+
+class _Shortcuts(nn.Module):
+    "Every shape shortcut of the meta propagation: Linear on 4-d maps, adaptive pools, layer_norm, pointwise ops."
+    def __init__(self):
+        super().__init__()
+        self.c, self.lin = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 6)
+        self.p1, self.p2, self.p3 = nn.AdaptiveAvgPool2d((None, 3)), nn.AdaptiveAvgPool2d(2), nn.AdaptiveAvgPool1d(4)
+        self.scale = nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        h = self.c(x)
+        t = self.lin(h.permute(0, 2, 3, 1))                                  # (N, H, W, 6)
+        t = F.layer_norm(t, (6,)) * self.scale + 1.5
+        t = F.gelu(torch.sigmoid(t) - t, approximate='tanh') / 2
+        u = self.p1(h) + self.p2(h).mean((2, 3), keepdim=True)              # broadcast to (N, 8, H, 3)
+        return t.sum((1, 2)), u.flatten(2), self.p3(h.flatten(2)), torch.add(h, 1, alpha=2) * 0.5
+
+
+@pytest.mark.parametrize('make,shape', [(_Shortcuts, (2, 3, 9, 7)),
+                                        (lambda: torchvision.models.convnext_tiny(), (1, 3, 64, 64)),
+                                        (lambda: torchvision.models.efficientnet_b0(), (1, 3, 64, 64))])
+def test_meta_shapes_equal_a_real_run(make, shape):
+    "The shapes computed without running an op equal those of running the graph on real zeros."
+    from fasterai.tracing import Leaves, _Shapes, symbolic_trace
+    model = make().eval()
+    graph = symbolic_trace(model, Leaves(()))
+    _Shapes(model, graph, meta=True).run(torch.empty(shape, device='meta'))
+    meta = {n.name: n.meta.get('shape') for n in graph.nodes}
+    with torch.no_grad(): _Shapes(model, graph, meta=False).run(torch.zeros(shape))
+    real = {n.name: n.meta.get('shape') for n in graph.nodes}
+    assert meta == real and sum(isinstance(s, torch.Size) for s in real.values()) > 10

@@ -156,3 +156,74 @@ def test_masked_values_come_back_after_an_error():
             assert (model.conv1.weight[:5] == 0).all()
             raise RuntimeError('boom')
     assert torch.equal(model.conv1.weight, before)
+
+
+class ConvNormConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.d = nn.Conv2d(3, 10, 3), nn.BatchNorm2d(10), nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.bn(self.c(x))))
+
+
+def test_copy_zeroes_the_masked_rows_it_must_keep():
+    """Pruning from masks never applies them to the user's model: the rows they drop count as zero. A masked
+    row the copy keeps is zeroed in it. Here masks drop channels 0-4 and channels 5-9 are zero already, so
+    every channel is dead and the layer keeps its first one, a masked one, which must be zero in the copy."""
+    from fasterai.graph import trace
+    from fasterai.pruner import _pruned_copy, plan
+    torch.manual_seed(0)
+    model = randomize_norms(ConvNormConv()).eval()
+    with torch.no_grad():
+        for t in (model.c.weight, model.c.bias, model.bn.weight, model.bn.bias): t[5:] = 0
+    keep = torch.arange(10) >= 5
+    masks = {'c.weight': keep.view(-1, 1, 1, 1), 'c.bias': keep, 'bn.weight': keep, 'bn.bias': keep}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = _pruned_copy(model, plan(trace(model, (2, 3, 8, 8)), masks), masks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert pruned.c.out_channels == 1 and not pruned.c.weight.any() and not pruned.bn.weight.any()
+    sparse = ConvNormConv().eval()
+    sparse.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, k in masks.items(): sparse.get_parameter(name).mul_(k)
+    x = torch.randn(4, 3, 8, 8)
+    assert max_rel_diff(sparse(x), pruned.eval()(x)) < 1e-5
+
+
+class _Odd(nn.Module):
+    "A module with its own copy protocol, a shared child, a list holding a child, and a plain attribute."
+    copies = 0
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.again, self.chain, self.sizes = self.a, [self.a], [1, 2]
+
+    def __deepcopy__(self, memo):
+        _Odd.copies += 1
+        new = _Odd()
+        memo[id(self)] = new
+        return new
+
+
+def test_copy_modules_copies_as_deepcopy_does():
+    from fasterai.pruner import copy_modules
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+            self.tied, self.stages, self.meta = self.body[0], [self.body], {'k': [1, 2]}
+            self.odd = _Odd()
+            self.register_buffer('steps', torch.zeros(1))
+            self.body.register_forward_hook(lambda m, i, o: None)
+    model = Holder()
+    copied = copy_modules(model, {})
+    assert copied.tied is copied.body[0] and copied.stages[0] is copied.body and copied.body is not model.body
+    assert copied.body[0].weight is not model.body[0].weight and torch.equal(copied.body[0].weight, model.body[0].weight)
+    assert copied.meta == model.meta and copied.meta['k'] is not model.meta['k']
+    assert _Odd.copies == 1 and copied.odd is not model.odd   # its own __deepcopy__ ran
+    assert len(copied.body._forward_hooks) == 1 and copied.body._forward_hooks is not model.body._forward_hooks
+    shared = {id(model.body[0].weight): model.body[0].weight}
+    assert copy_modules(model, shared).body[0].weight is model.body[0].weight   # what the memo holds is kept
+    assert str(copied) == str(model) and set(copied.state_dict()) == set(model.state_dict())
