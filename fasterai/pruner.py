@@ -209,18 +209,19 @@ def _masked(model, masks):
 
 
 _ATOMIC = (int, float, bool, str, bytes, type(None), type, torch.dtype, torch.device)
-_PLAIN = tuple(getattr(nn.Module, k, None) for k in ('__reduce_ex__', '__reduce__', '__getstate__', '__setstate__'))
+_PROTOCOL = ('__reduce_ex__', '__reduce__', '__getstate__')
+_PLAIN = tuple(getattr(nn.Module, k) for k in _PROTOCOL)
 
 
 def copy_modules(module, memo):
     """What `copy.deepcopy(module, memo)` returns, several times faster on a tree of plain modules: each module's
     own dicts (children, parameters, buffers, empty hook dicts) are rebuilt directly instead of through the
-    generic pickling protocol; every other attribute, and any module class with its own copy or pickling
-    methods, goes through `copy.deepcopy` with the same `memo`, so shared objects stay shared."""
+    generic pickling protocol, then handed to the class's `__setstate__` as deepcopy does; every other
+    attribute, and any module class with its own `__deepcopy__`, `__reduce_ex__`, `__reduce__` or `__getstate__`,
+    goes through `copy.deepcopy` with the same `memo`, so shared objects stay shared."""
     if id(module) in memo: return memo[id(module)]
     cls = type(module)
-    if hasattr(cls, '__deepcopy__') or tuple(getattr(cls, k, None) for k in
-                                              ('__reduce_ex__', '__reduce__', '__getstate__', '__setstate__')) != _PLAIN:
+    if hasattr(cls, '__deepcopy__') or tuple(getattr(cls, k) for k in _PROTOCOL) != _PLAIN:
         return copy.deepcopy(module, memo)
     new = cls.__new__(cls)
     memo[id(module)] = new
