@@ -33,7 +33,7 @@ def run_child(script, impl, *args):
     if impl == PEER_NAME:
         if not (PEER / 'fasterai').exists(): return None
         env['PYTHONPATH'] = str(PEER)
-    cmd = [sys.executable, str(script), '--child', 'fasterai' if impl == 'fasterai' else 'peer', *map(str, args)]
+    cmd = [sys.executable, str(script), '--child', 'peer' if impl == PEER_NAME else impl, *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT / 'bench')
     if out.returncode != 0: raise RuntimeError(f'{impl} failed:\n{out.stderr[-2000:]}')
     return [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
