@@ -9,7 +9,7 @@ import torch.nn as nn
 from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
-from .tracing import check_model, example_tensor, finite, training_mode
+from .tracing import check_model, example_tensor, first_nonfinite, training_mode
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity
 from .surgery import out_dim, shrink
 
@@ -165,7 +165,7 @@ class Pruner:
         the peak memory is about the size of the pruned model plus the masked entries."""
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         check_model(model)
-        bad = next((n for n, p in model.named_parameters() if not finite(p)), None)
+        bad = first_nonfinite(model.named_parameters())
         if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
         if self.sparsity is None:
             graph, masks = trace(model, self.example_input, self.leaf_modules), {}

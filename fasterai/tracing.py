@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .errors import TraceError
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
-__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite', 'check_example_input',
+__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite', 'first_nonfinite', 'check_example_input',
            'symbolic_trace', 'reads_training', 'input_shape', 'input_dtype', 'propagate_shapes']
 
 
@@ -219,6 +219,16 @@ def finite(t):
     "Whether tensor `t` holds no NaN or inf (a sum first: one cheap pass; element-wise only if it is not finite)."
     if not t.is_floating_point(): return True
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def first_nonfinite(named):
+    """The name of the first (name, tensor) pair of `named` whose tensor holds NaN or inf, or None: every sum is
+    checked at once (one synchronisation), element-wise only where a sum is not finite (an overflow, or a real
+    NaN or inf)."""
+    named = [(n, t.detach()) for n, t in named if t.is_floating_point()]
+    if not named: return None
+    ok = torch.isfinite(torch.stack([t.sum().float().to(named[0][1].device) for _, t in named])).tolist()
+    return next((n for (n, t), good in zip(named, ok) if not good and not bool(torch.isfinite(t).all())), None)
 
 
 def check_model(model):

@@ -130,3 +130,11 @@ def test_pruner_called_in_the_middle_of_training():
         learn.fit(2, 1e-3, cbs=[cb, midway])
     assert midway.still_training and [id(p) for p in learn.model.parameters()] == midway.ids
     assert midway.pruned.conv2.out_channels < 50 and cb.sparsifier.sparsity() == 50
+
+
+def test_first_nonfinite_names_the_parameter_and_survives_overflowing_sums():
+    from fasterai.tracing import first_nonfinite
+    big = torch.full((1000,), 60000., dtype=torch.float16)   # finite, but its fp16 sum overflows
+    named = [('a', torch.ones(3)), ('big', big), ('c', torch.tensor([1., float('inf')])), ('d', torch.tensor([float('nan')]))]
+    assert first_nonfinite(named) == 'c'
+    assert first_nonfinite(named[:2]) is None and first_nonfinite([('i', torch.arange(3))]) is None
