@@ -160,9 +160,10 @@ class Pruner:
         """A new model of the same class, computing the same function without the zero channels (of the
         wrapped module for a DataParallel or DistributedDataParallel model).
 
-        The user's model is not changed (one-shot masks are applied to it only while the pruned copy is
-        built, then its values are put back); the copy is built layer by layer from the kept channels, so
-        the peak memory is about the size of the pruned model plus the masked entries."""
+        The user's model is not changed (one-shot masks are applied to it only for the verification's reference
+        pass, then its values are put back; the copy is planned and built from the masks without them); the
+        copy is built layer by layer from the kept channels, so the peak memory is about the size of the pruned
+        model plus, when verifying, the masked entries."""
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         check_model(model)
         bad = first_nonfinite(model.named_parameters())
