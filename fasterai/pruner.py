@@ -10,7 +10,7 @@ from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
 from .tracing import check_model, example_tensor, first_nonfinite, training_mode
-from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity
+from .sparsifier import Sparsifier, _pname, check_layer_type, check_method, check_round_to, check_sparsity
 from .surgery import out_dim, shrink
 
 __all__ = ['Pruner', 'dead_channels', 'check_same_function']
@@ -24,10 +24,17 @@ def _vectors(s, m):
     return [] if rm is None else [('running_mean', rm)]
 
 
-def _row_zero(masks, name, m):
-    "Per-row bool vector of `m`'s parameter `name` that `masks` zeroes (None when it has no mask)."
-    keep = masks.get(name)
-    return None if keep is None else ~keep.flatten().cpu()
+def _row_zero(masks, layer, pname, m):
+    """Per-channel bool vector of the channels that `masks` zeroes in parameter `pname` of module `m` (named
+    `layer`), or None when it has no mask; a ValueError unless the mask drops whole channels."""
+    keep = masks.get(_pname(layer, pname))
+    if keep is None: return None
+    d, p = out_dim(m, pname), getattr(m, pname)
+    if keep.dim() != p.dim() or any(n != (p.shape[d] if i == d else 1) for i, n in enumerate(keep.shape)):
+        raise ValueError(f"the mask of '{_pname(layer, pname)}' (shape {tuple(keep.shape)}) does not drop whole "
+                         f'channels: pruning takes masks of whole rows, such as a Sparsifier at granularity '
+                         f"'filter' makes")
+    return ~keep.flatten().cpu()
 
 
 def dead_channels(group, modules, masks=None):
@@ -47,12 +54,12 @@ def dead_channels(group, modules, masks=None):
         m = modules[s.module]
         for pname, v in _vectors(s, m):
             zero = v.detach()[s.offset:s.offset + s.length] == 0
-            known = _row_zero(masks, f'{s.module}.{pname}', m)
+            known = _row_zero(masks, s.module, pname, m)
             if known is not None: zero = zero.cpu() | known[s.offset:s.offset + s.length]
             dead[s.start:s.start + s.length] &= zero.cpu()
     for s in slices:
         if s.role == 'norm': continue
-        known = _row_zero(masks, f'{s.module}.weight', modules[s.module])
+        known = _row_zero(masks, s.module, 'weight', modules[s.module])
         question = dead[s.start:s.start + s.length].clone()
         if known is not None: question &= ~known[s.offset:s.offset + s.length]
         rows = question.nonzero().flatten()   # only the channels still in question
@@ -227,12 +234,13 @@ def copy_modules(module, memo):
     new = cls.__new__(cls)
     memo[id(module)] = new
     state = {}
-    for k, v in module.__dict__.items():
+    for k, v in module.__getstate__().items():   # what deepcopy copies (a compiled call, for one, is left out)
         t = type(v)
         if k == '_modules': state[k] = t((n, None if c is None else copy_modules(c, memo)) for n, c in v.items())
         elif k in ('_parameters', '_buffers'): state[k] = t((n, copy.deepcopy(x, memo)) for n, x in v.items())
         elif t in _ATOMIC: state[k] = v
-        elif t in (dict, OrderedDict, set) and not v: state[k] = t()
+        elif id(v) in memo: state[k] = memo[id(v)]
+        elif t in (dict, OrderedDict, set) and not v: state[k] = memo[id(v)] = t()   # shared ones stay shared
         else: state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
     return new

@@ -290,7 +290,11 @@ class Sparsifier:
     def score(self, name):
         "The criterion's score of every weight of layer `name`, checked to give one score per weight."
         w = self._weight(name)
-        s = self.criterion(w, self.ref.get(name), self.acc.get(name))
+        return self._check_shape(self.criterion(w, self.ref.get(name), self.acc.get(name)), w)
+
+    @staticmethod
+    def _check_shape(s, w):
+        "Scores `s` of weights `w`, or a ValueError unless there is one score per weight."
         if not isinstance(s, torch.Tensor) or s.shape != w.shape:
             raise ValueError(f'criteria must return one score per weight (shape {tuple(w.shape)}), got '
                              f'{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}')
@@ -306,8 +310,8 @@ class Sparsifier:
         w, ref, acc = rows(self._weight(name)), rows(self.ref.get(name)), rows(self.acc.get(name))
         step = max(1, _BLOCK // max(1, w[0].numel()))
         part = lambda t, i: None if t is None else t[i:i + step]
-        return torch.cat([self.criterion(w[i:i + step], part(ref, i), part(acc, i)).flatten(1).sum(1)
-                          for i in range(0, length, step)])
+        return torch.cat([self._check_shape(self.criterion(w[i:i + step], part(ref, i), part(acc, i)), w[i:i + step])
+                          .flatten(1).sum(1) for i in range(0, length, step)])
 
     # ------------------------------------------------------------ sparsify
     def _plan(self, sparsity):

@@ -71,40 +71,72 @@ def symbolic_trace(model, leaves):
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
 
 
-def _reads_training(code, scope, seen):
-    "Whether `code`, its nested code or a function of the user's it names reads an attribute or key 'training'."
+def _function(v):
+    "The plain Python function behind `v` (a function, method, static or class method, property), or None."
+    v = getattr(v, 'fget', v)
+    v = getattr(v, '__func__', v)
+    return v if isinstance(v, types.FunctionType) else None
+
+
+def _in_torch(obj):
+    name = getattr(obj, '__module__', None) or ''
+    return name == 'torch' or name.startswith('torch.')
+
+
+def _reads_training(f, seen):
+    """Whether function `f` may read an attribute or key 'training': its code and nested code, what it wraps
+    (`__wrapped__`, functions in its closure), and the user functions it names (globals, or attributes of a
+    module it names: `utils.helper(...)`), followed transitively."""
+    if f in seen: return False
+    seen.add(f)
+    inner = [getattr(f, '__wrapped__', None)] + [_contents(c) for c in f.__closure__ or ()]
+    if any(g is not None and not _in_torch(g) and _reads_training(g, seen) for g in map(_safe_function, inner)):
+        return True
+    return _code_reads(f.__code__, f.__globals__, seen)
+
+
+def _contents(cell):
+    try: return cell.cell_contents
+    except ValueError: return None   # an empty cell
+
+
+def _safe_function(v):
+    try: return _function(v)
+    except Exception: return None   # an object whose attributes raise
+
+
+def _code_reads(code, scope, seen):
     if 'training' in code.co_names or 'training' in code.co_consts: return True
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType) and _reads_training(c, scope, seen): return True
+    if any(isinstance(c, types.CodeType) and _code_reads(c, scope, seen) for c in code.co_consts): return True
     for name in code.co_names:
-        f = scope.get(name)
-        if isinstance(f, types.FunctionType) and f not in seen and not f.__module__.startswith('torch'):
-            seen.add(f)
-            if _reads_training(f.__code__, f.__globals__, seen): return True
+        obj = scope.get(name)
+        named = [getattr(obj, n, None) for n in code.co_names] if isinstance(obj, types.ModuleType) else [obj]
+        for g in map(_safe_function, named):
+            if g is not None and not _in_torch(g) and _reads_training(g, seen): return True
     return False
 
 
-def _functions(cls):
-    "The functions of `cls` and its bases up to nn.Module (properties' getters included)."
-    for c in cls.__mro__:
-        if c in (nn.Module, object): break
-        for v in vars(c).values():
-            v = getattr(v, 'fget', getattr(v, '__func__', v))
-            if isinstance(v, types.FunctionType): yield v
+def _functions(m):
+    """The user-written functions a call of module `m` may run: the methods of its class and bases (torch's own
+    classes left out), properties' getters, and functions or methods set on the instance."""
+    for c in type(m).__mro__:
+        if c is object or _in_torch(c): continue
+        yield from filter(None, map(_safe_function, vars(c).values()))
+    yield from filter(None, map(_safe_function, vars(m).values()))
 
 
 def reads_training(model, leaves):
     """Whether the code the tracer runs (the methods of every module it traces through, and the user functions
-    they name) may read a `training` flag: only then can a train-mode trace differ from the eval one."""
+    they name) may read a `training` flag, or some module changes what `train()` does: only then can a
+    train-mode trace differ from the eval one. Code found only at run time (`exec`, `getattr` with a computed
+    name, C extensions) is not seen."""
+    if any(type(m).train is not nn.Module.train for m in model.modules()): return True
     tracer, seen, todo = _Tracer(leaves), set(), [('', model)]
     while todo:
         name, m = todo.pop()
         if name and tracer.is_leaf_module(m, name) and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
             continue   # called whole (lists and dicts are never called: their members are)
-        for f in _functions(type(m)):
-            if f not in seen:
-                seen.add(f)
-                if _reads_training(f.__code__, f.__globals__, seen): return True
+        if any(_reads_training(f, seen) for f in _functions(m)): return True
         todo += [(f'{name}.{n}' if name else n, c) for n, c in m.named_children()]
     return False
 
@@ -158,10 +190,17 @@ def _pointwise(f, args, kwargs):
         return x.new_empty(x.shape) if ns and tuple(x.shape[-len(ns):]) == ns else None
     if f not in _POINTWISE or not set(kwargs) <= {'inplace', 'approximate'}: return None
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if (not tensors or len({t.dtype for t in tensors}) != 1 or not tensors[0].is_floating_point() or
+    if (not tensors or not all(t.is_meta for t in tensors) or len({t.dtype for t in tensors}) != 1 or
+            not tensors[0].is_floating_point() or
             not all(isinstance(a, (torch.Tensor, int, float)) for a in args)):
         return None
     return tensors[0].new_empty(torch.broadcast_shapes(*(t.shape for t in tensors)))
+
+
+def _hooked(m):
+    "Whether calling `m` runs forward hooks (its own or global ones)."
+    return bool(m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks or
+                nn.modules.module._global_forward_pre_hooks)
 
 
 class _Shapes(fx.Interpreter):
@@ -181,16 +220,19 @@ class _Shapes(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if not self.meta: return super().call_module(target, args, kwargs)
         m = self.fetch_attr(target)
-        if type(m) in SAME_SHAPE and len(args) == 1 and not kwargs and _fits(m, args[0]):
-            return args[0]   # shape, dtype and layout pass through: no need to run it, even on meta tensors
         meta = lambda t: None if t is None else torch.empty_like(t, device='meta')
-        if type(m) in _CONVS and len(args) == 1 and not kwargs:   # the op itself checks and sizes: much cheaper
-            return m._conv_forward(args[0], meta(m.weight), meta(m.bias))
-        x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
-        if type(m) is nn.Linear and x is not None and x.dim() >= 1 and x.shape[-1] == m.in_features:
+        # shortcuts for one meta tensor into a hook-free module (a hook on a leaf module may change the output)
+        x = (args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_meta
+             and not _hooked(m) else None)
+        if x is not None and type(m) in SAME_SHAPE and _fits(m, x):
+            return x   # shape, dtype and layout pass through: no need to run it, even on meta tensors
+        if x is not None and type(m) in _CONVS:   # the op itself checks and sizes: much cheaper
+            return m._conv_forward(x, meta(m.weight), meta(m.bias))
+        if (x is not None and type(m) is nn.Linear and x.dim() >= 1 and x.shape[-1] == m.in_features and
+                x.dtype == m.weight.dtype):
             return x.new_empty((*x.shape[:-1], m.out_features))   # a matmul on meta runs slow decompositions
         d = _ADAPTIVE.get(type(m))
-        if d is not None and x is not None and x.dim() in (d + 1, d + 2):
+        if d is not None and x is not None and x.dim() in (d + 1, d + 2) and x.is_floating_point():
             size = (m.output_size,) * d if isinstance(m.output_size, int) else tuple(m.output_size)
             return x.new_empty((*x.shape[:-d], *(i if o is None else o for o, i in zip(size, x.shape[-d:]))))
         state = {k: meta(v) for k, v in (*m.named_parameters(), *m.named_buffers())}
