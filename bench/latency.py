@@ -2,13 +2,16 @@
 
 For each model: dense, and 30% and 50% of filters pruned in one shot (L1, local), plus 50% with the kept
 channels of each group rounded to a multiple of 8 (`round_to=8`). Parameters, MACs (torch.utils.flop_counter)
-and median latency (torch.utils.benchmark, eval, inference_mode, 2 threads) at batch 1 and 64, eager in
-contiguous and channels_last memory format, and with torch.compile (inductor) at batch 1 (dense and 50%). The "fit" column is
-latency ratio / MACs ratio: 1.0 means the time fell exactly as the work did; the target is at most 1.1.
+and latency (torch.utils.benchmark, eval, inference_mode, 2 threads) at batch 1 and 64, eager in contiguous
+and channels_last memory format, and with torch.compile (inductor) at batch 1 (dense and 50%): the median of 3
+rounds, each timing every variant of a model in turn (so drift on a shared machine hits them alike). The "fit"
+column is latency ratio / MACs ratio: 1.0 means the time fell exactly as the work did; the target is at most 1.1.
 
 Run: `.venv/bin/python bench/latency.py [--models ...] [--out bench/results/latency.md]`
 """
 import argparse
+import copy
+import statistics
 import sys
 import time
 import warnings
@@ -40,32 +43,52 @@ def model_of(name, size):
     return build(name, (1, 3, size, size))
 
 
-def latency(model, x, channels_last=False, compiled=False, min_run_time=1.0):
-    "Median milliseconds of one forward pass."
+ROUNDS = 3
+"Interleaved rounds: each round times every variant once, so drift on a shared machine hits all of them alike."
+
+
+def prepared(model, x, channels_last=False, compiled=False):
+    "The model and input in the memory format, compiled if asked, warmed up (and compiled) once."
     if channels_last: model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     if compiled: model = torch.compile(model)
     with torch.inference_mode():
-        for _ in range(2): model(x)   # warm-up (and compile)
+        for _ in range(2): model(x)
+    return model, x
+
+
+def once(model, x, min_run_time=0.2):
+    "Median milliseconds of one forward pass, over at least `min_run_time` seconds (at least one pass)."
+    with torch.inference_mode():
         t = Timer('model(x)', globals={'model': model, 'x': x}, num_threads=torch.get_num_threads())
         return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def interleaved(pairs):
+    "Median over ROUNDS of each (model, input) pair's latency, the pairs timed in turn within every round."
+    times = [[] for _ in pairs]
+    for _ in range(ROUNDS):
+        for t, (m, x) in zip(times, pairs): t.append(once(m, x))
+    return [statistics.median(t) for t in times]
 
 
 def rows_for(name, channels, size):
     dense = model_of(name, size)
     shape1 = (1, channels, size, size)
-    base = None
+    models, rows = [], []
     for label, sparsity, round_to in VARIANTS:
         m = dense if sparsity is None else Pruner(sparsity=sparsity, round_to=round_to, example_input=shape1,
                                                   layer_type=(nn.Conv2d, nn.Linear)).prune_model(dense)
-        m = m.eval()
-        r = dict(model=name, variant=label, params=count_params(m), macs=count_macs(m, shape1))
-        for batch in (1, 64):
-            x = torch.randn(batch, channels, size, size)
-            r[f'b{batch}'] = latency(m, x)
-            r[f'b{batch}_cl'] = latency(m, x, channels_last=True)
-        if label in COMPILED: r['b1_compiled'] = latency(m, torch.randn(shape1), compiled=True)
-        if base is None: base = r
-        yield r, base
+        models.append(m.eval())
+        rows.append(dict(model=name, variant=label, params=count_params(m), macs=count_macs(m, shape1)))
+    for batch in (1, 64):
+        x = torch.randn(batch, channels, size, size)
+        for key, cl in ((f'b{batch}', False), (f'b{batch}_cl', True)):
+            for r, ms in zip(rows, interleaved([prepared(copy.deepcopy(m), x, channels_last=cl) for m in models])):
+                r[key] = ms
+    compiled = [i for i, (label, _, _) in enumerate(VARIANTS) if label in COMPILED]
+    pairs = [prepared(copy.deepcopy(models[i]), torch.randn(shape1), compiled=True) for i in compiled]
+    for i, ms in zip(compiled, interleaved(pairs)): rows[i]['b1_compiled'] = ms
+    return [(r, rows[0]) for r in rows]
 
 
 BREAKDOWN = ('resnet50', 'mobilenet_v2', 'efficientnet_b0')
@@ -82,7 +105,7 @@ def kind(m):
     return 'activation, pool, other layers'
 
 
-def by_kind(model, x, runs=5):
+def by_kind(model, x, runs=1, warm_up=True):
     """Milliseconds per forward pass spent in each kind of leaf module (forward hooks around each), their MACs,
     and the time outside any leaf module (adds, multiplies, reshapes written in forward code)."""
     leaves = [m for m in model.modules() if not list(m.children())]
@@ -97,7 +120,7 @@ def by_kind(model, x, runs=5):
     hooks = [h for m in leaves for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
         with torch.inference_mode():
-            model(x)   # warm-up
+            if warm_up: model(x)
             spent.clear(); macs.clear()
             t = time.perf_counter()
             for _ in range(runs): model(x)
@@ -109,6 +132,13 @@ def by_kind(model, x, runs=5):
     return out, total / runs * 1e3
 
 
+def _median_kinds(results):
+    "The per-kind median (ms, MACs) and the median total over rounds of `by_kind` results."
+    kinds = results[0][0]
+    return ({k: (statistics.median(r[0][k][0] for r in results), kinds[k][1]) for k in kinds},
+            statistics.median(r[1] for r in results))
+
+
 def breakdown_lines(models):
     lines = ['| model | layer kind | dense ms | 50% ms | time ratio | MACs ratio | share of the dense time |',
              '|' + '---|' * 7]
@@ -116,7 +146,8 @@ def breakdown_lines(models):
         dense = model_of(name, 224)
         pruned = Pruner(sparsity=50, example_input=(1, 3, 224, 224), layer_type=(nn.Conv2d, nn.Linear)).prune_model(dense).eval()
         x = torch.randn(64, 3, 224, 224)
-        (d, dt), (p, pt) = by_kind(dense, x), by_kind(pruned, x)
+        rounds = [(by_kind(dense, x, warm_up=r == 0), by_kind(pruned, x, warm_up=r == 0)) for r in range(ROUNDS)]
+        (d, dt), (p, pt) = (_median_kinds([r[i] for r in rounds]) for i in (0, 1))
         dm, pm = sum(v[1] for v in d.values()), sum(v[1] for v in p.values())
         for k in sorted(d, key=lambda k: -d[k][0]):
             mr = f'{p[k][1] / d[k][1]:.3f}' if d[k][1] else ''
@@ -152,9 +183,9 @@ def main():
         for r, base in rows_for(name, *MODELS[name]):
             lines.append(fmt(r, base)); print(lines[-1], flush=True)
     blines = breakdown_lines([m for m in args.models if m in BREAKDOWN])
-    intro = ['', 'Where the time goes, batch 64, eager, contiguous: each leaf layer timed by forward hooks (5 passes), '
-             'dense against 50% of filters pruned; "outside the layers" is the rest of the forward pass (residual '
-             'adds, SE multiplies, reshapes).', '']
+    intro = ['', 'Where the time goes, batch 64, eager, contiguous: each leaf layer timed by forward hooks, dense '
+             f'against 50% of filters pruned, medians of {ROUNDS} passes of each in turn; "outside the layers" is the rest '
+             'of the forward pass (residual adds, SE multiplies, reshapes).', '']
     if args.out: write_result(args.out, 'Latency of pruned models', __doc__, lines + intro + blines)
 
 
