@@ -10,7 +10,8 @@ from .criteria import resolve_criterion
 from .errors import PruningError
 from .graph import trace
 from .tracing import check_model, example_tensor, first_nonfinite, training_mode
-from .sparsifier import Sparsifier, _pname, check_layer_type, check_method, check_round_to, check_sparsity
+from .sparsifier import (Sparsifier, _pname, check_layer_type, check_method, check_round_to, check_sparsity,
+                         mask_drops)
 from .surgery import out_dim, shrink
 
 __all__ = ['Pruner', 'dead_channels', 'check_same_function']
@@ -53,10 +54,10 @@ def dead_channels(group, modules, masks=None):
     for s in slices:
         m = modules[s.module]
         for pname, v in _vectors(s, m):
-            zero = v.detach()[s.offset:s.offset + s.length] == 0
+            zero = (v.detach()[s.offset:s.offset + s.length] == 0).cpu()
             known = _row_zero(masks, s.module, pname, m)
-            if known is not None: zero = zero.cpu() | known[s.offset:s.offset + s.length]
-            dead[s.start:s.start + s.length] &= zero.cpu()
+            if known is not None: zero |= known[s.offset:s.offset + s.length]
+            dead[s.start:s.start + s.length] &= zero
     for s in slices:
         if s.role == 'norm': continue
         known = _row_zero(masks, s.module, 'weight', modules[s.module])
@@ -199,15 +200,15 @@ def _masked(model, masks):
     try:
         with torch.no_grad():
             for name, keep in masks.items():
-                p, dims = params[name], [d for d, k in enumerate(keep.shape) if k != 1]
-                if len(dims) == 1:   # whole rows (filter masks): save and zero them by index, much faster
-                    idx = (~keep).flatten().nonzero().flatten()
-                    saved.append((p, dims[0], idx, p.index_select(dims[0], idx)))
-                    p.index_fill_(dims[0], idx, 0)
+                p = params[name]
+                dim, where = mask_drops(keep, p)
+                if dim is not None:   # whole rows (filter masks): save and zero them by index
+                    saved.append((p, dim, where, p.index_select(dim, where)))
+                    p.index_fill_(dim, where, 0)
                 else:
-                    drop = (~keep).expand_as(p)
-                    saved.append((p, None, drop, p[drop]))
-                    p.masked_fill_(drop, 0)
+                    where = where.expand_as(p)
+                    saved.append((p, None, where, p[where]))
+                    p.masked_fill_(where, 0)
         yield
     finally:
         with torch.no_grad():

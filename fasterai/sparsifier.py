@@ -81,6 +81,14 @@ def _excluded(model, exclude):
     return out
 
 
+def mask_drops(keep, p):
+    """How to zero what keep-mask `keep` drops in parameter `p`: (dim, indices) when it drops whole slices along
+    one dim (zeroed by index, a few times faster than a broadcast mask), else (None, the drop mask)."""
+    drop, dims = ~keep, [d for d, n in enumerate(keep.shape) if n != 1]
+    if len(dims) == 1 and keep.dim() == p.dim(): return dims[0], drop.flatten().nonzero().flatten()
+    return None, drop
+
+
 _BLOCK = 2 ** 20
 "About how many weights `Sparsifier.row_scores` scores at a time."
 
@@ -383,13 +391,8 @@ class Sparsifier:
             for name, keep in (m or {}).items():
                 if name in names: self.masks[name] = self.masks[name] & keep if name in self.masks else keep
         for name in names:
-            keep = self.masks[name]
-            drop, dims = ~keep, [d for d, n in enumerate(keep.shape) if n != 1]
-            if not drop.any(): self._drops.pop(name, None)
-            elif len(dims) == 1 and keep.dim() == self._params[name].dim():   # whole rows (or columns) of one dim
-                self._drops[name] = (dims[0], drop.flatten().nonzero().flatten())   # zeroed by index: faster
-            else:
-                self._drops[name] = (None, drop)
+            if (~self.masks[name]).any(): self._drops[name] = mask_drops(self.masks[name], self._params[name])
+            else: self._drops.pop(name, None)
 
     def _global_drops(self, scores, k):
         "One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped."
@@ -408,7 +411,7 @@ class Sparsifier:
         "Set every masked parameter entry to exactly zero (NaN and inf included)."
         for name, (dim, drop) in self._drops.items():
             if dim is None: self._params[name].masked_fill_(drop, 0)
-            else: self._params[name].index_fill_(dim, drop, 0)   # a few times faster than a broadcast mask
+            else: self._params[name].index_fill_(dim, drop, 0)
 
     # ------------------------------------------------------------ state
     def state_dict(self):

@@ -72,9 +72,13 @@ def symbolic_trace(model, leaves):
 
 
 def _function(v):
-    "The plain Python function behind `v` (a function, method, static or class method, property), or None."
-    v = getattr(v, 'fget', v)
-    v = getattr(v, '__func__', v)
+    """The plain Python function behind `v` (a function, method, static or class method, property), or None
+    (also for an object whose attributes raise)."""
+    try:
+        v = getattr(v, 'fget', v)
+        v = getattr(v, '__func__', v)
+    except Exception:
+        return None
     return v if isinstance(v, types.FunctionType) else None
 
 
@@ -90,7 +94,7 @@ def _reads_training(f, seen):
     if f in seen: return False
     seen.add(f)
     inner = [getattr(f, '__wrapped__', None)] + [_contents(c) for c in f.__closure__ or ()]
-    if any(g is not None and not _in_torch(g) and _reads_training(g, seen) for g in map(_safe_function, inner)):
+    if any(g is not None and not _in_torch(g) and _reads_training(g, seen) for g in map(_function, inner)):
         return True
     return _code_reads(f.__code__, f.__globals__, seen)
 
@@ -100,18 +104,13 @@ def _contents(cell):
     except ValueError: return None   # an empty cell
 
 
-def _safe_function(v):
-    try: return _function(v)
-    except Exception: return None   # an object whose attributes raise
-
-
 def _code_reads(code, scope, seen):
     if 'training' in code.co_names or 'training' in code.co_consts: return True
     if any(isinstance(c, types.CodeType) and _code_reads(c, scope, seen) for c in code.co_consts): return True
     for name in code.co_names:
         obj = scope.get(name)
         named = [getattr(obj, n, None) for n in code.co_names] if isinstance(obj, types.ModuleType) else [obj]
-        for g in map(_safe_function, named):
+        for g in map(_function, named):
             if g is not None and not _in_torch(g) and _reads_training(g, seen): return True
     return False
 
@@ -121,8 +120,8 @@ def _functions(m):
     classes left out), properties' getters, and functions or methods set on the instance."""
     for c in type(m).__mro__:
         if c is object or _in_torch(c): continue
-        yield from filter(None, map(_safe_function, vars(c).values()))
-    yield from filter(None, map(_safe_function, vars(m).values()))
+        yield from filter(None, map(_function, vars(c).values()))
+    yield from filter(None, map(_function, vars(m).values()))
 
 
 def reads_training(model, leaves):
