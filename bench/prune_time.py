@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 from torchvision_sweep import build  # noqa: E402 (one model set-up for every benchmark)
 
-from fasterai.pruner import Pruner, check_same_function, eval_outputs  # noqa: E402
+from fasterai.pruner import Pruner  # noqa: E402
 from fasterai.report import count_params  # noqa: E402
 from fasterai.sparsifier import Sparsifier  # noqa: E402
+from fasterai.verify import check_same_function  # noqa: E402
 
 MODELS = ['resnet50', 'mobilenet_v2', 'densenet121', 'vgg16_bn', 'efficientnet_b0', 'convnext_tiny', 'regnet_y_400mf']
 SHAPE = (1, 3, 224, 224)
@@ -81,7 +82,7 @@ def measure(name, repeats):
         s, theirs = timed(peer, model, plan); t_peer.append(s)
         t = time.perf_counter(); copy.deepcopy(model); t_copy.append(time.perf_counter() - t)
     t = time.perf_counter()
-    check_same_function(eval_outputs(_sparse(model), SHAPE), pruned, SHAPE)
+    check_same_function(_sparse(model), pruned, SHAPE)   # eval and train mode, as the Pruner's verify
     t_verify = time.perf_counter() - t
     med = statistics.median
     return dict(model=name, ours=med(t_ours), peer=med(t_peer), copy=med(t_copy), verify=t_verify,

@@ -22,7 +22,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from fasterai.pruner import Pruner, eval_outputs
+from torch.utils._pytree import tree_leaves
+
+from fasterai.pruner import Pruner
+from fasterai.errors import PruningError
+from fasterai.verify import MODES, check_same_function, outputs
 from fasterai.report import count_macs, count_params
 from fasterai.sparsifier import Sparsifier
 
@@ -33,7 +37,11 @@ PEER_SKIP = {}
 "Models the peer is not run on, and why."
 
 
-def input_shape(name, size=None, batch=1):
+MODE = {False: '', True: '_train'}
+"Row keys of the two modes' differences."
+
+
+def input_shape(name, size=None, batch=2):
     s = size or SIZES.get(name, 224)
     return (batch, 3, s, s)
 
@@ -48,15 +56,27 @@ def ours(model, shape, method, macs):
     sparse = copy.deepcopy(model)
     sp = Sparsifier(sparse, 'filter', method, 'l1', layer_type=(nn.Conv2d, nn.Linear), example_input=shape)
     sp.sparsify(30)
-    a, b, d = eval_outputs(sparse, shape)[0], eval_outputs(pruned, shape)[0], eval_outputs(model, shape)[0]
-    row['diff'] = ((a - b).abs().max() / a.abs().max()).item()
-    row['moved'] = ((a - d).abs().max() / d.abs().max()).item()   # how much sparsifying changed the output
+    for training in MODES:   # every output, in eval and in train mode (dropout off, BatchNorm statistics put back)
+        a, b, d = (outputs(m, shape, training) for m in (sparse, pruned, model))
+        row['diff' + MODE[training]] = rel_diff(a, b)
+        row['moved'] = max(row.get('moved', 0.), rel_diff(d, a))   # how much sparsifying changed the output
+    try:   # the Pruner's own check: a float32 difference over 1e-4 is checked again in float64
+        check_same_function(sparse, pruned, shape)
+        why = None
+    except PruningError as e:
+        why = str(e)
     row['params'], row['macs'] = count_params(pruned) / count_params(model), count_macs(pruned, shape) / macs
     frozen = [g for g in sp.graph.groups if g.frozen and g.by_role('out')]
     row['groups'] = f'{len(sp.targets)}/{len(sp.targets) + len(frozen)}'
-    row['ok'] = row['diff'] < 1e-4 and row['params'] < 1
+    row['ok'] = why is None and row['params'] < 1
+    if why: row['note'] = why
     if row['params'] >= 1: row['note'] = 'nothing pruned: ' + (frozen[0].frozen[0] if frozen else '')
     return row
+
+
+def rel_diff(ref, got):
+    "The largest difference between two outputs' tensors, relative to each reference tensor's scale."
+    return max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(tree_leaves(ref), tree_leaves(got)))
 
 
 def peer(model, shape, method):
@@ -145,7 +165,7 @@ def run(name, methods, size=None, with_peer=False):
 def fmt(row, with_peer):
     f = lambda k, spec: format(row[k], spec) if k in row else ''
     cells = [row['model'], row['method'], 'ok' if row['ok'] else 'FAIL', f('params', '.3f'), f('macs', '.3f'),
-             f('diff', '.1e'), f('moved', '.2f'), row.get('groups', ''), f('s', '.2f')]
+             f('diff', '.1e'), f('diff_train', '.1e'), f('moved', '.2f'), row.get('groups', ''), f('s', '.2f')]
     if with_peer:
         ratio = f"{row['s'] / row['tp_s']:.2f}" if 's' in row and 'tp_s' in row else ''
         cells += [row.get('tp', ''), f('tp_params', '.3f'), f('tp_s', '.2f'), ratio]
@@ -179,7 +199,7 @@ def main():
     torch.set_num_threads(2)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     if args.start: names = names[names.index(args.start):]
-    cols = ['model', 'method', 'result', 'params after/before', 'MACs after/before', 'max rel. diff sparse vs pruned',
+    cols = ['model', 'method', 'result', 'params after/before', 'MACs after/before', 'max rel. diff sparse vs pruned, eval', 'train',
             'max rel. diff dense vs sparse', 'groups pruned/with producers', 'prune s']
     if args.peer: cols += ['Torch-Pruning', 'TP params after/before', 'TP prune s', 'prune s ours/TP']
     lines = ['| ' + ' | '.join(cols + ['note']) + ' |', '|' + '---|' * (len(cols) + 1)]

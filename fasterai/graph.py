@@ -8,16 +8,14 @@ channels, so both read the same `ChannelGraph` and sparse == pruned holds by con
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import TraceError
-from .tracing import (Leaves, check_example_input, check_hooks, check_model, input_dtype, input_shape,
-                      propagate_shapes, reads_training, symbolic_trace, training_mode)
+from .tracing import (MODES, Leaves, check_example_input, check_hooks, check_model, input_dtype, input_shape,
+                      propagate_shapes, symbolic_trace, training_mode)
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
                   is_inplace)
 
@@ -158,8 +156,9 @@ def trace(model, example_input=None, leaf_modules=()):
 
     `example_input`: a tensor or a shape, batch included (shapes come from meta tensors, no compute);
     when None, (2, C, 224, 224) or (2, F) is guessed from the first Conv2d or Linear.
-    The model is traced in eval and, when the code traced reads a `training` flag, in train mode too (branches
-    such as auxiliary heads that run only in training are covered); both traces feed one graph.
+    The model is traced in eval and in train mode (branches such as auxiliary heads that run only in training are
+    covered; an identical second graph is not followed twice); both traces feed one graph, and a model that
+    fails to run in either mode on the example input raises TraceError.
     `leaf_modules`: qualified names or types of modules to keep whole (untraceable code, custom layers):
     their inputs and outputs are frozen.
     """
@@ -172,20 +171,13 @@ def trace(model, example_input=None, leaf_modules=()):
     check_hooks(model, leaves)
     shape, dtype = input_shape(model, example_input), input_dtype(model, example_input)
     spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()
-    modes = (False, True) if reads_training(model, leaves) else (False,)   # a train trace could not differ
-    for training in modes:
+    for training in MODES:   # a branch that runs only in training (an auxiliary head) reads channels too
         with training_mode(model, training):
             graph = symbolic_trace(model, leaves)
             signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
             if signature in seen: continue   # the same graph in both modes: follow it once
             seen.add(signature)
-            try:
-                propagate_shapes(graph, model, shape, dtype, example_input is None)
-            except TraceError as e:
-                if not training: raise
-                warnings.warn(f'{type(model).__name__} cannot run in train mode on {shape}, so branches that run '
-                              f'only in training are not covered: pass an example_input it can train on ({e})')
-                continue
+            propagate_shapes(graph, model, shape, dtype, example_input is None)
             ctx = _Context(model, spaces, owner, poisoned, opaque)
             for node in graph.nodes: ctx.env[node] = ctx.visit(node)
     # a module some call could not follow, or that also lives inside a module kept whole, keeps all its channels

@@ -7,14 +7,14 @@ import torch
 import torch.nn as nn
 
 from .criteria import resolve_criterion
-from .errors import PruningError
 from .graph import trace
-from .tracing import check_model, example_tensor, first_nonfinite, training_mode
+from .tracing import check_model, first_nonfinite
 from .sparsifier import (Sparsifier, _pname, check_layer_type, check_method, check_round_to, check_sparsity,
                          mask_drops)
 from .surgery import out_dim, shrink
+from .verify import MODES, check_same_function, outputs
 
-__all__ = ['Pruner', 'dead_channels', 'check_same_function']
+__all__ = ['Pruner', 'dead_channels']
 
 
 def _vectors(s, m):
@@ -105,39 +105,6 @@ def plan(graph, masks=None):
     return keep
 
 
-def _outputs(out):
-    "The tensors in a model output (a tensor, or nested tuples, lists and dicts of them)."
-    if isinstance(out, torch.Tensor): return [out]
-    if isinstance(out, dict): out = list(out.values())
-    if isinstance(out, (list, tuple)): return [t for o in out for t in _outputs(o)]
-    return []
-
-
-@torch.no_grad()
-def eval_outputs(model, example):
-    """The output tensors of `model` in eval mode (each module's mode restored) on `example`: a tensor,
-    or a shape for one seeded random input."""
-    with training_mode(model, False):
-        return _outputs(model(example_tensor(model, example)))
-
-
-def check_same_function(reference, pruned, example, rtol=1e-4):
-    """Raise PruningError unless `pruned` reproduces `reference` (a model, or its `eval_outputs`) within
-    `rtol` of the output scale on `example` (a tensor, or a shape for a random input)."""
-    ref = reference if isinstance(reference, list) else eval_outputs(reference, example)
-    name = type(pruned).__name__
-    try:
-        got = eval_outputs(pruned, example)
-    except RuntimeError as e:
-        raise PruningError(f'the pruned {name} fails to run: {e}') from e
-    for a, b in zip(ref, got):
-        scale = a.abs().max().item()
-        diff = (a - b).abs().max().item() if a.shape == b.shape else float('inf')
-        if not diff <= rtol * max(scale, 1e-12):
-            raise PruningError(f'the pruned {name} differs from the sparse one by {diff:.3g} '
-                               f'(output scale {scale:.3g}); please report this model')
-
-
 class Pruner:
     """Returns a physically smaller copy of a model: every channel whose whole group is zero is removed.
 
@@ -146,7 +113,8 @@ class Pruner:
     `example_input`: a tensor or shape for tracing (guessed from the first layer when None); when a tensor,
     `verify` runs on it, otherwise on a random input of that shape.
     `leaf_modules`: names or types of modules the tracer keeps whole (see `graph.trace`).
-    `verify`: run the sparse and pruned models and raise PruningError if their outputs differ.
+    `verify`: run the sparse and pruned models in eval and in train mode (dropout off, random draws seeded, the
+    BatchNorm statistics put back) and raise PruningError if any output differs (see `verify.check_same_function`).
     `round_to`: with `sparsity`, each group keeps a multiple of this many channels (see `Sparsifier`).
     """
     def __init__(self, sparsity=None, criteria='l1', method='local', layer_type=nn.Conv2d, example_input=None,
@@ -183,14 +151,24 @@ class Pruner:
                             self.leaf_modules, round_to=self.round_to)
             graph, masks = sp.graph, sp.plan_masks(self.sparsity)
         example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
-        if self.verify:
-            with _masked(model, masks): reference = eval_outputs(model, example)
+        if self.verify:   # the sparse model's outputs in both modes, computed before the copy takes memory
+            reference = _reference(model, masks, example)
+            expected = {training: reference(training) for training in MODES}
         # the masks are never needed on the user's model to build the copy: the rows they drop are known zero,
         # the copy leaves them out, and the few it keeps (a layer keeps one channel) are zeroed in the copy
         keep = plan(graph, masks)
         pruned = _pruned_copy(model, keep, masks)
-        if self.verify: check_same_function(reference, pruned, example)
+        if self.verify:
+            check_same_function(lambda training, float64=False: expected[training] if not float64 else
+                                reference(training, float64), pruned, example)
         return pruned
+
+
+def _reference(model, masks, example):
+    "A function `(training, float64) -> outputs` of the sparse model: `model` with `masks` applied while it runs."
+    def run(training, float64=False):
+        with _masked(model, masks): return outputs(model, example, training, float64)
+    return run
 
 
 @contextmanager

@@ -1,6 +1,5 @@
 """Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
 import operator
-import types
 from contextlib import contextmanager
 
 import torch
@@ -11,8 +10,11 @@ import torch.nn.functional as F
 from .errors import TraceError
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
-__all__ = ['training_mode', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite', 'first_nonfinite', 'check_example_input',
-           'symbolic_trace', 'reads_training', 'input_shape', 'input_dtype', 'propagate_shapes']
+__all__ = ['MODES', 'training_mode', 'buffers_kept', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite',
+           'first_nonfinite', 'check_example_input', 'symbolic_trace', 'input_shape', 'input_dtype', 'propagate_shapes']
+
+MODES = (False, True)
+"The modes a model is traced and verified in: eval (False) and train (True)."
 
 
 def check_hooks(model, leaves):
@@ -71,75 +73,6 @@ def symbolic_trace(model, leaves):
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
 
 
-def _function(v):
-    """The plain Python function behind `v` (a function, method, static or class method, property), or None
-    (also for an object whose attributes raise)."""
-    try:
-        v = getattr(v, 'fget', v)
-        v = getattr(v, '__func__', v)
-    except Exception:
-        return None
-    return v if isinstance(v, types.FunctionType) else None
-
-
-def _in_torch(obj):
-    name = getattr(obj, '__module__', None) or ''
-    return name == 'torch' or name.startswith('torch.')
-
-
-def _reads_training(f, seen):
-    """Whether function `f` may read an attribute or key 'training': its code and nested code, what it wraps
-    (`__wrapped__`, functions in its closure), and the user functions it names (globals, or attributes of a
-    module it names: `utils.helper(...)`), followed transitively."""
-    if f in seen: return False
-    seen.add(f)
-    inner = [getattr(f, '__wrapped__', None)] + [_contents(c) for c in f.__closure__ or ()]
-    if any(g is not None and not _in_torch(g) and _reads_training(g, seen) for g in map(_function, inner)):
-        return True
-    return _code_reads(f.__code__, f.__globals__, seen)
-
-
-def _contents(cell):
-    try: return cell.cell_contents
-    except ValueError: return None   # an empty cell
-
-
-def _code_reads(code, scope, seen):
-    if 'training' in code.co_names or 'training' in code.co_consts: return True
-    if any(isinstance(c, types.CodeType) and _code_reads(c, scope, seen) for c in code.co_consts): return True
-    for name in code.co_names:
-        obj = scope.get(name)
-        named = [getattr(obj, n, None) for n in code.co_names] if isinstance(obj, types.ModuleType) else [obj]
-        for g in map(_function, named):
-            if g is not None and not _in_torch(g) and _reads_training(g, seen): return True
-    return False
-
-
-def _functions(m):
-    """The user-written functions a call of module `m` may run: the methods of its class and bases (torch's own
-    classes left out), properties' getters, and functions or methods set on the instance."""
-    for c in type(m).__mro__:
-        if c is object or _in_torch(c): continue
-        yield from filter(None, map(_function, vars(c).values()))
-    yield from filter(None, map(_function, vars(m).values()))
-
-
-def reads_training(model, leaves):
-    """Whether the code the tracer runs (the methods of every module it traces through, and the user functions
-    they name) may read a `training` flag, or some module changes what `train()` does: only then can a
-    train-mode trace differ from the eval one. Code found only at run time (`exec`, `getattr` with a computed
-    name, C extensions) is not seen."""
-    if any(type(m).train is not nn.Module.train for m in model.modules()): return True
-    tracer, seen, todo = _Tracer(leaves), set(), [('', model)]
-    while todo:
-        name, m = todo.pop()
-        if name and tracer.is_leaf_module(m, name) and not isinstance(m, (nn.ModuleList, nn.ModuleDict)):
-            continue   # called whole (lists and dicts are never called: their members are)
-        if any(_reads_training(f, seen) for f in _functions(m)): return True
-        todo += [(f'{name}.{n}' if name else n, c) for n, c in m.named_children()]
-    return False
-
-
 def example_tensor(model, example):
     "`example` if it is a tensor, else one seeded random input of that shape on the model's device and dtype."
     if isinstance(example, torch.Tensor): return example
@@ -157,6 +90,17 @@ def training_mode(model, training):
         yield model
     finally:
         for m, flag in flags: m.training = flag
+
+
+@contextmanager
+def buffers_kept(model):
+    "Run `model` for a while (in train mode, say) without a lasting change to its buffers (BatchNorm statistics)."
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, value in saved: b.copy_(value)
 
 
 SAME_SHAPE = {*ZERO_KEEPING, *ZERO_MOVING, nn.Hardtanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -304,20 +248,23 @@ def input_shape(model, example_input):
 
 
 def propagate_shapes(graph, model, shape, dtype, guessed):
-    "Shapes of every node of `model`'s `graph` on meta tensors; in eval mode, code that needs real tensors runs on zeros."
+    """Shapes of every node of `model`'s `graph` on meta tensors; code that needs real tensors runs on zeros (its
+    buffers, such as BatchNorm statistics in train mode, and the random state are put back afterwards)."""
     try:
         try:
             _Shapes(model, graph, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
         except Exception:
-            if model.training: raise   # a real train-mode run would update BatchNorm statistics
             p = next(model.parameters(), None)
-            with torch.no_grad():
+            with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=[]):
                 _Shapes(model, graph, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
     except Exception as e:
-        hint = ' (the shape was guessed: pass example_input)' if guessed else ''
         mode = 'train' if model.training else 'eval'
-        raise TraceError(f'running {type(model).__name__} in {mode} mode on an input of shape {shape} '
-                         f'failed{hint}: {type(e).__name__}: {e}') from e
+        hint = (f'the shape was guessed: pass an example_input {type(model).__name__} runs on in train and eval mode'
+                if guessed else f'pass an example_input {type(model).__name__} runs on in train and eval mode')
+        why = (str(e).strip().splitlines() or [''])[0]   # fx appends the graph node and more lines
+        raise TraceError(f'running {type(model).__name__} in {mode} mode on an input of shape {shape} failed '
+                         f'({type(e).__name__}: {why}). Pruning must follow both modes (a branch that runs only in '
+                         f'training reads channels too): {hint}') from e
 
 
 def input_dtype(model, example_input):

@@ -1,5 +1,4 @@
 """Models that once pruned into something that failed or computed otherwise, and inputs once accepted silently."""
-import warnings
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 from conftest import max_rel_diff, randomize_norms
 from fastai.callback.schedule import SchedCos, SchedLin, combine_scheds
 
+from fasterai.errors import TraceError
 from fasterai.examples import Net
 from fasterai.graph import trace
 from fasterai.pruner import Pruner
@@ -238,19 +238,22 @@ def test_sparsifier_argument_errors():
         Pruner(sparsity=30, layer_type='conv')
 
 
-def test_train_mode_failure_warns_and_keeps_the_eval_graph():
+def test_train_mode_failure_is_an_error_not_a_dropped_branch():
+    "A branch that runs only in training and cannot run on the input: never pruned around (it reads the channels)."
     class AuxTooSmall(nn.Module):
-        def __init__(self):
+        def __init__(self, k=5):
             super().__init__()
-            self.a, self.b, self.aux = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 5)
+            self.a, self.b, self.aux = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, k)
 
         def forward(self, x):
             h = F.relu(self.a(x))
             return (self.b(h), self.aux(F.max_pool2d(h, 2))) if self.training else self.b(h)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter('always')
-        g = trace(AuxTooSmall(), (2, 3, 6, 6))
-    assert any('cannot run in train mode' in str(x.message) for x in w) and len(g.groups) == 2
+    with pytest.raises(TraceError, match=r'in train mode on an input of shape \(2, 3, 6, 6\) failed.*pass an '
+                                         'example_input AuxTooSmall runs on in train and eval mode'):
+        trace(AuxTooSmall(), (2, 3, 6, 6))
+    with pytest.raises(TraceError, match='in train mode.*the shape was guessed'):
+        Pruner().prune_model(AuxTooSmall(k=120))   # the guessed (2, 3, 224, 224) pools to 111 x 111
+    assert len(trace(AuxTooSmall(), (2, 3, 16, 16)).groups) == 3   # where the branch runs, it is followed
 
 
 class Normed(nn.Module):
@@ -301,18 +304,23 @@ class HelperAux(nn.Module):
         return self.b(h) if extra is None else (self.b(h), extra)
 
 
-def test_train_trace_runs_when_a_helper_reads_the_mode_and_only_then(monkeypatch):
+def test_both_modes_are_traced_and_an_identical_graph_followed_once(monkeypatch):
     from fasterai import graph as graph_module
-    modes = []
-    real = graph_module.training_mode
+    modes, visits = [], []
+    real, real_visit = graph_module.training_mode, graph_module._Context.visit
     def spy(model, training):
         modes.append(training)
         return real(model, training)
+    def visit(self, node):
+        visits.append(node.name)
+        return real_visit(self, node)
     monkeypatch.setattr(graph_module, 'training_mode', spy)
+    monkeypatch.setattr(graph_module._Context, 'visit', visit)
     g = trace(HelperAux(), (2, 3, 8, 8))
     assert modes == [False, True]
     (grp,) = [x for x in g.groups if any(s.module == 'a' for s in x.slices)]
     assert {s.module for s in grp.slices} == {'a', 'b', 'aux'}   # seen only by the train-mode trace
-    modes.clear()
-    trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)), (2, 3, 8, 8))
-    assert modes == [False]   # torch.nn layers are leaves: their own mode checks cannot change the graph
+    modes.clear(); visits.clear()
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    trace(seq, (2, 3, 8, 8))
+    assert modes == [False, True] and len(visits) == len(set(visits)) == 7   # torch.nn layers are leaves

@@ -1,8 +1,5 @@
-"""The fast paths agree with the slow ones: the train-trace detection, shape shortcuts, module copy, mask
-bookkeeping and application."""
+"""The fast paths agree with the slow ones: shape shortcuts, module copy, mask bookkeeping and application."""
 import copy
-import functools
-import types
 
 import pytest
 import torch
@@ -14,93 +11,7 @@ from fasterai.examples import Net
 from fasterai.graph import trace
 from fasterai.pruner import Pruner, copy_modules, plan
 from fasterai.sparsifier import Sparsifier
-from fasterai.tracing import Leaves, _Shapes, reads_training, symbolic_trace
-
-
-# ------------------------------------------------------------------ when a train-mode trace is needed
-class _Base(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.aux = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
-
-    def forward(self, x):
-        h = F.relu(self.a(x))
-        return self.b(h)
-
-
-class _FlagByTrain(_Base):
-    "train() sets another flag that forward branches on."
-    def train(self, mode=True):
-        super().train(mode)
-        self.use_aux = mode
-        return self
-
-    def forward(self, x):
-        h = F.relu(self.a(x))
-        return (self.b(h), self.aux(h)) if getattr(self, 'use_aux', False) else self.b(h)
-
-
-class _AuxMixin:
-    def maybe_aux(self, h):
-        return self.aux(h) if self.training else None
-
-
-class _TrailingMixin(_Base, _AuxMixin):
-    "The mode is read in a mixin that comes after nn.Module in the MRO."
-    def forward(self, x):
-        h = F.relu(self.a(x))
-        extra = self.maybe_aux(h)
-        return self.b(h) if extra is None else (self.b(h), extra)
-
-
-def _passing_through(forward):
-    @functools.wraps(forward)
-    def wrapper(self, x):
-        out = forward(self, x)
-        return out
-    return wrapper
-
-
-def _reads_mode(self):
-    return self.training
-
-
-class _Decorated(_Base):
-    "The mode is read inside a decorated forward (through the decorator's closure)."
-    @_passing_through
-    def forward(self, x):
-        h = F.relu(self.a(x))
-        return (self.b(h), self.aux(h)) if _reads_mode(self) else self.b(h)
-
-
-class _ViaModule(_Base):
-    "The mode is read by a helper reached as an attribute of a module (utils.aux_if_training)."
-    def forward(self, x):
-        h = F.relu(self.a(x))
-        extra = _helpers_module.aux_if_training(self, h)
-        return self.b(h) if extra is None else (self.b(h), extra)
-
-
-_helpers_module = types.ModuleType('user_helpers')
-exec('def aux_if_training(block, h):\n    return block.aux(h) if block.training else None', _helpers_module.__dict__)
-
-
-@pytest.mark.parametrize('cls', [_FlagByTrain, _TrailingMixin, _Decorated, _ViaModule])
-def test_train_trace_runs_for_every_way_code_can_read_the_mode(cls):
-    model = cls()
-    assert reads_training(model, Leaves(()))
-    (grp,) = [g for g in trace(model, (2, 3, 8, 8)).groups if any(s.module == 'a' for s in g.slices)]
-    assert {s.module for s in grp.slices} == {'a', 'b', 'aux'}   # the train-only reader is in the group
-
-
-def test_no_train_trace_for_code_that_cannot_read_the_mode():
-    assert not reads_training(Net(3), Leaves(()))
-    assert not reads_training(_Base(), Leaves(()))
-    made = {}
-    exec('def f(x):\n    return x', made)   # a function without a module name must not break the scan
-    m = _Base()
-    m.helper = made['f']
-    assert not reads_training(m, Leaves(()))
+from fasterai.tracing import Leaves, _Shapes, symbolic_trace
 
 
 # ------------------------------------------------------------------ shapes

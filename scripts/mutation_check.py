@@ -1,0 +1,67 @@
+"""Break each part of the safety net once and show which tests fail: a check no test notices is not tested.
+
+Each mutation replaces one line of the library (the file is put back afterwards, whatever happens), runs the
+tests of the safety net and prints the tests that failed; every mutation must make at least one fail (exit 1
+otherwise).
+
+Run: `.venv/bin/python scripts/mutation_check.py [TEST FILES...]`
+"""
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py']
+MUTATIONS = {   # name: (file, line as it is, line broken)
+    'verify never raises': (
+        'fasterai/verify.py', "            raise PruningError(f'the pruned {name} does not compute",
+        "            if False: raise PruningError(f'the pruned {name} does not compute"),
+    'verify in eval mode only': (
+        'fasterai/verify.py', 'def check_same_function(reference, pruned, example, rtol=1e-4, modes=MODES):',
+        'def check_same_function(reference, pruned, example, rtol=1e-4, modes=(False,)):'),
+    'no float64 second opinion': (
+        'fasterai/verify.py',
+        '        if why is not None and _why(run, pruned, example, training, rtol, True, mode) is not None:',
+        '        if why is not None:'),
+    'dropout left on in train mode': (
+        'fasterai/verify.py', "        if func in _DROPOUTS: return args[0] if args else kwargs['input']", '        pass'),
+    'buffers not put back': (
+        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model),',
+        '    with training_mode(model, training), nullcontext(),'),
+    'traced in eval mode only': ('fasterai/graph.py', '    for training in MODES:', '    for training in (False,):'),
+    'a failed train-mode trace dropped': (
+        'fasterai/graph.py', '            propagate_shapes(graph, model, shape, dtype, example_input is None)',
+        '            try: propagate_shapes(graph, model, shape, dtype, example_input is None)\n'
+        '            except Exception:\n                if training: continue\n                raise'),
+}
+
+
+def failures(tests):
+    "The tests that fail, as pytest names them."
+    out = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *tests], cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    return [l.split('::', 1)[1].split(' - ')[0] for l in out.splitlines() if l.startswith('FAILED')]
+
+
+def main():
+    tests, missed = sys.argv[1:] or TESTS, []
+    for name, (file, line, broken) in MUTATIONS.items():
+        path = ROOT / file
+        text = path.read_text()
+        if text.count(line) != 1: sys.exit(f"{file} no longer holds the line of '{name}' once: update MUTATIONS")
+        with tempfile.NamedTemporaryFile() as backup:
+            shutil.copy(path, backup.name)
+            try:
+                path.write_text(text.replace(line, broken))
+                failed = failures(tests)
+            finally:
+                shutil.copy(backup.name, path)
+        print(f'{name}: {len(failed)} tests fail' + ''.join(f'\n  {f}' for f in failed), flush=True)
+        if not failed: missed.append(name)
+    if missed: sys.exit(f'no test notices: {missed}')
+
+
+if __name__ == '__main__':
+    main()
