@@ -1,22 +1,36 @@
 """Prune 30% of the filters of every torchvision classification model in one shot; check sparse == pruned.
 
-For each model (weights=None, eval mode, its usual input size unless --size is given) and each method:
-`Pruner(sparsity=30, criteria='l1', method=..., layer_type=(Conv2d, Linear))` on a copy, timed (trace,
-score, zero, rebuild), then the pruned model against the sparse one on a random input. With --peer, the
-same 30% with Torch-Pruning's MetaPruner (L1 magnitude, its dependency graph, the classifier ignored), timed
-from graph build to pruned model; Torch-Pruning is installed only where the benchmark runs
-(`pip install torch-pruning==1.6.1`), never a dependency of fasterai.
+Every classification model of torchvision (`list_models(module=torchvision.models)`), built with
+`weights=None` at its usual input size (224, Inception-v3 299) and batch 2, BatchNorm statistics calibrated on
+one random batch and near-zero inits (ViT's head, ConvNeXt's layer scale) randomised so that the comparison
+means something. For each of 'local' and 'global': `Pruner(sparsity=30, criteria='l1', layer_type=(Conv2d,
+Linear), verify=False)` timed (trace in both modes, score, build the pruned copy), then the pruned model against
+the sparse one (the same 30% zeroed by the Sparsifier) on a random input, every output, in eval and in train
+mode (dropout off, other random draws seeded, as `verify` runs them). "result" is ok when
+`check_same_function` passes (a float32 difference above 1e-4 is checked again in float64) and parameters fell;
+the "dense vs sparse" column shows how much sparsifying itself moved the outputs, so the check is not vacuous.
+"groups pruned/with producers" counts the channel groups sparsified and pruned against all groups some layer
+writes (the output group is always frozen); `print(trace(model))` says why each other group is frozen. Prune
+times are single runs: bench/prune_time.py measures them properly (alternating, repeated).
+
+With --peer, the same 30% with Torch-Pruning 1.6.1's MetaPruner (L1 magnitude, its dependency graph, the
+classifier ignored), timed from graph build to pruned model, in a separate process limited to about 10 GiB (a
+blow-up becomes a row); it does not keep the function (it removes live channels), so only whether it runs and
+its size compare. Torch-Pruning is installed only where the benchmark runs (`pip install torch-pruning==1.6.1`),
+never a dependency of fasterai.
 
 Run: `.venv/bin/python bench/torchvision_sweep.py [--models resnet18 ...] [--peer] [--out FILE.md]`
 """
 import argparse
 import copy
 import platform
+import statistics
 import sys
 import time
 import traceback
 import warnings
 from datetime import date
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -203,19 +217,50 @@ def main():
             'max rel. diff dense vs sparse', 'groups pruned/with producers', 'prune s']
     if args.peer: cols += ['Torch-Pruning', 'TP params after/before', 'TP prune s', 'prune s ours/TP']
     lines = ['| ' + ' | '.join(cols + ['note']) + ' |', '|' + '---|' * (len(cols) + 1)]
+    rows = []
     for name in names:
         for row in run(name, args.methods, args.size, args.peer):
+            rows.append(row)
             lines.append(fmt(row, args.peer)); print(lines[-1], flush=True)
-        if args.out: write(args, lines, done=name == names[-1])   # after each model: a partial table survives
+        if args.out: write(args, lines, rows, done=name == names[-1])   # after each model: a partial table survives
 
 
-def write(args, lines, done):
-    ok = sum(' | ok | ' in l for l in lines[2:])
-    head = (f'# torchvision classification models: 30% of filters, one shot, then pruned\n\n'
+def commit():
+    "The commit of the code measured (with '+changes' when tracked files differ from it)."
+    import subprocess
+    git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    return git('rev-parse', '--short', 'HEAD').strip() + ('+changes' if git('status', '--porcelain', '-uno').strip() else '')
+
+
+def summary(rows, with_peer):
+    "The results in sentences: how many runs are exact, the parameter ratios with their worst, the peer's count."
+    ok = [r for r in rows if r['ok']]
+    text = f'**{len(ok)} of {len(rows)} runs prune, with sparse == pruned in eval and train mode**'
+    diffs = [r[k] for r in ok for k in ('diff', 'diff_train') if k in r]
+    if ok:
+        worst = max(ok, key=lambda r: r['params'])
+        text += (f' (max relative difference {max(diffs):.1e} in float32); parameters left from '
+                 f"{min(r['params'] for r in ok):.3f} to {worst['params']:.3f} ({worst['model']} {worst['method']})")
+    bad = [f"{r['model']} {r['method']}" for r in rows if not r['ok']]
+    text += '.' + (f' Not ok: {", ".join(bad)}.' if bad else '')
+    if with_peer:
+        ran = [r for r in rows if 'tp_s' in r]
+        both = [r['s'] / r['tp_s'] for r in ran if 's' in r]
+        fails = sorted({f"{r['model']} ({r['tp']})" for r in rows if r.get('tp') not in ('ok', None)})
+        text += (f' Torch-Pruning 1.6.1 returns a model in {len(ran)} of {len(rows)} runs'
+                 + (f'; prune time ours/Torch-Pruning median {statistics.median(both):.2f}, from {min(both):.2f} to '
+                    f'{max(both):.2f}' if both else '') + '.' + (f' Torch-Pruning fails on: {"; ".join(fails)}.' if fails else ''))
+    return text
+
+
+def write(args, lines, rows, done):
+    description = __doc__.split('\n\n', 1)[1].split('Run:')[0]
+    head = (f'# torchvision classification models: 30% of filters, one shot, then pruned\n\n{description}'
             f'Command: `{" ".join(["python"] + sys.argv)}`  \n'
+            f'Code: fasterai at commit {commit()}  \n'
             f'Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
-            f'torchvision {torchvision.__version__}, {date.today()}  \n'
-            f'{ok} of {len(lines) - 2} runs prune with sparse == pruned (max relative difference < 1e-4).'
+            f'torchvision {torchvision.__version__}, {date.today()}\n\n'
+            f'{summary(rows, args.peer)}'
             f'{"" if done else " (Partial: the run was stopped before the last model.)"}\n\n')
     with open(args.out, 'w') as f: f.write(head + '\n'.join(lines) + '\n')
 

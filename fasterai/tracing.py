@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from .errors import TraceError
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
-__all__ = ['MODES', 'training_mode', 'buffers_kept', 'example_tensor', 'Leaves', 'check_hooks', 'check_model', 'finite',
-           'first_nonfinite', 'check_example_input', 'symbolic_trace', 'input_shape', 'input_dtype', 'propagate_shapes']
+__all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'example_tensor', 'Leaves', 'check_hooks',
+           'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace', 'input_shape',
+           'input_dtype', 'propagate_shapes']
 
 MODES = (False, True)
 "The modes a model is traced and verified in: eval (False) and train (True)."
@@ -101,6 +102,17 @@ def buffers_kept(model):
     finally:
         with torch.no_grad():
             for b, value in saved: b.copy_(value)
+
+
+@contextmanager
+def seeded(model, seed=0):
+    """Seed the random draws on `model`'s devices (the CPU, and the CUDA devices of its parameters) for a while;
+    their states come back afterwards, so the caller's random streams are left as they were."""
+    cuda = sorted({t.device.index for t in model.parameters() if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for i in cuda: torch.cuda.default_generators[i].manual_seed(seed)
+        yield
 
 
 SAME_SHAPE = {*ZERO_KEEPING, *ZERO_MOVING, nn.Hardtanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -255,7 +267,7 @@ def propagate_shapes(graph, model, shape, dtype, guessed):
             _Shapes(model, graph, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
         except Exception:
             p = next(model.parameters(), None)
-            with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), buffers_kept(model), seeded(model):
                 _Shapes(model, graph, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
     except Exception as e:
         mode = 'train' if model.training else 'eval'

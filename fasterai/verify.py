@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from .errors import PruningError
-from .tracing import MODES, buffers_kept, example_tensor, training_mode
+from .tracing import MODES, buffers_kept, example_tensor, seeded, training_mode
 
 __all__ = ['MODES', 'outputs', 'mismatch', 'check_same_function']
 
@@ -42,9 +42,8 @@ def outputs(model, example, training, float64=False):
     every module's mode and every buffer (BatchNorm statistics) are put back afterwards, the caller's random
     state is left alone, and in train mode dropout is off and the other random draws are seeded."""
     x = example_tensor(model, example)
-    with training_mode(model, training), buffers_kept(model), torch.random.fork_rng(devices=[]), \
+    with training_mode(model, training), buffers_kept(model), seeded(model), \
             (_NoDropout() if training else nullcontext()), (_float64(model) if float64 else nullcontext()):
-        torch.manual_seed(0)
         return model(x.double() if float64 and x.is_floating_point() else x)
 
 

@@ -30,6 +30,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'buffers not put back': (
         'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model),',
         '    with training_mode(model, training), nullcontext(),'),
+    'random draws not seeded alike': (
+        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model), seeded(model), \\',
+        '    with training_mode(model, training), buffers_kept(model), nullcontext(), \\'),
     'traced in eval mode only': ('fasterai/graph.py', '    for training in MODES:', '    for training in (False,):'),
     'a failed train-mode trace dropped': (
         'fasterai/graph.py', '            propagate_shapes(graph, model, shape, dtype, example_input is None)',
