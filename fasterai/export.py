@@ -8,23 +8,19 @@ the original class and then load an ordinary `state_dict`.
 import torch
 import torch.nn as nn
 
-from .surgery import SHRINKERS
+from .layers import kind_of
 
 __all__ = ['pruned_config', 'rebuild_pruned']
-
-SIZE_ATTRS = ('in_channels', 'out_channels', 'groups', 'in_features', 'out_features', 'num_features',
-              'num_channels', 'num_groups')
-"The size attributes of the layers the Pruner resizes."
-
 
 def pruned_config(model):
     """Qualified name -> {'attrs': size attributes, 'shapes': parameter and buffer shapes} for every layer the
     Pruner can resize; plain ints and lists, so it saves with `torch.save` and loads with `weights_only=True`."""
     out = {}
     for name, m in model.named_modules():
-        if type(m) not in SHRINKERS: continue
+        kind = kind_of(m)
+        if kind is None: continue
         tensors = {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
-        out[name] = {'attrs': {a: getattr(m, a) for a in SIZE_ATTRS if hasattr(m, a)},
+        out[name] = {'attrs': {a: getattr(m, a) for a in kind.size_attrs() if hasattr(m, a)},
                      'shapes': {k: list(t.shape) for k, t in tensors.items() if t is not None}}
     return out
 
@@ -40,7 +36,7 @@ def rebuild_pruned(model, config):
                                  'rebuild from an instance of the class the pruned model came from')
     for name, rec in config.items():
         m = modules[name]
-        if type(m) not in SHRINKERS:
+        if kind_of(m) is None:
             raise ValueError(f"layer {name!r} is a {type(m).__name__}, not one the Pruner resizes")
         for a, v in rec['attrs'].items(): setattr(m, a, v)
         for k, shape in rec['shapes'].items():

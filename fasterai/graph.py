@@ -14,8 +14,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .tracing import (MODES, Leaves, check_example_input, check_hooks, check_model, input_dtype, input_shape,
-                      propagate_shapes, symbolic_trace, training_mode)
+from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_hooks, check_model, input_dtype,
+                      input_shape, propagate_shapes, seeded, symbolic_trace, training_mode)
+from .layers import known_base, kind_of
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
                   is_inplace)
 
@@ -172,7 +173,7 @@ def trace(model, example_input=None, leaf_modules=()):
     shape, dtype = input_shape(model, example_input), input_dtype(model, example_input)
     spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()
     for training in MODES:   # a branch that runs only in training (an auxiliary head) reads channels too
-        with training_mode(model, training):
+        with training_mode(model, training), buffers_kept(model), seeded(model):   # forwards may update buffers
             graph = symbolic_trace(model, leaves)
             signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
             if signature in seen: continue   # the same graph in both modes: follow it once
@@ -189,6 +190,16 @@ def trace(model, example_input=None, leaf_modules=()):
     return ChannelGraph(model, spaces.groups(), shape)
 
 
+
+
+def _unregistered(base):
+    "The rule of a subclass of a known layer that is not registered: it freezes what it touches, saying why."
+    def rule(ctx, node):
+        cls = type(ctx.module(node)).__name__
+        like = f'nn.{base.__name__}' if base.__module__.startswith('torch.nn') else base.__name__
+        raise Unhandled(f'is a subclass of {base.__name__} that fasterai does not know (its forward may differ): '
+                        f'fasterai.register_layer({cls}, like={like}) if it maps channels as {base.__name__} does')
+    return rule
 
 
 class _Context:
@@ -235,7 +246,9 @@ class _Context:
     def rule(self, node):
         if node.op == 'call_module':
             m = self.modules[node.target]
-            return MODULE_RULES.get(type(m)), f"{type(m).__name__} '{node.target}'"
+            kind, base = kind_of(m), known_base(m)
+            rule = kind.rule if kind is not None else _unregistered(base) if base else MODULE_RULES.get(type(m))
+            return rule, f"{type(m).__name__} '{node.target}'"
         if node.op == 'call_method':
             return METHOD_RULES.get(node.target), f"method '.{node.target}()'"
         name = getattr(node.target, '__name__', str(node.target))
@@ -260,6 +273,7 @@ class _Context:
 
     # helpers for rules
     def module(self, node): return self.modules[node.target]
+    def kind(self, node): return kind_of(self.modules[node.target])
     def layout(self, node, i=0):
         v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None
         if isinstance(v, (tuple, SizeOf, Count)): raise Unhandled('reads a tuple of tensors or sizes')

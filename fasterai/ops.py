@@ -21,7 +21,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES', 'INPLACE', 'is_inplace']
+__all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES',
+           'INPLACE', 'is_inplace', 'conv', 'linear', 'batchnorm', 'groupnorm']
 
 
 class Unhandled(Exception):
@@ -183,16 +184,24 @@ def prelu(ctx, node):
 
 
 # ---------------------------------------------------------------- layers that write channels
+def _inputs(ctx, node, lay):
+    """Record `lay` as the input channels of the layer called at `node`; a layer whose kind may not lose inputs
+    (weight standardisation normalises each row over all of them) freezes them instead."""
+    if lay is None or ctx.kind(node).inputs: return ctx.record(lay, node, 'in')
+    ctx.freeze(lay, f"'{node.target}' ({type(ctx.module(node)).__name__}) is registered with inputs=False: removing "
+                    'even a zero input channel changes what it computes')
+
+
 def conv(ctx, node):
     """Conv2d, ConvTranspose2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i;
     grouped convolutions tie the channels of their groups (each group keeps the same positions)."""
     m, lay = ctx.module(node), _only_first(ctx, node)
     if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1 or lay.channels != m.in_channels):
         raise Unhandled('the convolution does not read the tracked channels as its input channels')
-    if type(m) is nn.ConvTranspose2d and m.groups != 1:
+    if ctx.kind(node).out_dim == 1 and m.groups != 1:
         raise Unhandled(f'grouped transposed convolution (groups={m.groups}) is not pruned')
     if m.groups == 1:
-        ctx.record(lay, node, 'in')
+        _inputs(ctx, node, lay)
         out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
         ctx.record(out, node, 'out')
         return out
@@ -207,7 +216,7 @@ def conv(ctx, node):
             raise Unhandled(f'grouped convolution (groups={m.groups}) reads channels whose blocks it cannot tie')
         for p in lay.pieces[1:]: ctx.spaces.unite(lay.pieces[0].space, p.space)
         ctx.spaces.tie_space(lay.pieces[0].space, next(iter(sizes)) // per, f"grouped conv '{node.target}' ties them")
-    ctx.record(lay, node, 'in')
+    _inputs(ctx, node, lay)
     out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
     ctx.spaces.tie_space(out.pieces[0].space, m.groups, f"grouped conv '{node.target}' ties them")
     ctx.record(out, node, 'out')
@@ -219,7 +228,7 @@ def linear(ctx, node):
     m, lay = ctx.module(node), _only_first(ctx, node)
     if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 1 or lay.channels * lay.block != m.in_features):
         raise Unhandled('the Linear layer does not read the tracked channels as its input features')
-    ctx.record(lay, node, 'in')
+    _inputs(ctx, node, lay)
     out = ctx.new_layout(m.out_features, len(ctx.shape(node)) - 1)
     ctx.record(out, node, 'out')
     return out
@@ -484,9 +493,8 @@ ZERO_KEEPING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Si
 ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaDropout)
 "Module types that map zero to a non-zero value (AlphaDropout: in training)."
 
-MODULE_RULES = {
-    nn.Conv2d: conv, nn.ConvTranspose2d: conv, nn.Linear: linear, nn.BatchNorm1d: batchnorm, nn.BatchNorm2d: batchnorm,
-    nn.InstanceNorm1d: batchnorm, nn.InstanceNorm2d: batchnorm, nn.GroupNorm: groupnorm, nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
+MODULE_RULES = {   # the layers with channels of their own are in `layers.LAYERS`
+    nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
     nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Upsample: resize,
     **{t: pool1d for t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
     **{t: pool2d for t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)},

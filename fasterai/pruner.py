@@ -11,18 +11,10 @@ from .graph import trace
 from .tracing import check_model, first_nonfinite
 from .sparsifier import (Sparsifier, _pname, check_layer_type, check_method, check_round_to, check_sparsity,
                          mask_drops)
-from .surgery import out_dim, shrink
-from .verify import MODES, check_same_function, outputs
+from .layers import kind_of, param_dim, shrink
+from .verify import MODES, check_same_function, outputs, reference_outputs
 
 __all__ = ['Pruner', 'dead_channels']
-
-
-def _vectors(s, m):
-    "The per-channel vectors of slice `s` of module `m` that must be zero for its channels to go."
-    if s.role in ('out', 'dw'): return [] if m.bias is None else [('bias', m.bias)]
-    if m.affine: return [('weight', m.weight), ('bias', m.bias)]
-    rm = getattr(m, 'running_mean', None)
-    return [] if rm is None else [('running_mean', rm)]
 
 
 def _row_zero(masks, layer, pname, m):
@@ -30,7 +22,7 @@ def _row_zero(masks, layer, pname, m):
     `layer`), or None when it has no mask; a ValueError unless the mask drops whole channels."""
     keep = masks.get(_pname(layer, pname))
     if keep is None: return None
-    d, p = out_dim(m, pname), getattr(m, pname)
+    d, p = param_dim(m, pname), getattr(m, pname)
     if keep.dim() != p.dim() or any(n != (p.shape[d] if i == d else 1) for i, n in enumerate(keep.shape)):
         raise ValueError(f"the mask of '{_pname(layer, pname)}' (shape {tuple(keep.shape)}) does not drop whole "
                          f'channels: pruning takes masks of whole rows, such as a Sparsifier at granularity '
@@ -53,19 +45,21 @@ def dead_channels(group, modules, masks=None):
     slices = [s for s in group.slices if s.role in ('out', 'dw', 'norm')]
     for s in slices:
         m = modules[s.module]
-        for pname, v in _vectors(s, m):
+        for pname, v in kind_of(m).zero_when_dead(m, s.role):
             zero = (v.detach()[s.offset:s.offset + s.length] == 0).cpu()
             known = _row_zero(masks, s.module, pname, m)
             if known is not None: zero |= known[s.offset:s.offset + s.length]
             dead[s.start:s.start + s.length] &= zero
     for s in slices:
         if s.role == 'norm': continue
-        known = _row_zero(masks, s.module, 'weight', modules[s.module])
+        known = _row_zero(masks, s.module, kind_of(modules[s.module]).weight, modules[s.module])
         question = dead[s.start:s.start + s.length].clone()
         if known is not None: question &= ~known[s.offset:s.offset + s.length]
         rows = question.nonzero().flatten()   # only the channels still in question
         if not len(rows): continue
-        w = modules[s.module].weight.detach().movedim(out_dim(modules[s.module]), 0)
+        m = modules[s.module]
+        kind = kind_of(m)
+        w = getattr(m, kind.weight).detach().movedim(kind.out_dim, 0)
         if 2 * len(rows) > s.length:   # most rows: read them all in place (a view), keep those in question
             part = w[s.offset:s.offset + s.length].flatten(1)
             zero = ((part.amax(1) == 0) & (part.amin(1) == 0)).cpu()[rows]
@@ -76,14 +70,6 @@ def dead_channels(group, modules, masks=None):
     dead = dead.view(group.tie, -1).all(0)   # a unit of tied channels goes only as a whole
     if dead.all(): dead[0] = False   # a layer keeps at least one channel
     return group.channels(dead)
-
-
-def _channels(module, role):
-    "How many channels `module` has on the side of `role`."
-    if role == 'norm': return module.num_channels if isinstance(module, nn.GroupNorm) else module.num_features
-    if role == 'dw': return module.out_channels
-    attr = {'out': ('out_channels', 'out_features'), 'in': ('in_channels', 'in_features')}[role]
-    return next(getattr(module, a) for a in attr if hasattr(module, a))
 
 
 def plan(graph, masks=None):
@@ -99,7 +85,7 @@ def plan(graph, masks=None):
             drops.setdefault((s.module, s.role), []).append(idx)
     keep = {}
     for (name, role), idx in drops.items():
-        k = torch.ones(_channels(modules[name], role), dtype=torch.bool)
+        k = torch.ones(kind_of(modules[name]).channels(modules[name], role), dtype=torch.bool)
         k[torch.cat(idx)] = False
         keep.setdefault(name, {})[role] = k.nonzero().flatten()
     return keep
@@ -142,6 +128,9 @@ class Pruner:
         model plus, when verifying, the masked entries."""
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
         check_model(model)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise ValueError(f'{type(model).__name__} is on the meta device (its tensors hold no values): load its '
+                             'weights first (model.to_empty(device=...), then load_state_dict)')
         bad = first_nonfinite(model.named_parameters())
         if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
         if self.sparsity is None:
@@ -153,7 +142,7 @@ class Pruner:
         example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
         if self.verify:   # the sparse model's outputs in both modes, computed before the copy takes memory
             reference = _reference(model, masks, example)
-            expected = {training: reference(training) for training in MODES}
+            expected = reference_outputs(reference, MODES)
         # the masks are never needed on the user's model to build the copy: the rows they drop are known zero,
         # the copy leaves them out, and the few it keeps (a layer keeps one channel) are zeroed in the copy
         keep = plan(graph, masks)
@@ -250,5 +239,5 @@ def _pruned_copy(model, keep, masks=None):
         if rows is not None: drop = drop[rows.to(drop.device)]
         if drop.any():
             m = pruned.get_submodule(module)
-            getattr(m, attr).index_fill_(out_dim(m, attr), drop.nonzero().flatten().to(mask.device), 0)
+            getattr(m, attr).index_fill_(param_dim(m, attr), drop.nonzero().flatten().to(mask.device), 0)
     return pruned

@@ -14,7 +14,7 @@ from .criteria import resolve_criterion
 from .granularity import FILTER, NM, layer_dims, resolve_granularity
 from .graph import trace
 from .tracing import check_model, finite
-from .surgery import out_dim
+from .layers import kind_of
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
 
@@ -182,7 +182,7 @@ class _GroupTarget:
         (a unit of tied channels sums its channels)."""
         total = torch.zeros(self.group.size)
         for s in self.group.by_role('out'):
-            rows = sp.row_scores(s.module, out_dim(self.modules[s.module]), s.offset, s.length).float().cpu()
+            rows = sp.row_scores(s.module, kind_of(self.modules[s.module]).out_dim, s.offset, s.length).float().cpu()
             total[s.start:s.start + s.length] += rows / rows.abs().mean().clamp_min(torch.finfo(rows.dtype).tiny)
         return total.view(self.group.tie, -1).sum(0)
 
@@ -196,10 +196,9 @@ class _GroupTarget:
         for s in self.group.slices:
             if s.role == 'in': continue
             m, k = self.modules[s.module], keep[s.start:s.start + s.length]
-            for pname in ('weight', 'bias'):
+            for pname, d in kind_of(m).rows(s.role):
                 p = getattr(m, pname, None)
                 if p is None: continue
-                d = out_dim(m, pname)
                 shape = [1] * p.dim(); shape[d] = -1
                 mask = out.setdefault(_pname(s.module, pname), (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device))[0]
                 mask[s.offset:s.offset + s.length] &= k

@@ -1,13 +1,16 @@
 """Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
 import operator
+import random
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TraceError
+from .layers import known_base, kind_of
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
 __all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'example_tensor', 'Leaves', 'check_hooks',
@@ -47,7 +50,9 @@ class _Tracer(fx.Tracer):
         self.leaves, self.stack, self.failed = leaves, [], None
 
     def is_leaf_module(self, m, qualname):
-        return self.leaves.covers(qualname, m) or super().is_leaf_module(m, qualname)
+        "Kept whole: what the user names, every registered layer kind, and subclasses of them not registered."
+        return (self.leaves.covers(qualname, m) or kind_of(m) is not None or known_base(m) is not None or
+                super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -90,6 +95,7 @@ def training_mode(model, training):
     try:
         yield model
     finally:
+        model.train(flags[0][1])   # a train() of the model's own runs again (it may set more than the flags)
         for m, flag in flags: m.training = flag
 
 
@@ -106,18 +112,28 @@ def buffers_kept(model):
 
 @contextmanager
 def seeded(model, seed=0):
-    """Seed the random draws on `model`'s devices (the CPU, and the CUDA devices of its parameters) for a while;
-    their states come back afterwards, so the caller's random streams are left as they were."""
+    """Seed the random draws on `model`'s devices (the CPU, and the CUDA devices of its parameters), Python's
+    `random` and NumPy's for a while; their states come back afterwards, so the caller's streams are left alone."""
     cuda = sorted({t.device.index for t in model.parameters() if t.is_cuda})
-    with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(seed)
-        for i in cuda: torch.cuda.default_generators[i].manual_seed(seed)
-        yield
+    state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.random.default_generator.manual_seed(seed)
+            for i in cuda: torch.cuda.default_generators[i].manual_seed(seed)
+            random.seed(seed); np.random.seed(seed)
+            yield
+    finally:
+        random.setstate(state[0]); np.random.set_state(state[1])
 
 
-SAME_SHAPE = {*ZERO_KEEPING, *ZERO_MOVING, nn.Hardtanh, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm}
-"Module types whose output has their input's shape, dtype and layout: shape propagation passes them through."
+SAME_SHAPE = {*ZERO_KEEPING, *ZERO_MOVING, nn.Hardtanh, nn.BatchNorm3d, nn.LayerNorm}
+"""Module types other than the layer kinds whose output has their input's shape, dtype and layout: shape
+propagation passes them through (and the layer kinds marked `same_shape`)."""
+
+
+def _same_shape(m):
+    kind = kind_of(m)
+    return kind.same_shape if kind is not None else type(m) in SAME_SHAPE
 
 
 def _fits(m, x):
@@ -179,7 +195,7 @@ class _Shapes(fx.Interpreter):
         # shortcuts for one meta tensor into a hook-free module (a hook on a leaf module may change the output)
         x = (args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_meta
              and not _hooked(m) else None)
-        if x is not None and type(m) in SAME_SHAPE and _fits(m, x):
+        if x is not None and _same_shape(m) and _fits(m, x):
             return x   # shape, dtype and layout pass through: no need to run it, even on meta tensors
         if x is not None and type(m) in _CONVS:   # the op itself checks and sizes: much cheaper
             return m._conv_forward(x, meta(m.weight), meta(m.bias))

@@ -1,16 +1,17 @@
 """The Pruner's safety net: the pruned model must compute what the sparse one computed, in eval and in train
 mode, on every output (tuples, lists, dicts and namedtuples, nested), or the Pruner raises PruningError."""
+import dataclasses
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from .errors import PruningError
+from .errors import PruningError, TraceError
 from .tracing import MODES, buffers_kept, example_tensor, seeded, training_mode
 
-__all__ = ['MODES', 'outputs', 'mismatch', 'check_same_function']
+__all__ = ['MODES', 'outputs', 'mismatch', 'reference_outputs', 'check_same_function']
 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
              torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
@@ -38,40 +39,94 @@ def _float64(model):
 
 @torch.no_grad()
 def outputs(model, example, training, float64=False):
-    """What `model` returns on `example` (a tensor, or a shape for one seeded random input) in eval or train mode:
-    every module's mode and every buffer (BatchNorm statistics) are put back afterwards, the caller's random
-    state is left alone, and in train mode dropout is off and the other random draws are seeded."""
-    x = example_tensor(model, example)
+    """What `model` returns on `example` (a tensor, copied so that an in-place forward cannot change it, or a shape
+    for one seeded random input) in eval or train mode: every module's mode and every buffer (BatchNorm statistics)
+    are put back afterwards, the caller's random state is left alone, and in train mode dropout is off and the
+    other random draws are seeded."""
+    x = example_tensor(model, example).clone()
     with training_mode(model, training), buffers_kept(model), seeded(model), \
             (_NoDropout() if training else nullcontext()), (_float64(model) if float64 else nullcontext()):
         return model(x.double() if float64 and x.is_floating_point() else x)
 
 
+def _flatten(v, path='output'):
+    """(structure, leaves) of an output: its containers (tuples, lists, dicts and their subclasses, namedtuples,
+    dataclasses) as (path, type, keys or length), and its leaves as (path, value)."""
+    if isinstance(v, torch.Tensor): return [], [(path, v)]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        items = [(f.name, getattr(v, f.name)) for f in dataclasses.fields(v)]
+        step = lambda k: f'{path}.{k}'
+    elif isinstance(v, Mapping):
+        items, step = list(v.items()), (lambda k: f'{path}[{k!r}]')
+    elif isinstance(v, (tuple, list)):
+        fields = getattr(v, '_fields', None)   # a namedtuple
+        items = list(zip(fields, v)) if fields else list(enumerate(v))
+        step = (lambda k: f'{path}.{k}') if fields else (lambda k: f'{path}[{k}]')
+    else:
+        return [], [(path, v)]
+    structure, leaves = [(path, type(v).__name__, tuple(k for k, _ in items))], []
+    for k, x in items:
+        s, l = _flatten(x, step(k))
+        structure += s; leaves += l
+    return structure, leaves
+
+
 def mismatch(ref, got, rtol=1e-4):
     """Why output `got` is not `ref` (a sentence), or None when they match: the same structure (tuples, lists,
-    dicts, namedtuples), and each tensor of the same shape within `rtol` of its scale (its largest magnitude)."""
-    (ref_leaves, ref_spec), (got_leaves, got_spec) = tree_flatten_with_path(ref), tree_flatten_with_path(got)
-    if ref_spec != got_spec:
-        return f'its output is structured differently: {got_spec} where the sparse model gives {ref_spec}'
-    for (path, a), (_, b) in zip(ref_leaves, got_leaves):
-        where = f'output{keystr(path)}'
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if type(a) is not type(b) or a != b: return f'{where} is {_say(b)} where the sparse model gives {_say(a)}'
-            continue
-        if a.shape != b.shape: return f'{where} has shape {tuple(b.shape)} where the sparse model gives {tuple(a.shape)}'
-        if a.dtype != b.dtype: return f'{where} is {b.dtype} where the sparse model gives {a.dtype}'
-        if not a.is_floating_point():
-            if not torch.equal(a, b): return f'{where} differs from the sparse one'
-            continue
-        scale = a.abs().max().item() if a.numel() else 0.
-        diff = (a - b).abs().max().item() if a.numel() else 0.
-        if not diff <= rtol * max(scale, 1e-12):
-            return f'{where} differs from the sparse one by {diff:.3g} (output scale {scale:.3g})'
+    dicts, namedtuples, dataclasses, their types and keys), each tensor of the same shape and dtype within `rtol`
+    of its scale (its largest finite magnitude; NaN and infinities in the same places), numbers within `rtol`,
+    anything else equal."""
+    (ref_s, ref_l), (got_s, got_l) = _flatten(ref), _flatten(got)
+    if ref_s != got_s or [p for p, _ in ref_l] != [p for p, _ in got_l]:
+        return f'its output is structured differently: {_shape(got_s, got_l)} where the sparse model gives ' \
+               f'{_shape(ref_s, ref_l)}'
+    for (where, a), (_, b) in zip(ref_l, got_l):
+        why = _leaf_mismatch(a, b, rtol)
+        if why: return f'{where} {why}'
     return None
+
+
+def _shape(structure, leaves):
+    "A short description of an output's structure, for messages."
+    return '; '.join([f'{p}: {t} {list(k)}' for p, t, k in structure] + [f'{p}: {type(v).__name__}' for p, v in leaves])
+
+
+def _leaf_mismatch(a, b, rtol):
+    "Why leaf `b` is not leaf `a`, or None."
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor): return _tensor_mismatch(a, b, rtol)
+    if type(a) is not type(b): return f'is {_say(b)} where the sparse model gives {_say(a)}'
+    if isinstance(a, float): return _tensor_mismatch(torch.tensor(a), torch.tensor(b), rtol)
+    if hasattr(a, '__array__') and not isinstance(a, (str, bytes)):   # numpy arrays and the like
+        return _tensor_mismatch(torch.as_tensor(a), torch.as_tensor(b), rtol)
+    try:
+        same = bool(a == b)
+    except Exception as e:
+        return f'is a {type(a).__name__}, which cannot be compared ({type(e).__name__}: {e})'
+    return None if same else f'is {_say(b)} where the sparse model gives {_say(a)}'
+
+
+def _tensor_mismatch(a, b, rtol):
+    if a.shape != b.shape: return f'has shape {tuple(b.shape)} where the sparse model gives {tuple(a.shape)}'
+    if a.dtype != b.dtype: return f'is {b.dtype} where the sparse model gives {a.dtype}'
+    if not (a.is_floating_point() or a.is_complex()):
+        return None if torch.equal(a, b) else 'differs from the sparse one'
+    finite = torch.isfinite(a)
+    if not torch.equal(finite, torch.isfinite(b)) or not torch.equal(a[~finite].nan_to_num(0., 1., -1.),
+                                                                     b[~finite].nan_to_num(0., 1., -1.)):
+        return 'holds NaN or infinities in other places than the sparse one'
+    a, b = a[finite], b[finite]
+    scale = a.abs().max().item() if a.numel() else 0.
+    diff = (a - b).abs().max().item() if a.numel() else 0.
+    if diff <= rtol * max(scale, 1e-12): return None
+    return f'differs from the sparse one by {diff:.3g} (output scale {scale:.3g})'
 
 
 def _say(v):
     return f'a tensor of shape {tuple(v.shape)}' if isinstance(v, torch.Tensor) else repr(v)
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [''])[0]
 
 
 def check_same_function(reference, pruned, example, rtol=1e-4, modes=MODES):
@@ -80,27 +135,45 @@ def check_same_function(reference, pruned, example, rtol=1e-4, modes=MODES):
 
     `reference`: the sparse model, or a function `(training, float64) -> outputs` (the Pruner's, which masks the
     user's model while it runs). A difference in float32 is checked again in float64, so that rounding
-    amplified by batch statistics on a small example batch is not taken for a wrong model."""
+    amplified by batch statistics on a small example batch is not taken for a wrong model; a model that fails to
+    run on the example in a mode raises TraceError."""
     run = reference if callable(reference) and not isinstance(reference, torch.nn.Module) else \
         lambda training, float64=False: outputs(reference, example, training, float64)
-    name = type(pruned).__name__
+    name, expected = type(pruned).__name__, reference_outputs(run, modes)
     for training in modes:
         mode = 'train' if training else 'eval'
-        why = _why(run, pruned, example, training, rtol, False, mode)
-        if why is not None and _why(run, pruned, example, training, rtol, True, mode) is not None:
-            raise PruningError(f'the pruned {name} does not compute what the sparse one computes in {mode} mode: '
-                               f'{why}. Nothing was returned; please report this model')
+        why = _compare(expected[training], pruned, example, training, rtol, False)
+        if why is None: continue
+        try:   # rounding, or a real difference? float64 tells
+            ref64 = run(training, True)
+            if _compare(ref64, pruned, example, training, rtol / 100, True) is None: continue
+        except Exception as e:
+            why += f' (a float64 re-check, to rule out rounding, could not run: {type(e).__name__}: {_first_line(e)})'
+        hint = ('; in train mode only, a random draw that is not seeded alike (Python\'s random, NumPy) or whose shape '
+                'depends on the channels can cause this: verify=False skips the check') if training else ''
+        raise PruningError(f'the pruned {name} does not compute what the sparse one computes in {mode} mode: '
+                           f'{why}{hint}. Nothing was returned; please report this model')
 
 
-def _why(run, pruned, example, training, rtol, float64, mode):
-    "Why `pruned` does not match the reference in one mode and precision, or None."
-    try:
-        ref = run(training, float64)
-    except Exception as e:
-        raise PruningError(f'the sparse model fails to run in {mode} mode on the example input ({type(e).__name__}: '
-                           f'{e}); pass an example_input it runs on in both modes') from e
+def reference_outputs(run, modes=MODES):
+    """{training: outputs} of the reference function `run(training, float64)` in each mode; a TraceError when it
+    cannot run on the example in a mode."""
+    out = {}
+    for training in modes:
+        try:
+            out[training] = run(training, False)
+        except Exception as e:
+            mode = 'train' if training else 'eval'
+            raise TraceError(f'the sparse model fails to run in {mode} mode on the example input ({type(e).__name__}: '
+                             f'{_first_line(e)}): pass an example_input it runs on in both modes (a batch of two or '
+                             'more where BatchNorm sees one value per channel), or verify=False') from e
+    return out
+
+
+def _compare(ref, pruned, example, training, rtol, float64):
+    "Why `pruned` does not give `ref` in one mode and precision, or None."
     try:
         got = outputs(pruned, example, training, float64)
     except Exception as e:
-        return f'it fails to run ({type(e).__name__}: {e})'
-    return mismatch(ref, got, rtol if not float64 else rtol / 100)
+        return f'it fails to run ({type(e).__name__}: {_first_line(e)})'
+    return mismatch(ref, got, rtol)

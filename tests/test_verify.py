@@ -1,7 +1,11 @@
 """The safety net: models built to defeat the channel graph end in a frozen group or a PruningError, never in a
 returned model that computes otherwise; `verify` checks eval and train mode and every output."""
 import collections
+import dataclasses
+import random
 import types
+
+import numpy as np
 
 import pytest
 import torch
@@ -275,3 +279,120 @@ def test_inception_v3_needs_an_input_it_trains_on():
     for training in (False, True):
         ref, got = outputs(model, x, training), outputs(pruned, x, training)
         assert type(got) is type(ref) and mismatch(ref, got, rtol=1e-3) is None
+
+
+# ---------------------------------------------------------------- what the check leaves as it was, and odd outputs
+class Counting(FlagByTrain):
+    "Counts its training forwards in buffers and draws from Python's and NumPy's random streams."
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('steps', torch.zeros((), dtype=torch.long))
+        self.register_buffer('fsteps', torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1; self.fsteps += 1
+            random.random(); np.random.rand(); torch.rand(1)
+        return super().forward(x)
+
+
+def test_trace_and_prune_leave_the_model_and_random_streams_alone():
+    torch.manual_seed(0)
+    model = Counting().eval()
+    Sparsifier(model, 'filter', example_input=SHAPE).sparsify(50)
+    x = torch.randn(SHAPE)
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = Pruner(example_input=x).prune_model(model)
+    after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    assert torch.equal(states[0], after[0]) and states[1] == after[1] and (states[2] == after[2]).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and int(model.steps) == 0
+    assert not model.training and model.use_aux is False   # its own train() ran again to put its state back
+    assert not pruned.training and pruned.use_aux is False
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x.mul_(2))
+
+
+def test_the_example_tensor_is_not_changed():
+    x = torch.randn(SHAPE)
+    x0 = x.clone()
+    Pruner(example_input=x).prune_model(InPlace())
+    assert torch.equal(x, x0)
+
+
+class BatchNormHead(nn.Module):
+    "BatchNorm1d after pooling: one value per channel with a batch of one."
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm1d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(F.relu(self.conv(x)).mean((2, 3))))
+
+
+def test_an_example_the_model_cannot_train_on_is_a_trace_error():
+    with pytest.raises(TraceError, match='fails to run in train mode on the example input.*a batch of two or more'):
+        Pruner(example_input=(1, 3, 8, 8)).prune_model(BatchNormHead())
+    Pruner(example_input=(2, 3, 8, 8)).prune_model(BatchNormHead())
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with pytest.raises(ValueError, match='on the meta device'):
+        Pruner(example_input=SHAPE).prune_model(nn.Conv2d(3, 4, 1, device='meta'))
+
+
+@dataclasses.dataclass
+class DataOut:
+    logits: torch.Tensor
+    n: int
+
+
+class ModelOutput(collections.OrderedDict):
+    "A dict subclass such as Hugging Face's outputs."
+
+
+@pytest.mark.parametrize('wrap', [
+    lambda y: DataOut(y, 3), lambda y: ModelOutput(logits=y), lambda y: (y, y.detach().numpy()),
+    lambda y: (y, y.sum().item()), lambda y: torch.fft.fft2(y),
+    lambda y: y.masked_fill(torch.arange(4).view(1, -1, 1, 1) == 0, float('-inf')),
+    lambda y: torch.cat([y, torch.full_like(y[:, :1], float('nan'))], 1)])
+def test_outputs_of_every_kind_compare_without_false_alarm(wrap):
+    torch.manual_seed(0)
+    model = Pair(lambda s, a: wrap(s.c2(a)))
+    pruned = Pruner(example_input=SHAPE).prune_model(model)
+    assert pruned.c1.out_channels == 4
+
+
+def test_mismatch_sees_non_finite_values_and_odd_containers():
+    nan = torch.tensor([1., float('nan')])
+    assert mismatch(nan, nan) is None and 'NaN or infinities' in mismatch(nan, torch.tensor([float('nan'), 1.]))
+    assert 'differs' in mismatch(DataOut(t, 3), DataOut(t + 1, 3))
+    assert 'structured differently' in mismatch(ModelOutput(a=t), {'a': t})
+    assert 'is 4 where the sparse model gives 3' in mismatch(DataOut(t, 3), DataOut(t, 4))
+    assert mismatch((t, 1.0), (t, 1.0 + 1e-7)) is None and 'differs' in mismatch((t, 1.0), (t, 1.1))
+
+
+class CancelCast(Cancel):
+    "Cancel, then a layer that needs float32 input: the float64 re-check cannot run."
+    def __init__(self, order, k=1.):
+        super().__init__(order, k)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(super().forward(x).float())
+
+
+def test_a_float64_recheck_that_cannot_run_reports_the_float32_difference():
+    x = torch.randn(SHAPE)
+    a, b = CancelCast((0, 1, 2)), CancelCast((0, 2, 1))
+    b.load_state_dict(a.state_dict())
+    with pytest.raises(PruningError, match=r'differs from the sparse one by .*a float64 re-check, to rule out '
+                                           'rounding, could not run'):
+        check_same_function(a, b, x)

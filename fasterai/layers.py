@@ -1,0 +1,127 @@
+"""One registry of layer kinds: everything the library knows of a layer type, in one place.
+
+A `LayerKind` says how a call of the layer maps channels (its channel-graph rule), which of its tensors hold a
+channel (the weight's rows along `out_dim`, the per-channel `vectors` and `buffers` that go with them), which
+attributes count its channels, whether its output has its input's shape, and whether it may lose input channels.
+The channel graph, shape propagation, the Sparsifier, the Pruner and `export` all read `kind_of(module)`.
+
+Types match exactly. A subclass of a known layer is not its base (its own forward may standardise the weight,
+fuse an activation, ...): the tracer keeps it whole and freezes its channels, saying how to register it. Teach
+the library a layer with `register_layer`:
+
+    register_layer(MyConv, like=nn.Conv2d)                  # maps channels as its base does
+    register_layer(WSConv2d, like=nn.Conv2d, inputs=False)  # weight standardisation: its inputs must all stay
+    register_layer(FusedConvBN, like=nn.Conv2d, vectors=('bn_weight', 'bn_bias'),
+                   buffers=('running_mean', 'running_var'))  # per-channel tensors of its own
+"""
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .ops import batchnorm, conv, groupnorm, linear
+from .surgery import shrink_conv, shrink_groupnorm, shrink_sliced
+
+__all__ = ['LayerKind', 'LAYERS', 'kind_of', 'register_layer', 'known_base', 'shrink', 'param_dim']
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What the library knows of one layer type (see the module docstring)."""
+    rule: Callable                  # the channel-graph rule of a call: `ops.conv`, `ops.linear`, `ops.batchnorm`...
+    sizes: dict                     # role ('out', 'in', 'norm') -> the attribute that counts its channels
+    weight: Optional[str] = 'weight'   # the parameter whose rows are output channels (None: a norm)
+    out_dim: int = 0                # the dim of `weight` holding the output channels (1: transposed convolutions)
+    vectors: tuple = ('bias',)      # per-channel parameters that go with a channel (a norm's scale and shift)
+    buffers: tuple = ()             # per-channel buffers sliced with a channel (running statistics)
+    same_shape: bool = False        # its output has its input's shape, dtype and layout
+    inputs: bool = True             # removing a zero input channel leaves its output unchanged (False:
+                                    # weight standardisation normalises each row over all its inputs)
+    shrink: Callable = shrink_sliced   # (module, kind, **{role: kept indices}): keep those channels, in place
+
+    @property
+    def in_dim(self):
+        "The dim of `weight` holding the input channels."
+        return 1 - self.out_dim
+
+    def rows(self, role):
+        "(parameter name, dim) of every parameter holding the channels of `role` ('out', 'dw' or 'norm')."
+        own = [(self.weight, self.out_dim)] if self.weight and role != 'norm' else []
+        return own + [(v, 0) for v in self.vectors]
+
+    def zero_when_dead(self, module, role):
+        """(name, tensor) of the per-channel tensors that must be zero for a channel of `role` to go: the vectors;
+        a norm without them (no affine parameters) must have a zero running mean."""
+        out = [(v, getattr(module, v)) for v in self.vectors if getattr(module, v, None) is not None]
+        if out or role != 'norm': return out
+        return [(b, getattr(module, b)) for b in self.buffers[:1] if getattr(module, b, None) is not None]
+
+    def channels(self, module, role):
+        "How many channels `module` has on the side of `role`."
+        return getattr(module, self.sizes['out' if role == 'dw' else role])
+
+    def size_attrs(self):
+        "The attributes a shrink may change (what export records)."
+        return tuple(dict.fromkeys((*self.sizes.values(), 'groups', 'num_groups')))
+
+
+_CONV = LayerKind(conv, {'out': 'out_channels', 'in': 'in_channels'}, shrink=shrink_conv)
+_NORM = LayerKind(batchnorm, {'norm': 'num_features'}, weight=None, vectors=('weight', 'bias'),
+                  buffers=('running_mean', 'running_var'), same_shape=True)
+
+LAYERS = {
+    nn.Conv2d: _CONV,
+    nn.ConvTranspose2d: replace(_CONV, out_dim=1, shrink=shrink_sliced),
+    nn.Linear: LayerKind(linear, {'out': 'out_features', 'in': 'in_features'}),
+    nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.InstanceNorm1d: _NORM, nn.InstanceNorm2d: _NORM,
+    nn.GroupNorm: replace(_NORM, rule=groupnorm, sizes={'norm': 'num_channels'}, buffers=(), shrink=shrink_groupnorm),
+}
+"Exact layer type -> its LayerKind. Extend it with `register_layer`."
+
+
+def kind_of(module):
+    "The LayerKind of `module`'s exact type, or None."
+    return LAYERS.get(type(module))
+
+
+def known_base(module):
+    "The nearest registered base class of an unregistered subclass of a known layer, or None."
+    if type(module) in LAYERS: return None
+    return next((c for c in type(module).__mro__[1:] if c in LAYERS), None)
+
+
+def param_dim(module, pname):
+    "The dim of `module`'s parameter `pname` that holds its output channels (the weight's `out_dim`, else 0)."
+    kind = kind_of(module)
+    return kind.out_dim if kind is not None and pname == kind.weight else 0
+
+
+def register_layer(cls, like=None, **changes):
+    """Teach fasterai the layer type `cls` and return its LayerKind: `like` a registered type whose description it
+    shares, with `changes` to any LayerKind field; without `like`, `changes` are a whole LayerKind's fields."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f'register_layer takes an nn.Module subclass, got {cls!r}')
+    names = {f.name for f in fields(LayerKind)}
+    bad = sorted(set(changes) - names)
+    if bad: raise ValueError(f'unknown LayerKind fields {bad}: choose from {sorted(names)}')
+    if like is not None and like not in LAYERS:
+        raise ValueError(f'like must be a registered layer type, got {like!r}: choose from '
+                         f'{sorted(t.__name__ for t in LAYERS)}')
+    try:
+        kind = replace(LAYERS[like], **changes) if like is not None else LayerKind(**changes)
+    except TypeError as e:
+        raise ValueError(f'register_layer({cls.__name__}) needs like=<a registered type> or every required '
+                         f'LayerKind field (rule, sizes): {e}') from None
+    LAYERS[cls] = kind
+    return kind
+
+
+def shrink(module, keep):
+    "Shrink `module` in place to the channels `keep` gives per role ('out', 'in', 'norm', 'dw')."
+    kind = kind_of(module)
+    if kind is None:
+        raise TypeError(f'cannot shrink a {type(module).__name__}: register it with fasterai.register_layer '
+                        f'(registered: {sorted(t.__name__ for t in LAYERS)})')
+    with torch.no_grad():
+        kind.shrink(module, kind, **{'inp' if r == 'in' else r: idx for r, idx in keep.items()})
