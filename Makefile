@@ -32,6 +32,7 @@ bench: bench-setup data   ## every benchmark table and plot in bench/results (BE
 	$(BIN)/python bench/prune_time.py --out bench/results/prune_time.md
 	$(BIN)/python bench/memory.py --out bench/results/memory.md
 	$(BIN)/python bench/trace_modes.py --out bench/results/trace_modes.md
+	$(BIN)/python bench/shortcuts.py --out bench/results/shortcuts.md
 	$(BIN)/python bench/callback_overhead.py --out bench/results/callback_overhead.md
 	$(BIN)/python bench/latency.py --out bench/results/latency.md
 	$(BIN)/python bench/accuracy.py --out bench/results/accuracy.md

@@ -228,8 +228,10 @@ def main():
 def commit():
     "The commit of the code measured (with '+changes' when tracked files differ from it)."
     import subprocess
-    git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
-    return git('rev-parse', '--short', 'HEAD').strip() + ('+changes' if git('status', '--porcelain', '-uno').strip() else '')
+    root = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True, cwd=root).stdout
+    changed = git('status', '--porcelain', '-uno', '--', '.', ':!bench/results').strip()   # its own output aside
+    return git('rev-parse', '--short', 'HEAD').strip() + ('+changes' if changed else '')
 
 
 def summary(rows, with_peer):

@@ -10,7 +10,8 @@ from fastcore.xtras import join_path_file
 from .criteria import resolve_criterion
 from .granularity import resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
-from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity, find_layers
+from .sparsifier import (Sparsifier, check_layer_type, check_method, check_round_to, check_sparsities, check_sparsity,
+                         find_layers)
 
 __all__ = ['SparsifyCallback']
 
@@ -35,13 +36,11 @@ class SparsifyCallback(Callback):
     def __init__(self, sparsity, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
                  layer_type=nn.Conv2d, start_sparsity=0, start_epoch=0, end_epoch=None, lth=False, rewind_epoch=0,
                  exclude=(), leaf_modules=(), round_to=None):
-        self.sparsity = (check_sparsity(sparsity) if not isinstance(sparsity, dict)   # target percentage at
-                         else {k: check_sparsity(v) for k, v in sparsity.items()})   # the end, or one per layer
+        self.sparsity = check_sparsities(sparsity, check_method(method))   # target % at the end, or one per layer
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple
         resolve_granularity(granularity)
         self.method = check_method(method)                      # 'local' or 'global'
-        if isinstance(sparsity, dict) and method != 'local': raise ValueError("a sparsity per layer needs method='local'")
         self.criteria = criteria                                # a name in CRITERIA or a function of the weight
         resolve_criterion(criteria)
         self.sched_func = resolve_schedule(sched_func)          # f(start, end, pos), a name or a function

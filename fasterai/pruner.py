@@ -8,9 +8,10 @@ import torch.nn as nn
 
 from .criteria import resolve_criterion
 from .graph import trace
-from .tracing import check_model, first_nonfinite
-from .sparsifier import (Sparsifier, _pname, check_layer_type, check_method, check_round_to, check_sparsity,
-                         mask_drops)
+from .tracing import check_model, first_nonfinite, unwrap
+from .masks import mask_drops
+from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity
+from .targets import pname as qualified
 from .layers import kind_of, param_dim, shrink
 from .verify import MODES, check_same_function, outputs, reference_outputs
 
@@ -20,11 +21,11 @@ __all__ = ['Pruner', 'dead_channels']
 def _row_zero(masks, layer, pname, m):
     """Per-channel bool vector of the channels that `masks` zeroes in parameter `pname` of module `m` (named
     `layer`), or None when it has no mask; a ValueError unless the mask drops whole channels."""
-    keep = masks.get(_pname(layer, pname))
+    keep = masks.get(qualified(layer, pname))
     if keep is None: return None
     d, p = param_dim(m, pname), getattr(m, pname)
     if keep.dim() != p.dim() or any(n != (p.shape[d] if i == d else 1) for i, n in enumerate(keep.shape)):
-        raise ValueError(f"the mask of '{_pname(layer, pname)}' (shape {tuple(keep.shape)}) does not drop whole "
+        raise ValueError(f"the mask of '{qualified(layer, pname)}' (shape {tuple(keep.shape)}) does not drop whole "
                          f'channels: pruning takes masks of whole rows, such as a Sparsifier at granularity '
                          f"'filter' makes")
     return ~keep.flatten().cpu()
@@ -126,7 +127,7 @@ class Pruner:
         pass, then its values are put back; the copy is planned and built from the masks without them); the
         copy is built layer by layer from the kept channels, so the peak memory is about the size of the pruned
         model plus, when verifying, the masked entries."""
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        model = unwrap(model)
         check_model(model)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             raise ValueError(f'{type(model).__name__} is on the meta device (its tensors hold no values): load its '

@@ -3,9 +3,9 @@ import torch
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .tracing import example_tensor, training_mode
+from .tracing import device_dtype, example_tensor, training_mode
 
-__all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models']
+__all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models', 'SparsityReport']
 
 
 def count_params(model):
@@ -21,11 +21,11 @@ def count_macs(model, example_input):
     is run for real instead."""
     shape = tuple(example_input.shape if isinstance(example_input, torch.Tensor) else example_input)
     meta = {k: torch.empty_like(v, device='meta') for k, v in (*model.named_parameters(), *model.named_buffers())}
-    p = next(model.parameters())
+    dtype = device_dtype(model)[1]
     with training_mode(model, False):
         try:
             with FlopCounterMode(display=False) as counter:
-                torch.func.functional_call(model, meta, (torch.empty(shape, dtype=p.dtype, device='meta'),))
+                torch.func.functional_call(model, meta, (torch.empty(shape, dtype=dtype, device='meta'),))
         except Exception:
             with FlopCounterMode(display=False) as counter:
                 model(example_tensor(model, example_input))
@@ -83,3 +83,34 @@ def compare_models(dense, pruned, example_input, latency_input=None, extra=(), m
 
 def _batch(example_input):
     return (example_input.shape if isinstance(example_input, torch.Tensor) else example_input)[0]
+
+
+class SparsityReport:
+    """The Sparsifier's reports (a mixin: it reads `layers`, `targets` and `frozen`): measured sparsity by layer and
+    over the targeted layers, and a printed table."""
+    def _targeted(self):
+        "Name -> layer for every layer of `layer_type` that some target sparsifies."
+        return {n: self.layers[n] for t in self.targets for n in t.layers}
+
+    def layer_sparsity(self):
+        "Targeted layer name -> percentage of exactly-zero weights."
+        return {n: 100 * (m.weight == 0).sum().item() / m.weight.numel() for n, m in self._targeted().items()}
+
+    def sparsity(self):
+        "Measured percentage of exactly-zero weights over all targeted layers."
+        ws = [m.weight.detach() for m in self._targeted().values()]
+        nonzero = torch.stack([torch.count_nonzero(w).to(ws[0].device) for w in ws]).sum().item()   # one sync
+        total = sum(w.numel() for w in ws)
+        return 100 * (total - nonzero) / total
+
+    def print_sparsity(self):
+        "Print each layer of `layer_type`: its shape, zero weights and sparsity, then the targeted total."
+        rows = [('Layer', 'Type', 'Weight shape', 'Zeros', 'Sparsity')]
+        for n, m in self.layers.items():
+            z, total = (m.weight == 0).sum().item(), m.weight.numel()
+            note = f'  (frozen: {self.frozen[n]})' if n in self.frozen else ''
+            rows.append((n, type(m).__name__, 'x'.join(map(str, m.weight.shape)), f'{z:,}/{total:,}',
+                         f'{100 * z / total:.2f}%{note}'))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows: print('  '.join(c.ljust(w) for c, w in zip(r, widths)) + '  ' + r[4])
+        print(f'Sparsity of the targeted layers: {self.sparsity():.2f}%')

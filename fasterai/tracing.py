@@ -1,5 +1,4 @@
 """Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
-import operator
 import random
 from contextlib import contextmanager
 
@@ -7,13 +6,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import TraceError
 from .layers import known_base, kind_of
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
-__all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'example_tensor', 'Leaves', 'check_hooks',
+__all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'example_tensor', 'Leaves', 'check_hooks',
            'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace', 'input_shape',
            'input_dtype', 'propagate_shapes']
 
@@ -79,11 +77,21 @@ def symbolic_trace(model, leaves):
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
 
 
+def device_dtype(model):
+    "The device and dtype `model` computes in: its first floating parameter's, or the CPU and float32 without one."
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device('cpu'), torch.float32)
+
+
+def unwrap(model):
+    "The module a DataParallel or DistributedDataParallel model wraps (any other model itself)."
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
 def example_tensor(model, example):
     "`example` if it is a tensor, else one seeded random input of that shape on the model's device and dtype."
     if isinstance(example, torch.Tensor): return example
-    p = next(model.parameters(), None)
-    device, dtype = (p.device, p.dtype) if p is not None and p.is_floating_point() else ('cpu', torch.float32)
+    device, dtype = device_dtype(model)
     return torch.randn(tuple(example), generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
@@ -146,28 +154,6 @@ def _fits(m, x):
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ADAPTIVE = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}   # -> pooled dims
-_POINTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
-              torch.sigmoid, torch.tanh, torch.relu, F.relu, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.relu6}
-"""Functions whose output has the broadcast shape of their tensor arguments: shape propagation computes it
-(on meta tensors, these run slow Python decompositions)."""
-
-
-def _pointwise(f, args, kwargs):
-    """The meta output of `f` when it is a pointwise function of floating tensors of one dtype and numbers (its
-    shape by broadcasting); None when it is not, to run it for real."""
-    if f is F.layer_norm and args and isinstance(args[0], torch.Tensor):
-        x, ns = args[0], args[1] if len(args) > 1 else kwargs.get('normalized_shape')
-        ns = (ns,) if isinstance(ns, int) else tuple(ns or ())
-        return x.new_empty(x.shape) if ns and tuple(x.shape[-len(ns):]) == ns else None
-    if f not in _POINTWISE or not set(kwargs) <= {'inplace', 'approximate'}: return None
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if (not tensors or not all(t.is_meta for t in tensors) or len({t.dtype for t in tensors}) != 1 or
-            not tensors[0].is_floating_point() or
-            not all(isinstance(a, (torch.Tensor, int, float)) for a in args)):
-        return None
-    return tensors[0].new_empty(torch.broadcast_shapes(*(t.shape for t in tensors)))
-
-
 def _hooked(m):
     "Whether calling `m` runs forward hooks (its own or global ones)."
     return bool(m._forward_hooks or m._forward_pre_hooks or nn.modules.module._global_forward_hooks or
@@ -210,12 +196,6 @@ class _Shapes(fx.Interpreter):
         if not state: return m(*args, **kwargs)   # nothing to swap for meta tensors
         return torch.func.functional_call(m, state, args, kwargs)
 
-    def call_function(self, target, args, kwargs):
-        if self.meta:
-            out = _pointwise(target, args, kwargs)
-            if out is not None: return out
-        return super().call_function(target, args, kwargs)
-
     def get_attr(self, target, args, kwargs):
         v = super().get_attr(target, args, kwargs)
         return torch.empty_like(v, device='meta') if self.meta and isinstance(v, torch.Tensor) else v
@@ -235,13 +215,8 @@ def finite(t):
 
 
 def first_nonfinite(named):
-    """The name of the first (name, tensor) pair of `named` whose tensor holds NaN or inf, or None: every sum is
-    checked at once (one synchronisation), element-wise only where a sum is not finite (an overflow, or a real
-    NaN or inf)."""
-    named = [(n, t.detach()) for n, t in named if t.is_floating_point()]
-    if not named: return None
-    ok = torch.isfinite(torch.stack([t.sum().float().to(named[0][1].device) for _, t in named])).tolist()
-    return next((n for (n, t), good in zip(named, ok) if not good and not bool(torch.isfinite(t).all())), None)
+    "The name of the first (name, tensor) pair of `named` whose tensor holds NaN or inf, or None."
+    return next((n for n, t in named if not finite(t.detach())), None)
 
 
 def check_model(model):
@@ -254,14 +229,14 @@ def check_example_input(model, example_input):
     """A ValueError unless `example_input` is None, a shape (positive ints, batch first) or a tensor of the
     model's floating dtype on the model's device."""
     if example_input is None: return
-    p = next((p for p in model.parameters() if p.is_floating_point()), None)
     if isinstance(example_input, torch.Tensor):
-        if p is None: return
-        if example_input.is_floating_point() and example_input.dtype != p.dtype:
-            raise ValueError(f'example_input is {example_input.dtype} but the model computes in {p.dtype}: pass a '
-                             f'tensor of dtype {p.dtype}, or a shape')
-        if example_input.device != p.device:
-            raise ValueError(f'example_input is on {example_input.device} but the model is on {p.device}: move one '
+        if not any(p.is_floating_point() for p in model.parameters()): return
+        device, dtype = device_dtype(model)
+        if example_input.is_floating_point() and example_input.dtype != dtype:
+            raise ValueError(f'example_input is {example_input.dtype} but the model computes in {dtype}: pass a '
+                             f'tensor of dtype {dtype}, or a shape')
+        if example_input.device != device:
+            raise ValueError(f'example_input is on {example_input.device} but the model is on {device}: move one '
                              'of them, or pass a shape')
         return
     if (not isinstance(example_input, (tuple, list, torch.Size)) or len(example_input) < 2 or
@@ -282,9 +257,8 @@ def propagate_shapes(graph, model, shape, dtype, guessed):
         try:
             _Shapes(model, graph, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
         except Exception:
-            p = next(model.parameters(), None)
             with torch.no_grad(), buffers_kept(model), seeded(model):
-                _Shapes(model, graph, meta=False).run(torch.zeros(shape, dtype=dtype, device=p.device if p is not None else 'cpu'))
+                _Shapes(model, graph, meta=False).run(torch.zeros(shape, dtype=dtype, device=device_dtype(model)[0]))
     except Exception as e:
         mode = 'train' if model.training else 'eval'
         hint = (f'the shape was guessed: pass an example_input {type(model).__name__} runs on in train and eval mode'
@@ -296,6 +270,4 @@ def propagate_shapes(graph, model, shape, dtype, guessed):
 
 
 def input_dtype(model, example_input):
-    if isinstance(example_input, torch.Tensor): return example_input.dtype
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return example_input.dtype if isinstance(example_input, torch.Tensor) else device_dtype(model)[1]

@@ -24,3 +24,12 @@ def test_one_version_string():
     import fasterai
     assert re.fullmatch(r'\d+\.\d+\.\d+', fasterai.__version__)
     assert version('fasterai') == fasterai.__version__, 'setup.py must read the version from fasterai/__init__.py'
+
+
+def test_no_import_cycle_and_register_layer_at_the_top():
+    import runpy
+    from pathlib import Path
+
+    import fasterai
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / 'scripts' / 'import_cycles.py'), run_name='__main__')
+    assert callable(fasterai.register_layer) and fasterai.LayerKind

@@ -86,10 +86,10 @@ def test_incremental_mask_combination_equals_a_full_one():
     for step in ({'c1': 25}, {'c1': 50}, {'c1': 50, 'stem': 25}, {'c1': 12.5, 'stem': 50}, {'stem': 0}):
         sp.sparsify(step)
         incremental = {k: v.clone() for k, v in sp.masks.items()}
-        drops = {k: (d, i.clone()) for k, (d, i) in sp._drops.items()}
-        sp._combine()
+        drops = {k: (d, i.clone()) for k, (d, i) in sp.maskset.drops.items()}
+        sp.maskset.combine()
         assert incremental.keys() == sp.masks.keys() and all(torch.equal(incremental[k], sp.masks[k]) for k in incremental)
-        assert drops.keys() == sp._drops.keys()
+        assert drops.keys() == sp.maskset.drops.keys()
 
 
 @pytest.mark.parametrize('make,granularity,layer_type', [
@@ -117,7 +117,7 @@ def test_masks_applied_by_index_equal_masks_applied_by_broadcast(make, granulari
 
 @pytest.mark.parametrize('criteria', ['l1', 'l2', 'large_init_large_final', 'taylor'])
 def test_row_scores_by_blocks_equal_the_full_scores(criteria, monkeypatch):
-    import fasterai.sparsifier as S
+    import fasterai.scoring as S
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 6, 2, stride=2), nn.ReLU(),
                           nn.Conv2d(6, 2, 1))

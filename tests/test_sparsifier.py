@@ -5,7 +5,8 @@ from conftest import FlatNet, randomize_norms
 from torch.nn.utils import prune
 
 from fasterai.examples import Net
-from fasterai.sparsifier import Sparsifier, n_zero
+from fasterai.sparsifier import Sparsifier
+from fasterai.targets import n_zero
 
 
 def test_rounding_is_half_up_and_exact():

@@ -16,7 +16,8 @@ from fasterai.criteria import CRITERIA, resolve_criterion
 from fasterai.examples import LabelledTensors, Net
 from fasterai.pruner import Pruner
 from fasterai.schedules import iterative, one_shot
-from fasterai.sparsifier import Sparsifier, SparsifyCallback, n_zero
+from fasterai.sparsifier import Sparsifier, SparsifyCallback
+from fasterai.targets import n_zero
 
 matplotlib.use('Agg')
 

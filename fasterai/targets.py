@@ -1,0 +1,158 @@
+"""What the Sparsifier zeroes, one target at a time: a layer's weights (scored element-wise or in blocks), N:M
+blocks, or a channel group (scored by its producers' rows). Each target counts its units for a sparsity, scores
+them, picks the units to drop and gives the keep-masks that drop them.
+"""
+import math
+
+import torch
+
+from .granularity import FILTER, NM, layer_dims
+from .graph import trace
+from .layers import kind_of
+
+__all__ = ['WeightTarget', 'NMTarget', 'GroupTarget', 'make_targets', 'round_half_up', 'n_zero', 'by_mean', 'pname']
+
+
+def pname(layer, name):
+    "The qualified name of parameter `name` of the module named `layer` ('' for the model itself)."
+    return f'{layer}.{name}' if layer else name
+
+
+def round_half_up(x):
+    "The one rounding rule of the library: to the nearest int, halves up (2.5 -> 3), float noise forgiven."
+    return math.floor(x + 0.5 + 1e-9)
+
+
+def n_zero(units, sparsity):
+    "How many of `units` make `sparsity` percent, rounding half up: 30% of 20 is 6, 7.5% of 20 is 2."
+    return round_half_up(units * sparsity / 100)
+
+
+def by_mean(scores):
+    "Scores divided by their mean magnitude, so that layers of different size and scale compare."
+    return scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+class WeightTarget:
+    "One layer's weight, scored in blocks summed over `dims` ('weight': each element; 'kernel': each k x k kernel)."
+    def __init__(self, name, module, dims):
+        w = module.weight
+        self.name, self.module, self.dims, self.layers = name, module, dims, [name]
+        self.shape = tuple(1 if d in dims else s for d, s in enumerate(w.shape))
+        self.units = math.prod(self.shape)
+
+    def count(self, sparsity): return n_zero(self.units, sparsity)
+
+    def scored(self): return {self.name: self.module}
+
+    def scores(self, sp):
+        s = sp.score(self.name)
+        return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
+
+    def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
+
+    def masks(self, drop):
+        keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
+        keep[drop] = False
+        return {pname(self.name, 'weight'): keep.view(self.shape)}
+
+
+class NMTarget:
+    "One layer's weight in blocks of M consecutive weights along the input dim; each block loses the same count."
+    def __init__(self, name, module, nm):
+        w = module.weight
+        if w.dim() < 2 or w.shape[1] % nm.m:
+            raise ValueError(f"{nm.n}:{nm.m} sparsity needs the input dim of layer '{name}' (weight shape "
+                             f'{tuple(w.shape)}) to be a multiple of {nm.m}')
+        self.name, self.module, self.nm, self.layers = name, module, nm, [name]
+        self.units = w.numel()
+
+    def count(self, sparsity):
+        n, m = self.nm
+        if sparsity > 100 * (m - n) / m + 1e-9:
+            raise ValueError(f'{n}:{m} sparsity keeps {n} of every {m} weights: at most {100 * (m - n) / m:g}% '
+                             f'can be zero, got {sparsity:g}%')
+        return n_zero(m, sparsity)
+
+    def scored(self): return {self.name: self.module}
+
+    def _blocks(self, t): return t.movedim(1, -1).reshape(-1, self.nm.m)
+
+    def scores(self, sp): return self._blocks(sp.score(self.name)).float()
+
+    def drop(self, scores, k): return torch.topk(scores, k, dim=1, largest=False).indices
+
+    def masks(self, drop):
+        w = self.module.weight
+        keep = torch.ones(w.numel() // self.nm.m, self.nm.m, dtype=torch.bool, device=w.device)
+        keep.scatter_(1, drop.to(w.device), False)
+        moved = w.movedim(1, -1).shape
+        return {pname(self.name, 'weight'): keep.view(moved).movedim(-1, 1)}
+
+
+class GroupTarget:
+    "A channel group: scored by its producers' rows, zeroed in every producer row, bias and norm."
+    def __init__(self, group, modules, layer_names, round_to=None):
+        self.group, self.modules, self.units = group, modules, group.units
+        self.layers, self.round_to = layer_names, round_to
+        self.name = '+'.join(s.module for s in group.by_role('out'))
+
+    def count(self, sparsity):
+        "Units to zero: round(sparsity% of them), keeping one; with `round_to`, kept channels a multiple of it."
+        drop = min(n_zero(self.units, sparsity), self.units - 1)
+        if not self.round_to or drop == 0: return drop
+        step = self.round_to // math.gcd(self.round_to, self.group.tie)   # kept units per multiple of round_to
+        kept = max(step, step * round_half_up((self.units - drop) / step))
+        return max(self.units - kept, 0)
+
+    def scored(self): return {s.module: self.modules[s.module] for s in self.group.by_role('out')}
+
+    def scores(self, sp):
+        """Each unit's score: the sum over the group's producers of their row scores, each divided by its mean
+        (a unit of tied channels sums its channels)."""
+        total = torch.zeros(self.group.size)
+        for s in self.group.by_role('out'):
+            rows = sp.row_scores(s.module, kind_of(self.modules[s.module]).out_dim, s.offset, s.length).float().cpu()
+            total[s.start:s.start + s.length] += by_mean(rows)
+        return total.view(self.group.tie, -1).sum(0)
+
+    def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
+
+    def masks(self, drop):
+        "Keep-masks for every producer row and bias, depthwise row and bias, and norm scale and shift."
+        keep = torch.ones(self.units, dtype=torch.bool)
+        keep[drop] = False
+        keep, out = self.group.channels(keep), {}
+        for s in self.group.slices:
+            if s.role == 'in': continue
+            m, k = self.modules[s.module], keep[s.start:s.start + s.length]
+            for name, d in kind_of(m).rows(s.role):
+                p = getattr(m, name, None)
+                if p is None: continue
+                shape = [1] * p.dim(); shape[d] = -1
+                mask = out.setdefault(pname(s.module, name), (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device))[0]
+                mask[s.offset:s.offset + s.length] &= k
+        return {name: mask.view(shape).to(device) for name, (mask, shape, device) in out.items()}
+
+
+
+
+def make_targets(model, granularity, layers, excluded, round_to=None, example_input=None, leaf_modules=()):
+    """The targets of `granularity` over `layers` (name -> module; `excluded`: names left dense), the channel graph
+    at 'filter' (else None), and targeted layer name -> why it cannot be sparsified at this granularity."""
+    if isinstance(granularity, NM): return [NMTarget(n, m, granularity) for n, m in layers.items()], None, {}
+    if granularity != FILTER:
+        return [WeightTarget(n, m, layer_dims(granularity, n, m.weight)) for n, m in layers.items()], None, {}
+    graph = trace(model, example_input, leaf_modules)
+    modules, targets, frozen = graph.modules(), [], {}
+    for g in graph.groups:
+        mine = [s.module for s in g.by_role('out') if s.module in layers]
+        if not mine: continue
+        kept = [s.module for s in g.slices if s.role != 'in' and s.module in excluded]
+        if kept: frozen.update({n: f"shares its filters with excluded layer '{kept[0]}'" for n in mine})
+        elif g.prunable: targets.append(GroupTarget(g, modules, mine, round_to))
+        else: frozen.update({n: '; '.join(g.frozen) for n in mine})
+    if not targets:
+        raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in layers.values()}))} filter '
+                         f'of {type(model).__name__} can be sparsified: {frozen}')
+    return targets, graph, frozen
