@@ -47,3 +47,17 @@ def write_result(path, title, doc, lines, details='', before_table=''):
             f'Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, '
             f'{date.today()}{details}\n\n{before_table}')
     Path(path).write_text(head + '\n'.join(lines) + '\n')
+
+
+def model_args(doc, models, repeats):
+    """The options of a per-model timing script (`--models`, `--repeats`, `--out`), parsed, on 2 CPU threads with
+    warnings off; `doc` is the script's docstring."""
+    import argparse
+    import warnings
+    warnings.filterwarnings('ignore')
+    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument('--models', nargs='*', default=models)
+    ap.add_argument('--repeats', type=int, default=repeats)
+    ap.add_argument('--out', default=None)
+    return ap.parse_args()

@@ -12,12 +12,10 @@ parameter finite with one synchronisation: 1.01x median, 1.00x to 1.02x).
 
 Run: `.venv/bin/python bench/shortcuts.py [--models ...] [--repeats 5] [--out bench/results/shortcuts.md]`
 """
-import argparse
 import copy
 import statistics
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import model_args, write_result  # noqa: E402
 from prune_time import MODELS, SHAPE  # noqa: E402
 from torchvision_sweep import build  # noqa: E402
 
@@ -77,13 +75,7 @@ def measure(name, repeats):
 
 
 def main():
-    warnings.filterwarnings('ignore')
-    torch.set_num_threads(2)
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--models', nargs='*', default=MODELS)
-    ap.add_argument('--repeats', type=int, default=5)
-    ap.add_argument('--out', default=None)
-    args = ap.parse_args()
+    args = model_args(__doc__, MODELS, 5)
     lines = ['| model | prune s | ' + ' | '.join(f'without {k}: s, ratio' for k in OFF) + ' |', '|' + '---|' * (len(OFF) + 2)]
     ratios = {k: [] for k in OFF}
     for name in args.models:

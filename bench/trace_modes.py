@@ -10,18 +10,15 @@ the rule while they cost less than about 20% of prune time at the median against
 
 Run: `.venv/bin/python bench/trace_modes.py [--models ...] [--repeats 7] [--out bench/results/trace_modes.md]`
 """
-import argparse
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import model_args, write_result  # noqa: E402
 from prune_time import MODELS, SHAPE, _sparse  # noqa: E402
 from torchvision_sweep import build  # noqa: E402
 
@@ -72,13 +69,7 @@ def measure(name, repeats):
 
 
 def main():
-    warnings.filterwarnings('ignore')
-    torch.set_num_threads(2)
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--models', nargs='*', default=MODELS)
-    ap.add_argument('--repeats', type=int, default=7)
-    ap.add_argument('--out', default=None)
-    args = ap.parse_args()
+    args = model_args(__doc__, MODELS, 7)
     lines = ['| model | train graph differs | prune s, both modes traced | prune s, eval only | prune, both / eval | '
              'verify s, both modes | verify s, eval only | verify, both / eval |', '|' + '---|' * 8]
     ratios, scan = [], []

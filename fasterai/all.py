@@ -14,7 +14,7 @@ from .report import __all__ as _report
 from .export import *  # noqa: F401,F403
 from .export import __all__ as _export
 from .verify import check_same_function
-from .layers import LayerKind, register_layer
+from .layers import LayerKind, register_layer, register_op
 
-__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, *_export, 'CRITERIA', 'GRANULARITIES', 'check_same_function',
-           'LayerKind', 'register_layer']
+__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, *_export, 'CRITERIA', 'GRANULARITIES',
+           'check_same_function', 'LayerKind', 'register_layer', 'register_op']

@@ -20,10 +20,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .ops import batchnorm, conv, groupnorm, linear
+from .ops import FUNCTION_RULES, METHOD_RULES, batchnorm, conv, groupnorm, linear
 from .surgery import shrink_conv, shrink_groupnorm, shrink_sliced
 
-__all__ = ['LayerKind', 'LAYERS', 'kind_of', 'register_layer', 'known_base', 'shrink', 'param_dim']
+__all__ = ['LayerKind', 'LAYERS', 'kind_of', 'register_layer', 'register_op', 'known_base', 'shrink', 'param_dim']
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,22 @@ def register_layer(cls, like=None, **changes):
                          f'LayerKind field (rule, sizes): {e}') from None
     LAYERS[cls] = kind
     return kind
+
+
+def register_op(op, like):
+    """Teach fasterai a function, or a tensor method by name, that moves channels as the known `like` does:
+    `register_op(torch.square, like=F.relu)` (keeps a zero channel zero, channel for channel), or
+    `register_op('square', like='relu')` for the method. (fx records a function of your own as a call only when
+    it is wrapped with `torch.fx.wrap`; otherwise it traces through it.)"""
+    table = lambda f: METHOD_RULES if isinstance(f, str) else FUNCTION_RULES
+    if not (isinstance(op, str) or callable(op)):
+        raise ValueError(f'register_op takes a function or a method name, got {op!r}')
+    rule = table(like).get(like)
+    if rule is None:
+        known = sorted(getattr(f, '__name__', str(f)) for f in table(like))
+        raise ValueError(f'like must be a function or method name fasterai knows, got {like!r}: choose from {known}')
+    table(op)[op] = rule
+    return rule
 
 
 def shrink(module, keep):

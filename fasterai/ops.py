@@ -21,8 +21,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES', 'METHOD_RULES',
-           'INPLACE', 'is_inplace', 'conv', 'linear', 'batchnorm', 'groupnorm']
+__all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES',
+           'METHOD_RULES', 'INPLACE', 'is_inplace', 'conv', 'linear', 'batchnorm', 'groupnorm']
 
 
 class Unhandled(Exception):

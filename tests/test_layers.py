@@ -9,7 +9,7 @@ from conftest import randomize_norms
 from fasterai.errors import PruningError
 from fasterai.export import pruned_config, rebuild_pruned
 from fasterai.graph import trace
-from fasterai.layers import LAYERS, kind_of, register_layer
+from fasterai.layers import LAYERS, kind_of, register_layer, register_op
 from fasterai.pruner import Pruner
 from fasterai.sparsifier import Sparsifier
 from fasterai.verify import mismatch, outputs
@@ -123,3 +123,30 @@ def test_the_built_in_kinds_describe_their_tensors():
     assert [n for n, _ in kind_of(bn).zero_when_dead(bn, 'norm')] == ['running_mean']
     assert kind_of(nn.GroupNorm(4, 4)).channels(nn.GroupNorm(4, 4), 'norm') == 4
     assert kind_of(Unknown(3, 4, 1)) is None
+
+
+class Squares(nn.Module):
+    "Squares its channels with a function and with a method: both keep a zero channel zero."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c(self.b(torch.square(self.a(x))).square())
+
+
+def test_register_op_teaches_a_function_and_a_method():
+    from fasterai.ops import FUNCTION_RULES, METHOD_RULES
+    saved = dict(FUNCTION_RULES), dict(METHOD_RULES)
+    try:
+        assert not any(g.prunable for g in trace(Squares(), SHAPE).groups)   # unknown: frozen
+        register_op(torch.square, like=F.relu); register_op('square', like='relu')
+        torch.manual_seed(0)
+        model = Squares()
+        Sparsifier(model, 'filter', example_input=SHAPE).sparsify(50)
+        pruned = Pruner(example_input=SHAPE).prune_model(model)
+        assert (pruned.a.out_channels, pruned.b.out_channels) == (4, 4)
+        with pytest.raises(ValueError, match='like must be a function or method name fasterai knows'):
+            register_op(torch.square, like=torch.square_)
+    finally:
+        FUNCTION_RULES.clear(); FUNCTION_RULES.update(saved[0]); METHOD_RULES.clear(); METHOD_RULES.update(saved[1])
