@@ -19,8 +19,8 @@ from .tracing import check_model, unwrap
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
 
-__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'check_sparsities', 'check_method', 'check_layer_type', 'check_round_to',
-           'find_layers', *_schedules]
+__all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'check_sparsities', 'check_method',
+           'check_layer_type', 'check_round_to', 'find_layers', *_schedules]
 
 METHODS = ('local', 'global')
 "'local': each layer to the target; 'global': one threshold over all targeted layers."

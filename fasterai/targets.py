@@ -130,7 +130,8 @@ class GroupTarget:
                 p = getattr(m, name, None)
                 if p is None: continue
                 shape = [1] * p.dim(); shape[d] = -1
-                mask = out.setdefault(pname(s.module, name), (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device))[0]
+                new = (torch.ones(p.shape[d], dtype=torch.bool), shape, p.device)
+                mask = out.setdefault(pname(s.module, name), new)[0]
                 mask[s.offset:s.offset + s.length] &= k
         return {name: mask.view(shape).to(device) for name, (mask, shape, device) in out.items()}
 

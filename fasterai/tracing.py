@@ -11,9 +11,9 @@ from .errors import TraceError
 from .layers import known_base, kind_of
 from .ops import ZERO_KEEPING, ZERO_MOVING
 
-__all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'example_tensor', 'Leaves', 'check_hooks',
-           'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace', 'input_shape',
-           'input_dtype', 'propagate_shapes']
+__all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'example_tensor', 'Leaves',
+           'check_hooks', 'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace',
+           'input_shape', 'input_dtype', 'propagate_shapes']
 
 MODES = (False, True)
 "The modes a model is traced and verified in: eval (False) and train (True)."
