@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_hooks, check_model, input_dtype,
                       input_shape, propagate_shapes, seeded, symbolic_trace, training_mode)
@@ -77,6 +78,7 @@ class ChannelGraph:
     model: nn.Module
     groups: list
     input_shape: tuple
+    unfollowed: dict = field(default_factory=dict)   # module name -> why a call of it could not be followed
 
     def modules(self):
         "Qualified name -> module, for every module the groups name."
@@ -86,7 +88,8 @@ class ChannelGraph:
     def __repr__(self):
         head = f'ChannelGraph of {type(self.model).__name__}: {len(self.groups)} groups, ' \
                f'{sum(g.prunable for g in self.groups)} prunable'
-        return '\n'.join([head] + [f'  {g}' for g in self.groups])
+        lines = [head] + [f'  {g}' for g in self.groups]
+        return '\n'.join(lines + [f'  not followed: {r}' for r in self.unfollowed.values()])
 
 
 class _Spaces:
@@ -171,7 +174,7 @@ def trace(model, example_input=None, leaf_modules=()):
     if unknown: raise ValueError(f'leaf_modules names modules that {type(model).__name__} does not have: {unknown}')
     check_hooks(model, leaves)
     shape, dtype = input_shape(model, example_input), input_dtype(model, example_input)
-    spaces, owner, seen, poisoned, opaque = _Spaces(), {}, set(), set(), set()
+    spaces, owner, seen, poisoned, opaque, unfollowed = _Spaces(), {}, set(), set(), set(), {}
     for training in MODES:   # a branch that runs only in training (an auxiliary head) reads channels too
         with training_mode(model, training), buffers_kept(model), seeded(model):   # forwards may update buffers
             graph = symbolic_trace(model, leaves)
@@ -179,7 +182,7 @@ def trace(model, example_input=None, leaf_modules=()):
             if signature in seen: continue   # the same graph in both modes: follow it once
             seen.add(signature)
             propagate_shapes(graph, model, shape, dtype, example_input is None)
-            ctx = _Context(model, spaces, owner, poisoned, opaque)
+            ctx = _Context(model, spaces, owner, poisoned, opaque, unfollowed)
             for node in graph.nodes: ctx.env[node] = ctx.visit(node)
     # a module some call could not follow, or that also lives inside a module kept whole, keeps all its channels
     poisoned |= {t for t, _ in owner if id(model.get_submodule(t)) in opaque}
@@ -187,7 +190,7 @@ def trace(model, example_input=None, leaf_modules=()):
         if target in poisoned and lay is not None:
             spaces.freeze(lay, f"'{target}' is also called where its channels cannot be followed")
     _freeze_shared(model, spaces)
-    return ChannelGraph(model, spaces.groups(), shape)
+    return ChannelGraph(model, spaces.groups(), shape, unfollowed)
 
 
 
@@ -195,7 +198,11 @@ def trace(model, example_input=None, leaf_modules=()):
 def _unregistered(base):
     "The rule of a subclass of a known layer that is not registered: it freezes what it touches, saying why."
     def rule(ctx, node):
-        cls = type(ctx.module(node)).__name__
+        m = ctx.module(node)
+        if parametrize.is_parametrized(m):
+            raise Unhandled('has parametrized tensors (torch.nn.utils.parametrize): remove the parametrizations '
+                            '(parametrize.remove_parametrizations(module, name)) before sparsifying and pruning')
+        cls = type(m).__name__
         like = f'nn.{base.__name__}' if base.__module__.startswith('torch.nn') else base.__name__
         raise Unhandled(f'is a subclass of {base.__name__} that fasterai does not know (its forward may differ): '
                         f'fasterai.register_layer({cls}, like={like}) if it maps channels as {base.__name__} does')
@@ -204,8 +211,9 @@ def _unregistered(base):
 
 class _Context:
     """What a rule sees of the trace: the node, its inputs' layouts, and ways to create and record spaces."""
-    def __init__(self, model, spaces, owner, poisoned, opaque):
+    def __init__(self, model, spaces, owner, poisoned, opaque, unfollowed):
         self.spaces, self.owner, self.poisoned, self.opaque, self.env = spaces, owner, poisoned, opaque, {}
+        self.unfollowed = unfollowed   # module name -> the reason, also where no tracked channel reaches it
         self.modules = dict(model.named_modules(remove_duplicate=False))
 
     def visit(self, node):
@@ -231,7 +239,9 @@ class _Context:
         except Exception as e:   # an Unhandled case, or one no rule foresaw: freezing is always safe
             reason = str(e) if isinstance(e, Unhandled) else f'could not be followed ({type(e).__name__}: {e})'
             for lay in tracked: self.freeze(lay, f"{what} at '{node.name}' {reason}")
-            if module is not None: self.poisoned.add(node.target)
+            if module is not None:
+                self.poisoned.add(node.target)
+                self.unfollowed.setdefault(node.target, f"{what} at '{node.name}' {reason}")
             return None
         if out is not None and inplace and isinstance(node.args[0], fx.Node):
             before = self.env.get(node.args[0])

@@ -102,6 +102,9 @@ def register_layer(cls, like=None, **changes):
     shares, with `changes` to any LayerKind field; without `like`, `changes` are a whole LayerKind's fields."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f'register_layer takes an nn.Module subclass, got {cls!r}')
+    if cls.__name__ == 'Parametrized' + cls.__bases__[0].__name__:
+        raise ValueError(f'{cls.__name__} is the class torch.nn.utils.parametrize makes for one module (its tensors are '
+                         'computed): remove the parametrizations before sparsifying and pruning instead')
     names = {f.name for f in fields(LayerKind)}
     bad = sorted(set(changes) - names)
     if bad: raise ValueError(f'unknown LayerKind fields {bad}: choose from {sorted(names)}')

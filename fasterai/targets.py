@@ -153,6 +153,8 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
         if kept: frozen.update({n: f"shares its filters with excluded layer '{kept[0]}'" for n in mine})
         elif g.prunable: targets.append(GroupTarget(g, modules, mine, round_to))
         else: frozen.update({n: '; '.join(g.frozen) for n in mine})
+    frozen.update({n: r for n, r in graph.unfollowed.items() if n in layers and n not in frozen and
+                   not any(n in t.layers for t in targets)})   # called on channels no layer writes (the input)
     if not targets:
         raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in layers.values()}))} filter '
                          f'of {type(model).__name__} can be sparsified: {frozen}')

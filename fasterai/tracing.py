@@ -223,6 +223,10 @@ def check_model(model):
     "A TypeError unless `model` is an nn.Module."
     if not isinstance(model, nn.Module):
         raise TypeError(f'expected a torch.nn.Module to sparsify or prune, got {type(model).__name__}')
+    lazy = next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)
+    if lazy is not None:
+        raise ValueError(f"parameter '{lazy}' of {type(model).__name__} is not initialised yet (a lazy module): run "
+                         'one forward pass first, so that every layer knows its size')
 
 
 def check_example_input(model, example_input):

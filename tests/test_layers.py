@@ -150,3 +150,26 @@ def test_register_op_teaches_a_function_and_a_method():
             register_op(torch.square, like=torch.square_)
     finally:
         FUNCTION_RULES.clear(); FUNCTION_RULES.update(saved[0]); METHOD_RULES.clear(); METHOD_RULES.update(saved[1])
+
+
+def test_an_unknown_layer_reading_the_input_is_reported():
+    "No tracked channel reaches the first layer: its reason is still recorded, with the hint."
+    model = nn.Sequential(Unknown(3, 8, 3), nn.ReLU(), Unknown(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(ValueError, match=r"'0': .*register_layer\(Unknown, like=nn.Conv2d\)"):
+        Sparsifier(model, 'filter', example_input=SHAPE)
+    assert 'not followed' in str(trace(model, SHAPE))
+
+
+def test_parametrized_and_lazy_layers_get_a_clear_refusal():
+    from torch.nn.utils import parametrize
+
+    class Identity(nn.Module):
+        def forward(self, w): return w
+    conv = nn.Conv2d(8, 4, 1)
+    parametrize.register_parametrization(conv, 'weight', Identity())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), conv)
+    assert 'remove the parametrizations' in str(trace(model, SHAPE))
+    with pytest.raises(ValueError, match='parametrize makes for one module'):
+        register_layer(type(conv), like=nn.Conv2d)
+    with pytest.raises(ValueError, match='not initialised yet .*run one forward pass first'):
+        Pruner(example_input=SHAPE).prune_model(nn.Sequential(nn.LazyConv2d(4, 3)))
