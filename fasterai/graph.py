@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_hooks, check_model, input_dtype,
-                      input_shape, propagate_shapes, seeded, symbolic_trace, training_mode)
+from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_model, hooks_taken_out, input_shape,
+                      input_specs, propagate_shapes, seeded, symbolic_trace, training_mode)
 from .layers import known_base, kind_of
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
                   is_inplace)
@@ -158,8 +158,10 @@ def _freeze_shared(model, spaces):
 def trace(model, example_input=None, leaf_modules=()):
     """Trace `model` with torch.fx and return its `ChannelGraph`.
 
-    `example_input`: a tensor or a shape, batch included (shapes come from meta tensors, no compute);
-    when None, (2, C, 224, 224) or (2, F) is guessed from the first Conv2d or Linear.
+    `example_input`: a tensor, a tuple of tensors (one per input, any dtype) or a shape, batch included (shapes
+    come from meta tensors, no compute); when None, (2, C, 224, 224) or (2, F) is guessed from the first Conv2d
+    or Linear. Forward hooks are traced where PyTorch runs them: what a hook only observes leaves nothing in the
+    graph, and an output a hook stores for a later module (fastai's `Hook.stored`) is followed to that module.
     The model is traced in eval and in train mode (branches such as auxiliary heads that run only in training are
     covered; an identical second graph is not followed twice); both traces feed one graph, and a model that
     fails to run in either mode on the example input raises TraceError.
@@ -172,16 +174,15 @@ def trace(model, example_input=None, leaf_modules=()):
     names = dict(model.named_modules())
     unknown = sorted(n for n in leaves.names if n not in names)
     if unknown: raise ValueError(f'leaf_modules names modules that {type(model).__name__} does not have: {unknown}')
-    check_hooks(model, leaves)
-    shape, dtype = input_shape(model, example_input), input_dtype(model, example_input)
+    shape, specs = input_shape(model, example_input), input_specs(model, example_input)
     spaces, owner, seen, poisoned, opaque, unfollowed = _Spaces(), {}, set(), set(), set(), {}
     for training in MODES:   # a branch that runs only in training (an auxiliary head) reads channels too
-        with training_mode(model, training), buffers_kept(model), seeded(model):   # forwards may update buffers
-            graph = symbolic_trace(model, leaves)
+        with training_mode(model, training), buffers_kept(model), seeded(model), hooks_taken_out(model) as hooks:
+            graph = symbolic_trace(model, leaves, hooks)   # forwards may update buffers; hooks are traced
             signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
             if signature in seen: continue   # the same graph in both modes: follow it once
             seen.add(signature)
-            propagate_shapes(graph, model, shape, dtype, example_input is None)
+            propagate_shapes(graph, model, specs, example_input is None)
             ctx = _Context(model, spaces, owner, poisoned, opaque, unfollowed)
             for node in graph.nodes: ctx.env[node] = ctx.visit(node)
     # a module some call could not follow, or that also lives inside a module kept whole, keeps all its channels

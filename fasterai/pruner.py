@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .criteria import resolve_criterion
 from .graph import trace
-from .tracing import check_model, first_nonfinite, unwrap
+from .tracing import check_model, first_nonfinite, is_tensors, unwrap
 from .masks import mask_drops
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity
 from .targets import pname as qualified
@@ -97,8 +97,8 @@ class Pruner:
 
     `sparsity`: when given, first zero that percentage of filters in one shot, with the Sparsifier's own
     group scoring (`criteria`, `method`, `layer_type` as in `Sparsifier`); when None, prune what is zero.
-    `example_input`: a tensor or shape for tracing (guessed from the first layer when None); when a tensor,
-    `verify` runs on it, otherwise on a random input of that shape.
+    `example_input`: a tensor, a tuple of tensors (one per input) or a shape for tracing (guessed from the first
+    layer when None); when tensors, `verify` runs on them, otherwise on a random input of that shape.
     `leaf_modules`: names or types of modules the tracer keeps whole (see `graph.trace`).
     `verify`: run the sparse and pruned models in eval and in train mode (dropout off, random draws seeded, the
     BatchNorm statistics put back) and raise PruningError if any output differs (see `verify.check_same_function`).
@@ -140,7 +140,7 @@ class Pruner:
             sp = Sparsifier(model, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
                             self.leaf_modules, round_to=self.round_to)
             graph, masks = sp.graph, sp.plan_masks(self.sparsity)
-        example = self.example_input if isinstance(self.example_input, torch.Tensor) else graph.input_shape
+        example = self.example_input if is_tensors(self.example_input) else graph.input_shape
         if self.verify:   # the sparse model's outputs in both modes, computed before the copy takes memory
             reference = _reference(model, masks, example)
             expected = reference_outputs(reference, MODES)

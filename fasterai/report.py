@@ -3,7 +3,7 @@ import torch
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .tracing import device_dtype, example_tensor, training_mode
+from .tracing import example_args, input_shape, training_mode
 
 __all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models', 'SparsityReport']
 
@@ -15,27 +15,26 @@ def count_params(model):
 
 @torch.no_grad()
 def count_macs(model, example_input):
-    """Multiply-accumulates of one eval-mode forward pass on `example_input` (a tensor or a shape).
+    """Multiply-accumulates of one eval-mode forward pass on `example_input` (a tensor, a tuple of them, or a shape).
 
     Counted on meta tensors (shapes only, no arithmetic); a model that builds real tensors in its forward
     is run for real instead."""
-    shape = tuple(example_input.shape if isinstance(example_input, torch.Tensor) else example_input)
+    args = example_args(model, example_input)
     meta = {k: torch.empty_like(v, device='meta') for k, v in (*model.named_parameters(), *model.named_buffers())}
-    dtype = device_dtype(model)[1]
     with training_mode(model, False):
         try:
             with FlopCounterMode(display=False) as counter:
-                torch.func.functional_call(model, meta, (torch.empty(shape, dtype=dtype, device='meta'),))
+                torch.func.functional_call(model, meta, tuple(torch.empty_like(x, device='meta') for x in args))
         except Exception:
             with FlopCounterMode(display=False) as counter:
-                model(example_tensor(model, example_input))
+                model(*args)
     return counter.get_total_flops() // 2
 
 
 def latency_ms(model, example_input, min_run_time=1.0, threads=None):
     "Median CPU latency in milliseconds of one eval-mode forward pass (torch.utils.benchmark)."
     with training_mode(model, False), torch.inference_mode():
-        timer = Timer('model(x)', globals={'model': model, 'x': example_tensor(model, example_input)},
+        timer = Timer('model(*x)', globals={'model': model, 'x': example_args(model, example_input)},
                       num_threads=threads or torch.get_num_threads())
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
@@ -64,14 +63,14 @@ def compare_models(dense, pruned, example_input, latency_input=None, extra=(), m
     MACs are counted on `example_input`; latency is timed on `latency_input` (default: `example_input`).
     """
     lat_in = latency_input if latency_input is not None else example_input
-    lat_shape = tuple(lat_in.shape if isinstance(lat_in, torch.Tensor) else lat_in)
+    lat_batch = _batch(lat_in)
     p0, p1 = count_params(dense), count_params(pruned)
     m0, m1 = count_macs(dense, example_input), count_macs(pruned, example_input)
     t0, t1 = latency_ms(dense, lat_in, min_run_time), latency_ms(pruned, lat_in, min_run_time)
     rows = [('', 'before', 'after', 'after/before'), *extra,
             ('parameters', f'{p0:,}', f'{p1:,}', f'{p1 / p0:.3f}'),
             ('MACs per image', f'{m0 // _batch(example_input):,}', f'{m1 // _batch(example_input):,}', f'{m1 / m0:.3f}'),
-            (f'CPU latency, batch {lat_shape[0]} (median ms)', f'{t0:.2f}', f'{t1:.2f}', f'{t1 / t0:.3f}')]
+            (f'CPU latency, batch {lat_batch} (median ms)', f'{t0:.2f}', f'{t1:.2f}', f'{t1 / t0:.3f}')]
     s0, s1 = layer_shapes(dense), layer_shapes(pruned)
     layers = [('layer', 'before', 'after', 'params after')]
     for name, (kind, shape, _) in s0.items():
@@ -82,7 +81,8 @@ def compare_models(dense, pruned, example_input, latency_input=None, extra=(), m
 
 
 def _batch(example_input):
-    return (example_input.shape if isinstance(example_input, torch.Tensor) else example_input)[0]
+    "The batch size of an example input (a tensor, a tuple of them, or a shape)."
+    return input_shape(None, example_input)[0]
 
 
 class SparsityReport:

@@ -101,7 +101,7 @@ class Sparsifier(SparsityReport):
     `method`: 'local' (each layer to the target) or 'global' (one threshold, scores normalised per layer).
     `criteria`: a name in `CRITERIA`, a `Criterion`, or a function of the weight.
     `layer_type`: the layer type(s) to sparsify (a group is targeted when one of its producers is one).
-    `example_input`: a tensor or shape for tracing at 'filter' granularity (guessed when None).
+    `example_input`: a tensor, a tuple of tensors (one per input) or a shape for tracing at 'filter' (guessed when None).
     `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
     `exclude`: qualified names of modules (or the modules) whose layers are left dense.
     `round_to`: at 'filter' and 'local', round each group's kept channels to a multiple of it (8 or 16 suit

@@ -9,22 +9,71 @@ import torch.nn as nn
 
 from .errors import TraceError
 from .layers import known_base, kind_of
-from .ops import ZERO_KEEPING, ZERO_MOVING
+from .ops import ZERO_KEEPING, ZERO_MOVING, is_inplace
 
-__all__ = ['MODES', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'example_tensor', 'Leaves',
-           'check_hooks', 'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace',
-           'input_shape', 'input_dtype', 'propagate_shapes']
+__all__ = ['MODES', 'hooks_taken_out', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'is_tensors', 'example_args', 'example_tensor', 'Leaves',
+           'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace',
+           'input_shape', 'input_specs', 'propagate_shapes']
 
 MODES = (False, True)
 "The modes a model is traced and verified in: eval (False) and train (True)."
 
 
-def check_hooks(model, leaves):
-    for name, m in model.named_modules():
-        if (m._forward_hooks or m._forward_pre_hooks) and not leaves.covers(name, m):
-            raise TraceError(f"module '{name or type(model).__name__}' has forward hooks; torch.fx does not run "
-                             "hooks, so its traced graph would not be the model's real computation. Remove the "
-                             f"hooks, or pass leaf_modules=['{name}'] to keep it whole (its channels then stay).")
+class _Hooks:
+    """Every forward and backward hook of a model, and the global ones, taken out of the modules for a while (fx
+    does not run them, and the traced graph must hold what they do): `_Tracer` runs the forward ones on the
+    graph's proxies where PyTorch would call them, so a hook that changes an output, or stores it for a later
+    module to read (fastai's `Hook.stored`, as in `DynamicUnet`), is traced like the forward code, and one that
+    only observes leaves nothing in the graph. The attributes of the objects the hooks are methods of (fastai's
+    `Hook`) come back afterwards, so nothing a hook stored during tracing remains."""
+    _KEYS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+    _GLOBAL = ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
+               '_global_backward_pre_hooks')
+
+    def __init__(self, model):
+        self.modules, self.taken, self.glob, self.owners = list(model.modules()), {}, {}, {}
+
+    def __enter__(self):
+        g = nn.modules.module
+        for k in self._GLOBAL:
+            self.glob[k] = getattr(g, k).copy(); getattr(g, k).clear()
+        for m in self.modules:
+            d = {k: getattr(m, k) for k in self._KEYS}
+            if any(d.values()):
+                self.taken[id(m)] = d
+                for k in self._KEYS: setattr(m, k, type(d[k])())   # the user's dicts (their handles) come back
+        for h in self._functions():
+            obj = getattr(h, '__self__', None)
+            if obj is not None and hasattr(obj, '__dict__') and not isinstance(obj, nn.Module):
+                self.owners[id(obj)] = (obj, dict(vars(obj)))
+        return self
+
+    def __exit__(self, *exc):
+        g = nn.modules.module
+        for k, v in self.glob.items(): getattr(g, k).update(v)
+        for m in self.modules:
+            for k, v in self.taken.get(id(m), {}).items(): setattr(m, k, v)
+        for obj, state in self.owners.values():
+            vars(obj).clear(); vars(obj).update(state)
+
+    def _functions(self):
+        return [h for d in (*self.glob.values(), *(v for t in self.taken.values() for v in t.values()))
+                for h in d.values()]
+
+    def __bool__(self): return bool(self.taken) or any(self.glob.values())
+
+    def forward_pre(self, m):
+        "(hook, with_kwargs) of each forward pre-hook PyTorch would run on a call of `m`, in its order."
+        own = self.taken.get(id(m), {}).get('_forward_pre_hooks', {})
+        return [(h, k in m._forward_pre_hooks_with_kwargs)
+                for k, h in (*self.glob['_global_forward_pre_hooks'].items(), *own.items())]
+
+    def forward(self, m):
+        "(hook, with_kwargs) of each forward hook PyTorch would run after a call of `m`, in its order."
+        g = nn.modules.module
+        own = self.taken.get(id(m), {}).get('_forward_hooks', {})
+        return [(h, k in m._forward_hooks_with_kwargs or k in g._global_forward_hooks_with_kwargs)
+                for k, h in (*self.glob['_global_forward_hooks'].items(), *own.items())]
 
 
 class Leaves:
@@ -41,40 +90,90 @@ class Leaves:
         return isinstance(module, self.types) or any(name == n or name.startswith(n + '.') for n in self.names)
 
 
+def _stores_output(owner, hook):
+    "Whether `hook` is fastai's `Hook.hook_fn` storing the module's output as it is (`hook_outputs`, DynamicUnet)."
+    try:
+        from fastai.callback.hook import Hook, _hook_inner
+    except ImportError:
+        return False
+    return (isinstance(owner, Hook) and getattr(hook, '__func__', None) is Hook.hook_fn and
+            owner.hook_func is _hook_inner)
+
+
+def hooks_taken_out(model):
+    "A context in which `model`'s hooks (and the global ones) are taken out; yields them for `symbolic_trace`."
+    return _Hooks(model)
+
+
 class _Tracer(fx.Tracer):
-    "fx's tracer, keeping `leaves` whole and remembering which module it was inside when tracing failed."
-    def __init__(self, leaves):
+    """fx's tracer, keeping `leaves` whole, running the forward hooks of `hooks` (a `_Hooks`, entered) where PyTorch
+    would, and remembering which module it was inside when tracing failed."""
+    def __init__(self, leaves, hooks):
         super().__init__()
-        self.leaves, self.stack, self.failed = leaves, [], None
+        self.leaves, self.hooks, self.stack, self.failed, self.in_hook, self.hook_nodes = leaves, hooks, [], None, 0, set()
 
     def is_leaf_module(self, m, qualname):
         "Kept whole: what the user names, every registered layer kind, and subclasses of them not registered."
         return (self.leaves.covers(qualname, m) or kind_of(m) is not None or known_base(m) is not None or
                 super().is_leaf_module(m, qualname))
 
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if self.in_hook: self.hook_nodes.add(node)
+        return node
+
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
         try:
-            return super().call_module(m, forward, args, kwargs)
+            for hook, with_kwargs in self.hooks.forward_pre(m):   # as nn.Module._call_impl runs them
+                res = self._hook(hook, m, (args, kwargs) if with_kwargs else (args,))
+                if res is not None and with_kwargs: args, kwargs = res
+                elif res is not None: args = res if isinstance(res, tuple) else (res,)
+            out = super().call_module(m, forward, args, kwargs)
+            for hook, with_kwargs in self.hooks.forward(m):
+                res = self._hook(hook, m, (args, kwargs, out) if with_kwargs else (args, out))
+                if res is not None: out = res
+            return out
         except Exception:
             if self.failed is None: self.failed = (self.stack[-1], type(m).__name__)
             raise
         finally:
             self.stack.pop()
 
+    def _hook(self, hook, m, args):
+        self.in_hook += 1
+        try:
+            owner = getattr(hook, '__self__', None)
+            if _stores_output(owner, hook):   # what it does, stated: `_hook_inner` cannot run on a proxy
+                owner.stored = args[-1]
+                return None
+            return hook(m, *args)
+        finally:
+            self.in_hook -= 1
 
-def symbolic_trace(model, leaves):
-    "The fx graph of `model` (its modules are `model`'s own: no GraphModule is built, no code generated)."
-    tracer = _Tracer(leaves)
+    def drop_dead_hook_nodes(self, graph):
+        "What a hook computed only to observe (fastai's ActivationStats: means, stds) is not part of the model."
+        for node in reversed(list(graph.nodes)):
+            if node in self.hook_nodes and not node.users and node.op != 'output' and not is_inplace(node):
+                graph.erase_node(node)
+
+
+def symbolic_trace(model, leaves, hooks):
+    """The fx graph of `model` (its modules are `model`'s own: no GraphModule is built, no code generated), inside
+    `hooks` (an entered `_Hooks` of `model`): the forward hooks are traced where PyTorch would run them."""
+    tracer = _Tracer(leaves, hooks)
     try:
-        return tracer.trace(model)
+        graph = tracer.trace(model)
     except Exception as e:
         where = (f" inside module '{tracer.failed[0]}' ({tracer.failed[1]})" if tracer.failed and tracer.failed[0]
                  else '')
+        hooked = ' or its forward hooks' if where and hooks.taken.get(id(model.get_submodule(tracer.failed[0]))) else ''
         fix = (f"pass leaf_modules=['{tracer.failed[0]}'] to keep that module whole (its channels then stay), or "
                if where else '')
-        raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}: {type(e).__name__}: {e}. '
+        raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}{hooked}: {type(e).__name__}: {e}. '
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
+    tracer.drop_dead_hook_nodes(graph)
+    return graph
 
 
 def device_dtype(model):
@@ -88,11 +187,24 @@ def unwrap(model):
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
-def example_tensor(model, example):
-    "`example` if it is a tensor, else one seeded random input of that shape on the model's device and dtype."
-    if isinstance(example, torch.Tensor): return example
+def is_tensors(example):
+    "Whether `example` is real input: a tensor, or a tuple or list of them (a model of several inputs)."
+    return isinstance(example, torch.Tensor) or (isinstance(example, (tuple, list)) and len(example) > 0 and
+                                                 all(isinstance(t, torch.Tensor) for t in example))
+
+
+def example_args(model, example):
+    """The positional inputs `example` stands for: the tensor itself, the tuple of tensors, or for a shape one seeded
+    random input of that shape on the model's device and dtype."""
+    if isinstance(example, torch.Tensor): return (example,)
+    if is_tensors(example): return tuple(example)
     device, dtype = device_dtype(model)
-    return torch.randn(tuple(example), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    return (torch.randn(tuple(example), generator=torch.Generator().manual_seed(0)).to(device, dtype),)
+
+
+def example_tensor(model, example):
+    "The first input `example_args` gives."
+    return example_args(model, example)[0]
 
 
 @contextmanager
@@ -230,48 +342,68 @@ def check_model(model):
 
 
 def check_example_input(model, example_input):
-    """A ValueError unless `example_input` is None, a shape (positive ints, batch first) or a tensor of the
-    model's floating dtype on the model's device."""
+    """A ValueError unless `example_input` is None, a shape (positive ints, batch first), a tensor, or a tuple or list
+    of tensors (a model of several inputs, any dtype: integer category codes for embeddings); floating ones must
+    have the model's dtype, and all must be on the model's device."""
     if example_input is None: return
-    if isinstance(example_input, torch.Tensor):
+    if is_tensors(example_input):
+        tensors = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
         if not any(p.is_floating_point() for p in model.parameters()): return
         device, dtype = device_dtype(model)
-        if example_input.is_floating_point() and example_input.dtype != dtype:
-            raise ValueError(f'example_input is {example_input.dtype} but the model computes in {dtype}: pass a '
-                             f'tensor of dtype {dtype}, or a shape')
-        if example_input.device != device:
-            raise ValueError(f'example_input is on {example_input.device} but the model is on {device}: move one '
-                             'of them, or pass a shape')
+        for i, t in enumerate(tensors):
+            what = 'example_input' if t is example_input else f'example_input[{i}]'
+            if t.is_floating_point() and t.dtype != dtype:
+                raise ValueError(f'{what} is {t.dtype} but the model computes in {dtype}: pass a tensor of dtype '
+                                 f'{dtype}, or a shape')
+            if t.device != device:
+                raise ValueError(f'{what} is on {t.device} but the model is on {device}: move one of them, or '
+                                 'pass a shape')
         return
     if (not isinstance(example_input, (tuple, list, torch.Size)) or len(example_input) < 2 or
             not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in example_input)):
-        raise ValueError(f'example_input must be a tensor or a shape of positive ints with the batch first, such as '
-                         f'(2, 3, 224, 224), got {example_input!r}')
+        raise ValueError(f'example_input must be a tensor, a tuple of tensors (one per input of the model) or a '
+                         f'shape of positive ints with the batch first, such as (2, 3, 224, 224), got '
+                         f'{_describe(example_input)}')
+
+
+def _describe(x):
+    if isinstance(x, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in x):
+        return f"a {type(x).__name__} of {', '.join(type(t).__name__ for t in x)}"
+    return repr(x)
 
 
 def input_shape(model, example_input):
+    "The shape of the (first) input: `example_input`'s, or guessed from the first layer when it is None."
     if example_input is None: return default_input_shape(model)
-    return tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+    if is_tensors(example_input): return tuple(example_tensor(model, example_input).shape)
+    return tuple(example_input)
 
 
-def propagate_shapes(graph, model, shape, dtype, guessed):
-    """Shapes of every node of `model`'s `graph` on meta tensors; code that needs real tensors runs on zeros (its
-    buffers, such as BatchNorm statistics in train mode, and the random state are put back afterwards)."""
+def input_specs(model, example_input):
+    "One (shape, dtype, tensor or None) per input of `model`, for tracing."
+    if is_tensors(example_input):
+        return tuple((tuple(t.shape), t.dtype, t) for t in example_args(model, example_input))
+    return ((input_shape(model, example_input), device_dtype(model)[1], None),)
+
+
+def propagate_shapes(graph, model, specs, guessed):
+    """Shapes of every node of `model`'s `graph` on meta tensors of `specs` (from `input_specs`); code that needs
+    real tensors runs on the example's tensors, or zeros (its buffers, such as BatchNorm statistics in train mode,
+    and the random state are put back afterwards)."""
     try:
         try:
-            _Shapes(model, graph, meta=True).run(torch.empty(shape, dtype=dtype, device='meta'))
+            _Shapes(model, graph, meta=True).run(*(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs))
         except Exception:
+            device = device_dtype(model)[0]
+            real = [t.clone() if t is not None else torch.zeros(s, dtype=d, device=device) for s, d, t in specs]
             with torch.no_grad(), buffers_kept(model), seeded(model):
-                _Shapes(model, graph, meta=False).run(torch.zeros(shape, dtype=dtype, device=device_dtype(model)[0]))
+                _Shapes(model, graph, meta=False).run(*real)
     except Exception as e:
         mode = 'train' if model.training else 'eval'
+        shape = specs[0][0] if len(specs) == 1 else tuple(s for s, _, _ in specs)
         hint = (f'the shape was guessed: pass an example_input {type(model).__name__} runs on in train and eval mode'
                 if guessed else f'pass an example_input {type(model).__name__} runs on in train and eval mode')
         why = (str(e).strip().splitlines() or [''])[0]   # fx appends the graph node and more lines
         raise TraceError(f'running {type(model).__name__} in {mode} mode on an input of shape {shape} failed '
                          f'({type(e).__name__}: {why}). Pruning must follow both modes (a branch that runs only in '
                          f'training reads channels too): {hint}') from e
-
-
-def input_dtype(model, example_input):
-    return example_input.dtype if isinstance(example_input, torch.Tensor) else device_dtype(model)[1]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import PruningError, TraceError
-from .tracing import MODES, buffers_kept, example_tensor, seeded, training_mode
+from .tracing import MODES, buffers_kept, example_args, seeded, training_mode
 
 __all__ = ['MODES', 'outputs', 'mismatch', 'reference_outputs', 'check_same_function']
 
@@ -39,14 +39,15 @@ def _float64(model):
 
 @torch.no_grad()
 def outputs(model, example, training, float64=False):
-    """What `model` returns on `example` (a tensor, copied so that an in-place forward cannot change it, or a shape
-    for one seeded random input) in eval or train mode: every module's mode and every buffer (BatchNorm statistics)
+    """What `model` returns on `example` (a tensor or a tuple of them, copied so that an in-place forward cannot
+    change them, or a shape for one seeded random input) in eval or train mode: every module's mode and every buffer (BatchNorm statistics)
     are put back afterwards, the caller's random state is left alone, and in train mode dropout is off and the
     other random draws are seeded."""
-    x = example_tensor(model, example).clone()
+    args = [x.clone() for x in example_args(model, example)]
+    if float64: args = [x.double() if x.is_floating_point() else x for x in args]
     with training_mode(model, training), buffers_kept(model), seeded(model), \
             (_NoDropout() if training else nullcontext()), (_float64(model) if float64 else nullcontext()):
-        return model(x.double() if float64 and x.is_floating_point() else x)
+        return model(*args)
 
 
 def _flatten(v, path='output'):

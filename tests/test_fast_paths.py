@@ -11,7 +11,7 @@ from fasterai.examples import Net
 from fasterai.graph import trace
 from fasterai.pruner import Pruner, copy_modules, plan
 from fasterai.sparsifier import Sparsifier
-from fasterai.tracing import Leaves, _Shapes, symbolic_trace
+from fasterai.tracing import Leaves, _Shapes, hooks_taken_out, symbolic_trace
 
 
 # ------------------------------------------------------------------ shapes
@@ -26,14 +26,20 @@ class _Hooked(nn.Module):
 
 
 def test_a_hook_on_a_leaf_module_shapes_its_output():
-    "A forward hook that changes a leaf's output: the shape shortcuts must run the module, hook included."
+    "A forward hook that changes a leaf's output is traced after it: the shapes are the module's, then the hook's."
     model = _Hooked().eval()
     model.lin.register_forward_hook(lambda m, i, o: o[..., :6])
-    graph = symbolic_trace(model, Leaves(['lin']))
-    _Shapes(model, graph, meta=True).run(torch.empty(2, 3, 5, 5, device='meta'))
+    with hooks_taken_out(model) as hooks:
+        graph = symbolic_trace(model, Leaves(['lin']), hooks)
+        _Shapes(model, graph, meta=True).run(torch.empty(2, 3, 5, 5, device='meta'))
+    assert len(model.lin._forward_hooks) == 1   # given back
     lin = next(n for n in graph.nodes if n.target == 'lin')
-    assert lin.meta['shape'] == (2, 5, 5, 6)
+    assert lin.meta['shape'] == (2, 5, 5, 8) and next(iter(lin.users)).meta['shape'] == (2, 5, 5, 6)
     trace(model, (2, 3, 5, 5), leaf_modules=['lin'])   # and the whole trace goes through
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad(): model.a.weight[:3] = 0; model.a.bias[:3] = 0
+    pruned = Pruner().prune_model(model)   # verify runs the real model, hook included
+    assert pruned.a.out_channels == 5 and max_rel_diff(model(x), pruned(x)) < 1e-5
 
 
 # ------------------------------------------------------------------ the module copy
