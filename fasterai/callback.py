@@ -2,7 +2,8 @@
 import torch
 import torch.nn as nn
 from fastai.callback.core import Callback
-from fastai.learner import Learner
+from fastai.callback.schedule import LRFinder
+from fastai.learner import Learner, SkipToEpoch
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
@@ -12,8 +13,17 @@ from .granularity import resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
 from .sparsifier import (Sparsifier, check_layer_type, check_method, check_round_to, check_sparsities, check_sparsity,
                          find_layers)
+from .tracing import unwrap
+from . import learner as _learner  # noqa: F401 (registers learn.prune())
 
 __all__ = ['SparsifyCallback']
+
+
+def _some(names, n=3):
+    "'a', 'b', 'c' and 17 more layers are' (for messages)."
+    shown = ', '.join(f"'{x}'" for x in names[:n])
+    more = f' and {len(names) - n} more' if len(names) > n else ''
+    return f'{shown}{more} {"is" if len(names) == 1 else "are"}'
 
 
 def _check_epoch(x, name):
@@ -56,33 +66,58 @@ class SparsifyCallback(Callback):
         self.sparsifier, self.history, self._rewind = None, [], None
 
     def planned(self, epoch, n_epoch):
-        "The scheduled sparsity (a number, or a dict by layer) at `epoch` (a float) of `n_epoch`."
+        """The scheduled sparsity (a number, or a dict by layer) at `epoch` (a float) of `n_epoch`, starting from
+        `start_sparsity` or the sparsity found in the model at the start of this fit, whichever is higher."""
         end = self.end_epoch if self.end_epoch is not None else n_epoch
         pos = min(max((epoch - self.start_epoch) / max(end - self.start_epoch, 1e-12), 0.), 1.)
+        start = getattr(self, '_start', self.start_sparsity)
         if isinstance(self.sparsity, dict):
-            return {k: self.sched_func(self.start_sparsity, v, pos) for k, v in self.sparsity.items()}
-        return self.sched_func(self.start_sparsity, self.sparsity, pos)
+            return {k: self.sched_func(min(start, v), v, pos) for k, v in self.sparsity.items()}
+        return self.sched_func(min(start, self.sparsity), self.sparsity, pos)
 
     # ------------------------------------------------------------ events
     def before_fit(self):
-        find_layers(self.learn.model, self.layer_type, self.exclude)
-        self.sparsifier, self.history, self._rewind, self._measured = None, [], None, 0.
+        if any(isinstance(c, LRFinder) for c in self.learn.cbs):
+            self.run = False   # a learning-rate range test measures the model as it is (fastai sets run back)
+            return
+        model = unwrap(self.learn.model)
+        layers = find_layers(model, self.layer_type, self.exclude)
+        if self.sparsifier is not None and self.sparsifier.model is not model:
+            self.sparsifier = None   # learn.model was replaced (learn.prune()): traced anew on the first batch
+        self.history, self._rewind, self._measured, self._ready = [], None, 0., False
+        self._start = self.start_sparsity
+        # fine_tune's first phase (learn.freeze()): frozen layers cannot recover, so the sparsity is held
+        self._frozen = [n for n, m in layers.items() if not m.weight.requires_grad]
         self.learn._sparsify_last = _Last(self)   # learn.save after fit still finds the state
-        print(f'Pruning of {self.granularity} until a sparsity of '
-              f'{self.sparsity if isinstance(self.sparsity, dict) else format(self.sparsity, "g")}%')
+        if self._frozen:
+            print(f'Sparsity held in this fit: {_some(self._frozen)} frozen (learn.freeze(), as in the first '
+                  'phase of fine_tune); the schedule runs in the fit where every targeted layer trains')
+        else:
+            print(f'Pruning of {self.granularity} until a sparsity of '
+                  f'{self.sparsity if isinstance(self.sparsity, dict) else format(self.sparsity, "g")}%')
 
     def before_batch(self):
-        if self.sparsifier is None:   # built on the first batch, whose shape the graph is traced with
-            self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
-                                         self.layer_type, self.xb[0].shape, self.leaf_modules, self.exclude,
-                                         self.round_to)
-            state = getattr(self.learn, '_sparsify_resume', None)   # left by learn.load (see below)
-            if state is not None:
-                self.load_state_dict(state)
-                del self.learn._sparsify_resume
+        if not self._ready: self._first_batch()
         if self.lth and self._rewind is None and self.epoch >= self.rewind_epoch:
             self._rewind = {k: p.detach().clone() for k, p in self.learn.model.named_parameters()}
             if self.sparsifier.criterion.needs_ref: self.sparsifier.set_reference()
+
+    def _first_batch(self):
+        "Trace with this batch (every input, any dtype); resume a saved state, or hold the zeros found."
+        self._ready = True
+        if self.sparsifier is None:
+            xb = tuple(self.xb)
+            self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
+                                         self.layer_type, xb[0] if len(xb) == 1 else xb, self.leaf_modules,
+                                         self.exclude, self.round_to)
+        state = self.learn.__dict__.pop('_sparsify_resume', None)   # left by learn.load (see below)
+        if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
+            self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
+            return
+        found = self.sparsifier.hold_zeros()   # never released: the schedule starts from them
+        if found > 0 and not self._frozen:
+            self._start = max(self._start, found)
+            print(f'Found a sparsity of {found:.2f}% in the targeted layers: the schedule starts from it')
 
     def before_step(self):
         # gradients are final here: unscaled by fastai's MixedPrecision (order 10), and a step it skips for
@@ -91,11 +126,11 @@ class SparsifyCallback(Callback):
 
     def after_batch(self):
         epoch = self.epoch + (self.iter + 1) / self.n_iter
-        planned = self.planned(epoch, self.n_epoch)
+        planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)   # held: only the units found zero
         if self.sparsifier.sparsify(planned):
             if self.lth and self._rewind is not None: self._rewind_weights()
             self._measured = self.sparsifier.sparsity()
-        self.history.append((epoch, planned, self._measured))
+        self.history.append((epoch, self._measured if self._frozen else planned, self._measured))
 
     @torch.no_grad()
     def _rewind_weights(self):
@@ -108,7 +143,7 @@ class SparsifyCallback(Callback):
             print(f'Sparsity at epoch {self.epoch}: {self.sparsifier.sparsity():.2f}%')
 
     def after_fit(self):
-        if self.sparsifier is not None:
+        if self.sparsifier is not None and not self._frozen:
             print(f'Final Sparsity: {self.sparsifier.sparsity():.2f}')
 
     # ------------------------------------------------------------ state
@@ -151,6 +186,11 @@ class SparsifyCallback(Callback):
 
 
 # ---------------------------------------------------------------- learn.save / learn.load carry the state
+# fastai has no callback event for saving or loading, and SaveModelCallback and LRFinder call learn.save/learn.load
+# themselves; so these two methods are wrapped (once, for every Learner). Both are inert unless a SparsifyCallback
+# trained this learner in this process: save writes the state only while it describes the model being saved (the
+# same model object, every masked entry still zero: a later fit without the callback lets zeros regrow, and then
+# nothing is written), and what load reads is used only by a fit that resumes (fit(..., start_epoch=k)).
 def _state_file(model_file):
     return model_file.with_name(model_file.stem + '.sparsify.pth')
 
@@ -162,10 +202,11 @@ class _Last:
 
 
 def _sparsify_cb(learn):
-    "The SparsifyCallback training `learn` now, or the one that trained it last."
+    "The SparsifyCallback whose state describes `learn.model` now, or None."
     last = getattr(learn, '_sparsify_last', None)
     cb = next((c for c in learn.cbs if isinstance(c, SparsifyCallback)), last.cb if last is not None else None)
-    return cb if cb is not None and cb.sparsifier is not None else None
+    if cb is None or cb.sparsifier is None or cb.sparsifier.model is not unwrap(learn.model): return None
+    return cb if cb.sparsifier.masks_hold() else None
 
 
 _save, _load = Learner.save, Learner.load
@@ -184,7 +225,8 @@ def save(self: Learner, file, **kwargs):
 @patch
 @delegates(_load)
 def load(self: Learner, file, device=None, **kwargs):
-    "Learner.load; a SparsifyCallback state saved beside the model is restored by the next SparsifyCallback."
+    """Learner.load; a SparsifyCallback state saved beside the model is kept for the next SparsifyCallback, which
+    resumes from it when its fit resumes (fit(..., start_epoch=k)) and otherwise holds the zeros it finds."""
     res = _load(self, file, device=device, **kwargs)
     state = _state_file(join_path_file(file, self.path / self.model_dir, ext='.pth'))
     if device is None: device = getattr(self.dls, 'device', None)

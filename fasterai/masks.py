@@ -43,6 +43,14 @@ class MaskSet:
             if dim is None: self.params[name].masked_fill_(drop, 0)
             else: self.params[name].index_fill_(dim, drop, 0)
 
+    def hold(self):
+        "Whether every entry the masks drop is exactly zero in its parameter now."
+        for name, (dim, drop) in self.drops.items():
+            p = self.params[name].detach()
+            dropped = p.index_select(dim, drop) if dim is not None else p[drop.expand_as(p)]
+            if torch.count_nonzero(dropped): return False
+        return True
+
     def check_state(self, saved, unfit):
         "A ValueError (starting with `unfit`) unless `saved` (each target's masks) fits these parameters."
         fits = lambda name, keep: name in self.params and keep.dim() == self.params[name].dim() and all(

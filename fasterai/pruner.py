@@ -15,7 +15,7 @@ from .targets import pname as qualified
 from .layers import kind_of, param_dim, shrink
 from .verify import MODES, check_same_function, outputs, reference_outputs
 
-__all__ = ['Pruner', 'dead_channels']
+__all__ = ['Pruner', 'dead_channels', 'kept_entries']
 
 
 def _row_zero(masks, layer, pname, m):
@@ -148,10 +148,31 @@ class Pruner:
         # the copy leaves them out, and the few it keeps (a layer keeps one channel) are zeroed in the copy
         keep = plan(graph, masks)
         pruned = _pruned_copy(model, keep, masks)
+        self.kept = keep   # module name -> {role: kept channels}: what `kept_entries` reads
         if self.verify:
             check_same_function(lambda training, float64=False: expected[training] if not float64 else
                                 reference(training, float64), pruned, example)
         return pruned
+
+
+def kept_entries(model, keep):
+    """Qualified name -> the flat (row-major) indices of the entries the pruned copy keeps, for every parameter and
+    buffer of `model` that `keep` (module name -> {role: kept channels}, `Pruner.kept`) shrinks: what carries an
+    optimizer's state (momentum, Adam moments) over to the pruned model. Each layer is shrunk once more as
+    `prune_model` shrinks it, with its tensors holding their own indices, so the slicing rules live in one place."""
+    out = {}
+    for name, k in keep.items():
+        probe = copy.deepcopy(model.get_submodule(name))
+        for store, cast in ((probe._parameters, nn.Parameter), (probe._buffers, lambda t: t)):
+            for t, v in store.items():
+                if v is not None: store[t] = cast(torch.arange(v.numel(), dtype=torch.float64).view(v.shape))
+        shrink(probe, k)
+        old = dict(model.get_submodule(name).named_parameters(recurse=False))
+        old.update(model.get_submodule(name).named_buffers(recurse=False))
+        for store in (probe._parameters, probe._buffers):
+            for t, v in store.items():
+                if v is not None and v.shape != old[t].shape: out[qualified(name, t)] = v.flatten().long()
+    return out
 
 
 def _reference(model, masks, example):

@@ -130,6 +130,7 @@ class Sparsifier(SparsityReport):
         self.scores = Scores(self.criterion, {n: m for t in self.targets for n, m in t.scored().items()})
         self.maskset = MaskSet(dict(model.named_parameters(remove_duplicate=False)), len(self.targets))
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
+        self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
 
     # ------------------------------------------------------------ the criterion's state and scores (see Scores)
     @property
@@ -144,14 +145,31 @@ class Sparsifier(SparsityReport):
     def row_scores(self, name, dim, start, length): return self.scores.row_scores(name, dim, start, length)
 
     # ------------------------------------------------------------ sparsify
+    def hold_zeros(self):
+        """Hold the units that are all zero now (a model sparsified before, or loaded so): every later `sparsify`
+        zeroes them first and never releases them, whatever the sparsity asked (N:M patterns excepted: they are
+        chosen anew in every block). Returns the measured sparsity."""
+        self.held = [t.zero_units() for t in self.targets]
+        self.held = [None if h is None or not h.any() else h for h in self.held]
+        self.counts = None   # the next sparsify chooses anew, the held units included
+        return self.sparsity()
+
     def _plan(self, sparsity):
-        "Zero units per target ('local') or in all ('global')."
+        "Zero units per target ('local') or in all ('global'), never fewer than the units held."
+        held = [0 if h is None else int(h.sum()) for h in self.held]
         if isinstance(sparsity, dict):
-            return tuple(t.count(max(sparsity.get(n, 0.) for n in t.layers)) for t in self.targets)
+            return tuple(max(t.count(max(sparsity.get(n, 0.) for n in t.layers)), k)
+                         for t, k in zip(self.targets, held))
         if self.method == 'local':
-            return tuple(t.count(sparsity) for t in self.targets)
-        return (min(n_zero(sum(t.units for t in self.targets), sparsity),
-                    sum(t.units - 1 for t in self.targets)),)   # never a layer emptied
+            return tuple(max(t.count(sparsity), k) for t, k in zip(self.targets, held))
+        return (max(min(n_zero(sum(t.units for t in self.targets), sparsity),
+                        sum(t.units - 1 for t in self.targets)), sum(held)),)   # never a layer emptied
+
+    def _scores(self, i):
+        "Target `i`'s unit scores, its held units scored lowest (-inf: zeroed first)."
+        s = self.targets[i].scores(self.scores)
+        if self.held[i] is not None: s = s.masked_fill(self.held[i].to(s.device), -math.inf)
+        return s
 
     def check_sparsity(self, sparsity):
         "`sparsity` as a float percentage, or a dict of them by targeted layer name ('local' only)."
@@ -178,6 +196,11 @@ class Sparsifier(SparsityReport):
         "Set every masked parameter entry to exactly zero (NaN and inf included)."
         self.maskset.apply()
 
+    @torch.no_grad()
+    def masks_hold(self):
+        "Whether every entry the masks drop is exactly zero in the model now (no training let it regrow)."
+        return self.maskset.hold()
+
     def _rescore(self, sparsity):
         "New masks where the counts changed: the targets re-scored (a list), or None when nothing changed."
         counts = self._plan(self.check_sparsity(sparsity))
@@ -194,10 +217,10 @@ class Sparsifier(SparsityReport):
             rescored = [i for i, k in enumerate(counts) if k != old[i] or ms.by_target[i] is None]
             for i in rescored:
                 t = self.targets[i]
-                ms.set(i, t.masks(t.drop(t.scores(self.scores), counts[i])))
+                ms.set(i, t.masks(t.drop(self._scores(i), counts[i])))
             ms.combine({n for i in rescored for n in ms.by_target[i]})
             return [self.targets[i] for i in rescored]
-        drops = _global_drops([t.scores(self.scores) for t in self.targets], counts[0])
+        drops = _global_drops([t.scores(self.scores) for t in self.targets], counts[0], self.held)
         for i, (t, d) in enumerate(zip(self.targets, drops)): ms.set(i, t.masks(d))
         ms.combine()
         return self.targets
@@ -206,7 +229,8 @@ class Sparsifier(SparsityReport):
     def state_dict(self):
         "Each target's masks, the zero counts they were made for, and the criterion's state: what resuming needs."
         return {'counts': None if self.counts is None else list(self.counts),
-                'target_masks': list(self.maskset.by_target), 'ref': dict(self.ref), 'acc': dict(self.acc)}
+                'target_masks': list(self.maskset.by_target), 'ref': dict(self.ref), 'acc': dict(self.acc),
+                'held': list(self.held)}
 
     @torch.no_grad()
     def load_state_dict(self, state):
@@ -214,18 +238,25 @@ class Sparsifier(SparsityReport):
         unfit = 'the saved sparsity state does not fit this model: '
         self.maskset.check_state(state['target_masks'], unfit)
         self.scores.check_state(state, unfit)
+        held = state.get('held', [None] * len(self.targets))   # a state saved before units were held has none
+        if len(held) != len(self.targets) or any(h is not None and h.numel() != t.units
+                                                 for h, t in zip(held, self.targets)):
+            raise ValueError(unfit + 'the held units do not match the targets')
         self.counts = None if state['counts'] is None else tuple(state['counts'])
+        self.held = [None if h is None else h.cpu() for h in held]
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)
         self.apply_masks()
 
 
-def _global_drops(scores, k):
-    "One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped."
+def _global_drops(scores, k, held):
+    """One threshold over scores normalised by each layer's mean; each layer's best unit is never dropped, its
+    `held` units (a bool per unit, or None) always are."""
     normed = []
-    for s in scores:
+    for s, h in zip(scores, held):
         s = by_mean(s)
         s[s.argmax()] = math.inf
+        if h is not None: s[h.to(s.device)] = -math.inf
         normed.append(s)
     flat = torch.cat(normed)
     drop = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)

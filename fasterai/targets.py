@@ -51,6 +51,11 @@ class WeightTarget:
 
     def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
 
+    def zero_units(self):
+        "Bool per unit: all its weights are exactly zero."
+        live = self.module.weight.detach() != 0
+        return ~(live.any(dim=self.dims, keepdim=True) if self.dims else live).flatten().cpu()
+
     def masks(self, drop):
         keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
         keep[drop] = False
@@ -81,6 +86,10 @@ class NMTarget:
     def scores(self, sp): return self._blocks(sp.score(self.name)).float()
 
     def drop(self, scores, k): return torch.topk(scores, k, dim=1, largest=False).indices
+
+    def zero_units(self):
+        "None: an N:M pattern is chosen anew in every block, so zeros found are not held."
+        return None
 
     def masks(self, drop):
         w = self.module.weight
@@ -118,6 +127,19 @@ class GroupTarget:
 
     def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
 
+    def zero_units(self):
+        "Bool per unit: every entry its masks cover (producer rows and biases, norm scales and shifts) is zero."
+        live = torch.zeros(self.group.size, dtype=torch.bool)
+        for s in self.group.slices:
+            if s.role == 'in': continue
+            m = self.modules[s.module]
+            for name, d in kind_of(m).rows(s.role):
+                p = getattr(m, name, None)
+                if p is None: continue
+                rows = (p.detach() != 0).movedim(d, 0).reshape(p.shape[d], -1).any(1).cpu()
+                live[s.start:s.start + s.length] |= rows[s.offset:s.offset + s.length]
+        return ~live.view(self.group.tie, -1).any(0)
+
     def masks(self, drop):
         "Keep-masks for every producer row and bias, depthwise row and bias, and norm scale and shift."
         keep = torch.ones(self.units, dtype=torch.bool)
@@ -136,6 +158,16 @@ class GroupTarget:
         return {name: mask.view(shape).to(device) for name, (mask, shape, device) in out.items()}
 
 
+
+
+def _summary(frozen, n=3):
+    "The first `n` distinct reasons of `frozen` (layer -> reason), each with a layer it holds and how many more."
+    by = {}
+    for layer, reason in frozen.items(): by.setdefault(reason, []).append(layer)
+    parts = [f"'{ls[0]}'" + (f' (and {len(ls) - 1} more)' if len(ls) > 1 else '') + f': {r}'
+             for r, ls in list(by.items())[:n]]
+    more = f'; {len(by) - n} more reasons (print(fasterai.graph.trace(model, example_input)) lists every group)' if len(by) > n else ''
+    return '; '.join(parts) + more
 
 
 def make_targets(model, granularity, layers, excluded, round_to=None, example_input=None, leaf_modules=()):
@@ -157,5 +189,5 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
                    not any(n in t.layers for t in targets)})   # called on channels no layer writes (the input)
     if not targets:
         raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in layers.values()}))} filter '
-                         f'of {type(model).__name__} can be sparsified: {frozen}')
+                         f'of {type(model).__name__} can be sparsified: {_summary(frozen)}')
     return targets, graph, frozen

@@ -158,7 +158,7 @@ class Tied(nn.Module):
 def test_tied_weights_freeze():
     g = trace(Tied(), (2, 6))
     assert all(not grp.prunable for grp in g.groups if any(s.module in 'ab' and s.role == 'out' for s in grp.slices))
-    with pytest.raises(ValueError, match="'a': \"'a' shares a parameter with 'b'"):
+    with pytest.raises(ValueError, match="'a': 'a' shares a parameter with 'b'"):
         Sparsifier(Tied(), layer_type=nn.Linear, example_input=(2, 6))
 
 
