@@ -79,6 +79,7 @@ class ChannelGraph:
     groups: list
     input_shape: tuple
     unfollowed: dict = field(default_factory=dict)   # module name -> why a call of it could not be followed
+    branches: list = field(default_factory=list)     # Python branches on shapes, as the example's shapes took them
 
     def modules(self):
         "Qualified name -> module, for every module the groups name."
@@ -89,7 +90,8 @@ class ChannelGraph:
         head = f'ChannelGraph of {type(self.model).__name__}: {len(self.groups)} groups, ' \
                f'{sum(g.prunable for g in self.groups)} prunable'
         lines = [head] + [f'  {g}' for g in self.groups]
-        return '\n'.join(lines + [f'  not followed: {r}' for r in self.unfollowed.values()])
+        return '\n'.join(lines + [f'  not followed: {r}' for r in self.unfollowed.values()] +
+                         [f'  branch on shapes: {b}' for b in self.branches])
 
 
 class _Spaces:
@@ -175,13 +177,14 @@ def trace(model, example_input=None, leaf_modules=()):
     unknown = sorted(n for n in leaves.names if n not in names)
     if unknown: raise ValueError(f'leaf_modules names modules that {type(model).__name__} does not have: {unknown}')
     shape, specs = input_shape(model, example_input), input_specs(model, example_input)
-    spaces, owner, seen, poisoned, opaque, unfollowed = _Spaces(), {}, set(), set(), set(), {}
+    spaces, owner, seen, poisoned, opaque, unfollowed, branches = _Spaces(), {}, set(), set(), set(), {}, []
     for training in MODES:   # a branch that runs only in training (an auxiliary head) reads channels too
         with training_mode(model, training), buffers_kept(model), seeded(model), hooks_taken_out(model) as hooks:
-            graph = symbolic_trace(model, leaves, hooks)   # forwards may update buffers; hooks are traced
+            graph = symbolic_trace(model, leaves, hooks, specs)   # forwards may update buffers; hooks traced
             signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
             if signature in seen: continue   # the same graph in both modes: follow it once
             seen.add(signature)
+            branches += [b for b in graph.branches if b not in branches]
             propagate_shapes(graph, model, specs, example_input is None)
             ctx = _Context(model, spaces, owner, poisoned, opaque, unfollowed)
             for node in graph.nodes: ctx.env[node] = ctx.visit(node)
@@ -191,7 +194,7 @@ def trace(model, example_input=None, leaf_modules=()):
         if target in poisoned and lay is not None:
             spaces.freeze(lay, f"'{target}' is also called where its channels cannot be followed")
     _freeze_shared(model, spaces)
-    return ChannelGraph(model, spaces.groups(), shape, unfollowed)
+    return ChannelGraph(model, spaces.groups(), shape, unfollowed, branches)
 
 
 

@@ -546,6 +546,12 @@ def is_inplace(node, module=None):
     return (node.target in INPLACE or node.kwargs.get('inplace') is True
             or (module is not None and getattr(module, 'inplace', False) is True))
 
+try:   # fastai's ToTensorBase changes the tensor's class, not its values (DynamicUnet's last layer)
+    from fastai.layers import ToTensorBase
+    MODULE_RULES[ToTensorBase] = keep
+except ImportError:
+    pass
+
 try:   # torchvision's stochastic depth scales whole samples: zeros stay zero
     from torchvision.ops import stochastic_depth
     FUNCTION_RULES[stochastic_depth] = keep

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .errors import TraceError
 from .layers import known_base, kind_of
-from .ops import ZERO_KEEPING, ZERO_MOVING, is_inplace
+from .ops import MODULE_RULES, ZERO_KEEPING, ZERO_MOVING, is_inplace
 
 __all__ = ['MODES', 'hooks_taken_out', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'is_tensors', 'example_args', 'example_tensor', 'Leaves',
            'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace',
@@ -108,14 +108,51 @@ def hooks_taken_out(model):
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping `leaves` whole, running the forward hooks of `hooks` (a `_Hooks`, entered) where PyTorch
     would, and remembering which module it was inside when tracing failed."""
-    def __init__(self, leaves, hooks):
+    def __init__(self, leaves, hooks, inputs=()):
         super().__init__()
         self.leaves, self.hooks, self.stack, self.failed, self.in_hook, self.hook_nodes = leaves, hooks, [], None, 0, set()
+        self.inputs, self.meta, self.branches = inputs, None, []   # meta inputs; their interpreter; branches taken
+
+    # Python control flow on shapes (`if x.shape[-2:] != y.shape[-2:]`, `for n in x.shape`) is resolved with the
+    # example's concrete shapes: the nodes it reads are run on meta tensors (no compute) when it is met, and the
+    # branch taken is recorded. A branch on tensor values has no concrete answer on meta tensors: fx's error.
+    def to_bool(self, obj):
+        value = self._concrete(obj.node)
+        if isinstance(value, (bool, int)):
+            where = self.stack[-1] if self.stack else ''
+            self.branches.append(f"{where or 'forward'}: '{obj.node.name}' is {bool(value)} for the example's shapes")
+            return bool(value)
+        return super().to_bool(obj)
+
+    def iter(self, obj):
+        value = self._concrete(obj.node)
+        if isinstance(value, (tuple, list)): return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+    def _concrete(self, node):
+        "The value of `node` on the example's meta tensors (a shape, a comparison of shapes), or None."
+        if not self.inputs or _unpatched is None: return None
+        try:
+            with _unpatched():   # fx's patches off (a module call must not record a node), back on afterwards
+                return self._run_to(node)
+        except Exception:
+            return None
+
+    def _run_to(self, node):
+        "Run the graph recorded so far on the meta inputs, up to `node` (each node once per trace)."
+        if self.meta is None:
+            self.meta = _Shapes(self.root, self.graph, meta=True)
+            self.meta.args_iter = iter(self.inputs)
+        for n in self.graph.nodes:
+            if n not in self.meta.env: self.meta.env[n] = self.meta.run_node(n)
+            if n is node: break
+        value = self.meta.env[node]
+        return None if isinstance(value, (torch.Tensor, fx.Proxy)) else value
 
     def is_leaf_module(self, m, qualname):
-        "Kept whole: what the user names, every registered layer kind, and subclasses of them not registered."
+        "Kept whole: what the user names, every layer kind and module with a rule, and unregistered subclasses of them."
         return (self.leaves.covers(qualname, m) or kind_of(m) is not None or known_base(m) is not None or
-                super().is_leaf_module(m, qualname))
+                type(m) in MODULE_RULES or super().is_leaf_module(m, qualname))
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
@@ -158,10 +195,16 @@ class _Tracer(fx.Tracer):
                 graph.erase_node(node)
 
 
-def symbolic_trace(model, leaves, hooks):
+_unpatched = getattr(fx._symbolic_trace, '_maybe_revert_all_patches', None)
+"fx's context that lifts its tracing patches for a while (without it, shapes do not resolve branches)."
+
+
+def symbolic_trace(model, leaves, hooks, specs=()):
     """The fx graph of `model` (its modules are `model`'s own: no GraphModule is built, no code generated), inside
-    `hooks` (an entered `_Hooks` of `model`): the forward hooks are traced where PyTorch would run them."""
-    tracer = _Tracer(leaves, hooks)
+    `hooks` (an entered `_Hooks` of `model`): the forward hooks are traced where PyTorch would run them. `specs`
+    (from `input_specs`): the example's shapes, which resolve Python branches on shapes; `graph.branches` lists
+    the branches taken."""
+    tracer = _Tracer(leaves, hooks, tuple(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs))
     try:
         graph = tracer.trace(model)
     except Exception as e:
@@ -173,6 +216,7 @@ def symbolic_trace(model, leaves, hooks):
         raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}{hooked}: {type(e).__name__}: {e}. '
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
     tracer.drop_dead_hook_nodes(graph)
+    graph.branches = tracer.branches
     return graph
 
 

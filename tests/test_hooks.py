@@ -124,3 +124,37 @@ def test_an_example_of_several_inputs_of_any_dtype():
         trace(model, (example[0], example[1].double()))
     with pytest.raises(ValueError, match='a tuple of tensors .* got a tuple of Tensor, int'):
         trace(model, (example[0], 3))
+
+
+class ShapeBranches(nn.Module):
+    "Branches on shapes, as fastai's UnetBlock and ResizeToOrig have them; and a loop over a shape."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(self.a(x))
+        if y.shape[-2:] != z.shape[-2:]: z = F.interpolate(z, y.shape[-2:])
+        n = 1
+        for d in z.shape[2:]: n = n * d
+        return self.c(torch.cat([y, z], 1)) / n
+
+
+class ValueBranch(Net):
+    def forward(self, x):
+        y = self.conv1(x)
+        return y.relu() if y.sum() > 0 else y
+
+
+def test_branches_on_shapes_are_resolved_with_the_example_and_on_values_refused():
+    model = randomize_norms(ShapeBranches())
+    g = trace(model, (2, 3, 9, 9))
+    assert g.branches == ["forward: 'ne' is True for the example's shapes"]
+    assert "branch on shapes: forward: 'ne' is True" in str(g)
+    assert [grp.prunable for grp in g.groups] == [True, True, False]   # a's, b's, and the output
+    with torch.no_grad(): model.a.weight[:3] = 0; model.a.bias[:3] = 0
+    pruned = Pruner(example_input=(2, 3, 9, 9)).prune_model(model)
+    x = torch.randn(2, 3, 9, 9)
+    assert pruned.a.out_channels == 5 and max_rel_diff(model(x), pruned(x)) < 1e-5
+    with pytest.raises(TraceError, match='cannot be used as inputs to control flow'):
+        trace(ValueBranch(3))

@@ -19,7 +19,8 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy
 from fastai.tabular.all import Categorify, CategoryBlock, Normalize, RandomSplitter, TabularPandas, tabular_learner
-from fastai.vision.learner import vision_learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.vision.learner import unet_learner, vision_learner
 from torchvision.models import resnet18
 
 from fasterai.examples import LabelledTensors, Net
@@ -238,3 +239,35 @@ def test_learn_prune_carries_the_optimizer_state_and_trains_on(tmp_path):
         back = load_learner(tmp_path / 'pruned.pkl')
     learn.model.eval(); back.model.eval()
     with torch.no_grad(): assert torch.equal(learn.model(x), back.model(x))
+
+
+# ---------------------------------------------------------------- 5. unet_learner (DynamicUnet)
+def segmentation(n=32, size=32, bs=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    k = n * 3 // 4
+    return DataLoaders.from_dsets(LabelledTensors(x[:k], y[:k]), LabelledTensors(x[k:], y[k:]), bs=bs,
+                                  device='cpu', num_workers=0)
+
+
+def test_unet_learner_follows_its_hooks_and_shape_branches():
+    "DynamicUnet: hooks store encoder outputs for the decoder, UnetBlock branches on shapes, PixelShuffle upsamples."
+    torch.manual_seed(0)
+    learn = unet_learner(segmentation(), resnet18, pretrained=False, n_out=3, loss_func=CrossEntropyLossFlat(axis=1))
+    cb = SparsifyCallback(30, 'filter')
+    run(learn, 'fit_one_cycle', 1, 1e-3, cbs=cb)
+    g = cb.sparsifier.graph
+    assert any("is False for the example's shapes" in b for b in g.branches)
+    frozen = {r for grp in g.groups for r in grp.frozen}
+    assert any("PixelShuffle" in r for r in frozen)   # its channel blocks are not followed: those convs stay
+    skip = next(grp for grp in g.groups if any(s.module == 'layers.0.4.1.conv2' and s.role == 'out' for s in grp.slices))
+    assert skip.prunable and any(s.role == 'in' and not s.module.startswith('layers.0.') for s in skip.slices)   # hook
+    xb = learn.dls.valid.one_batch()[0][:4]
+    learn.model.eval()
+    with torch.no_grad(): ref = learn.model(xb)
+    before = sum(p.numel() for p in learn.model.parameters())
+    pruned = learn.prune()
+    assert sum(p.numel() for p in pruned.parameters()) < 0.8 * before
+    with torch.no_grad(): assert max_rel_diff(ref, pruned.eval()(xb)) < 1e-4
+    run(learn, 'fit_one_cycle', 1, 1e-4)   # the pruned U-Net trains on, its hooks feeding the decoder
