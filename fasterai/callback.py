@@ -13,6 +13,7 @@ from .granularity import resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
 from .sparsifier import (Sparsifier, check_layer_type, check_method, check_round_to, check_sparsities, check_sparsity,
                          find_layers)
+from .targets import weights_of
 from .tracing import unwrap
 from . import learner as _learner  # noqa: F401 (registers learn.prune())
 
@@ -87,7 +88,7 @@ class SparsifyCallback(Callback):
         self.history, self._rewind, self._measured, self._ready = [], None, 0., False
         self._start = self.start_sparsity
         # fine_tune's first phase (learn.freeze()): frozen layers cannot recover, so the sparsity is held
-        self._frozen = [n for n, m in layers.items() if not m.weight.requires_grad]
+        self._frozen = [n for n, m in layers.items() if not all(getattr(m, w).requires_grad for w in weights_of(m))]
         self.learn._sparsify_last = _Last(self)   # learn.save after fit still finds the state
         if self._frozen:
             print(f'Sparsity held in this fit: {_some(self._frozen)} frozen (learn.freeze(), as in the first '

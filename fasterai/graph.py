@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_model, hooks_taken_out, input_shape,
-                      input_specs, propagate_shapes, seeded, symbolic_trace, training_mode)
+                      input_specs, propagate_shapes, seeded, state_kept, symbolic_trace, training_mode)
 from .layers import known_base, kind_of
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
                   is_inplace)
@@ -179,7 +179,8 @@ def trace(model, example_input=None, leaf_modules=()):
     shape, specs = input_shape(model, example_input), input_specs(model, example_input)
     spaces, owner, seen, poisoned, opaque, unfollowed, branches = _Spaces(), {}, set(), set(), set(), {}, []
     for training in MODES:   # a branch that runs only in training (an auxiliary head) reads channels too
-        with training_mode(model, training), buffers_kept(model), seeded(model), hooks_taken_out(model) as hooks:
+        with training_mode(model, training), buffers_kept(model), state_kept(model), seeded(model), \
+                hooks_taken_out(model) as hooks:
             graph = symbolic_trace(model, leaves, hooks, specs)   # forwards may update buffers; hooks traced
             signature = tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in graph.nodes)
             if signature in seen: continue   # the same graph in both modes: follow it once

@@ -236,13 +236,31 @@ def copy_modules(module, memo):
     return new
 
 
+def _computed(model):
+    """id -> a detached copy, for every tensor a forward computed and stored in a module (fastai's WeightDropout
+    stores its dropped-out weights, a recurrent model its hidden state): deepcopy refuses tensors that are not
+    graph leaves, and the copy must not hold the user's autograd graph."""
+    out = {}
+    def note(v):
+        if isinstance(v, torch.Tensor) and v.grad_fn is not None: out[id(v)] = v.detach().clone()
+    for m in model.modules():
+        for v in vars(m).values():
+            note(v)
+            if isinstance(v, (list, tuple)):
+                for x in v:
+                    note(x)
+                    if isinstance(x, (list, tuple)):
+                        for y in x: note(y)
+    return out
+
+
 @torch.no_grad()
 def _pruned_copy(model, keep, masks=None):
     """A copy of `model` whose layers in `keep` hold only the kept channels: the module tree is copied with
     the tensors shared, the resized layers get new smaller tensors, and every other tensor is cloned. Then
     the rows `masks` drop that the copy still holds are zeroed in it (the user's model keeps its values)."""
     original = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    pruned = copy_modules(model, dict(original))
+    pruned = copy_modules(model, {**_computed(model), **original})
     for name, k in keep.items(): shrink(pruned.get_submodule(name), k)
     clones = {}
     for m in pruned.modules():

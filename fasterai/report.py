@@ -4,6 +4,7 @@ from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from .tracing import example_args, input_shape, training_mode
+from .targets import weights_of
 
 __all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models', 'SparsityReport']
 
@@ -93,24 +94,30 @@ class SparsityReport:
         return {n: self.layers[n] for t in self.targets for n in t.layers}
 
     def layer_sparsity(self):
-        "Targeted layer name -> percentage of exactly-zero weights."
-        return {n: 100 * (m.weight == 0).sum().item() / m.weight.numel() for n, m in self._targeted().items()}
+        "Targeted layer name -> percentage of exactly-zero weights (over all its weights: an LSTM has several)."
+        out = {}
+        for n, m in self._targeted().items():
+            ws = [getattr(m, w).detach() for w in weights_of(m)]
+            out[n] = 100 * sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
+        return out
 
     def sparsity(self):
         "Measured percentage of exactly-zero weights over all targeted layers."
-        ws = [m.weight.detach() for m in self._targeted().values()]
+        ws = [getattr(m, w).detach() for m in self._targeted().values() for w in weights_of(m)]
         nonzero = torch.stack([torch.count_nonzero(w).to(ws[0].device) for w in ws]).sum().item()   # one sync
         total = sum(w.numel() for w in ws)
         return 100 * (total - nonzero) / total
 
     def print_sparsity(self):
-        "Print each layer of `layer_type`: its shape, zero weights and sparsity, then the targeted total."
+        "Print each weight of each layer of `layer_type`: its shape, zero weights and sparsity, then the targeted total."
         rows = [('Layer', 'Type', 'Weight shape', 'Zeros', 'Sparsity')]
         for n, m in self.layers.items():
-            z, total = (m.weight == 0).sum().item(), m.weight.numel()
             note = f'  (frozen: {self.frozen[n]})' if n in self.frozen else ''
-            rows.append((n, type(m).__name__, 'x'.join(map(str, m.weight.shape)), f'{z:,}/{total:,}',
-                         f'{100 * z / total:.2f}%{note}'))
+            for w in weights_of(m):
+                t = getattr(m, w)
+                z, total = (t == 0).sum().item(), t.numel()
+                rows.append((n if w == 'weight' else f'{n}.{w}', type(m).__name__, 'x'.join(map(str, t.shape)),
+                             f'{z:,}/{total:,}', f'{100 * z / total:.2f}%{note}'))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows: print('  '.join(c.ljust(w) for c, w in zip(r, widths)) + '  ' + r[4])
         print(f'Sparsity of the targeted layers: {self.sparsity():.2f}%')

@@ -14,7 +14,7 @@ from .granularity import FILTER, NM, resolve_granularity
 from .masks import MaskSet
 from .scoring import Scores
 from .report import SparsityReport
-from .targets import by_mean, make_targets, n_zero
+from .targets import by_mean, make_targets, n_zero, weights_of
 from .tracing import check_model, unwrap
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
@@ -63,8 +63,8 @@ def find_layers(model, layer_type, exclude=()):
     if not layers:
         raise ValueError(f'{type(model).__name__} has no layer of layer_type '
                          f'{", ".join(t.__name__ for t in types)} to sparsify' + (' outside exclude' if skip else ''))
-    bad = [n for n, m in layers.items() if not isinstance(getattr(m, 'weight', None), torch.Tensor)]
-    if bad: raise ValueError(f"layer '{bad[0]}' of layer_type has no weight to sparsify")
+    bad = [n for n, m in layers.items() if not weights_of(m)]
+    if bad: raise ValueError(f"layer '{bad[0]}' of layer_type has no weight to sparsify (no parameter named weight*)")
     return layers
 
 

@@ -5,17 +5,21 @@ them, picks the units to drop and gives the keep-masks that drop them.
 import math
 
 import torch
+import torch.nn as nn
 
 from .granularity import FILTER, NM, layer_dims
 from .graph import trace
-from .layers import kind_of
+from .layers import LAYERS, kind_of, known_base
 
-__all__ = ['WeightTarget', 'NMTarget', 'GroupTarget', 'make_targets', 'round_half_up', 'n_zero', 'by_mean', 'pname']
+__all__ = ['weights_of', 'WeightView', 'WeightTarget', 'NMTarget', 'GroupTarget', 'make_targets', 'round_half_up', 'n_zero', 'by_mean', 'pname']
 
 
 def pname(layer, name):
     "The qualified name of parameter `name` of the module named `layer` ('' for the model itself)."
     return f'{layer}.{name}' if layer else name
+
+
+qualified = pname
 
 
 def round_half_up(x):
@@ -33,20 +37,37 @@ def by_mean(scores):
     return scores / scores.abs().mean().clamp_min(torch.finfo(scores.dtype).tiny)
 
 
+def weights_of(module):
+    """The names of `module`'s weights: 'weight', or for a layer without one its own parameters named weight*
+    (an LSTM's weight_ih_l0 and weight_hh_l0, fastai's WeightDropout's weight_hh_l0_raw)."""
+    if isinstance(getattr(module, 'weight', None), torch.Tensor): return ('weight',)
+    return tuple(n for n, _ in module.named_parameters(recurse=False) if n.startswith('weight'))
+
+
+class WeightView:
+    "One weight of a layer that has several (an LSTM's `weight_ih_l0`), seen as the `.weight` the scoring reads."
+    def __init__(self, module, pname): self.module, self.pname = module, pname
+    @property
+    def weight(self): return getattr(self.module, self.pname)
+
+
 class WeightTarget:
-    "One layer's weight, scored in blocks summed over `dims` ('weight': each element; 'kernel': each k x k kernel)."
-    def __init__(self, name, module, dims):
-        w = module.weight
-        self.name, self.module, self.dims, self.layers = name, module, dims, [name]
+    """One weight of a layer ('weight', or `pname` such as an LSTM's 'weight_hh_l0'), scored in blocks summed over
+    `dims` ('weight': each element; 'kernel': each k x k kernel)."""
+    def __init__(self, name, module, dims, pname='weight'):
+        self.key = name if pname == 'weight' else qualified(name, pname)   # the name it is scored and masked by
+        self.name, self.dims, self.layers, self.pname = name, dims, [name], pname
+        self.module = module if pname == 'weight' else WeightView(module, pname)
+        w = self.module.weight
         self.shape = tuple(1 if d in dims else s for d, s in enumerate(w.shape))
         self.units = math.prod(self.shape)
 
     def count(self, sparsity): return n_zero(self.units, sparsity)
 
-    def scored(self): return {self.name: self.module}
+    def scored(self): return {self.key: self.module}
 
     def scores(self, sp):
-        s = sp.score(self.name)
+        s = sp.score(self.key)
         return (s.sum(self.dims, keepdim=True) if self.dims else s).flatten().float()
 
     def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
@@ -59,7 +80,7 @@ class WeightTarget:
     def masks(self, drop):
         keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
         keep[drop] = False
-        return {pname(self.name, 'weight'): keep.view(self.shape)}
+        return {qualified(self.name, self.pname): keep.view(self.shape)}
 
 
 class NMTarget:
@@ -160,6 +181,18 @@ class GroupTarget:
 
 
 
+def _not_kinds(layers):
+    "Layer name -> why, for the targeted layers that are not layer kinds (an LSTM: no filters to remove)."
+    def why(m):
+        name = type(m).__name__
+        if isinstance(m, nn.RNNBase):
+            return (f'{name} is not a layer kind whose filters fasterai can remove (a hidden unit of a recurrent layer '
+                    "mixes its gates over time, not one row of one weight): sparsify it at granularity='weight'")
+        return (f'{name} is not a layer kind fasterai knows (registered: {sorted(t.__name__ for t in LAYERS)}): '
+                "describe it with fasterai.register_layer, or sparsify it at granularity='weight'")
+    return {n: why(m) for n, m in layers.items() if kind_of(m) is None and known_base(m) is None}
+
+
 def _summary(frozen, n=3):
     "The first `n` distinct reasons of `frozen` (layer -> reason), each with a layer it holds and how many more."
     by = {}
@@ -173,9 +206,16 @@ def _summary(frozen, n=3):
 def make_targets(model, granularity, layers, excluded, round_to=None, example_input=None, leaf_modules=()):
     """The targets of `granularity` over `layers` (name -> module; `excluded`: names left dense), the channel graph
     at 'filter' (else None), and targeted layer name -> why it cannot be sparsified at this granularity."""
-    if isinstance(granularity, NM): return [NMTarget(n, m, granularity) for n, m in layers.items()], None, {}
+    if isinstance(granularity, NM):
+        bad = [n for n, m in layers.items() if weights_of(m) != ('weight',)]
+        if bad: raise ValueError(f"N:M sparsity takes layers with one weight matrix; '{bad[0]}' has "
+                                 f'{list(weights_of(layers[bad[0]]))}: use granularity=\'weight\' for it')
+        return [NMTarget(n, m, granularity) for n, m in layers.items()], None, {}
     if granularity != FILTER:
-        return [WeightTarget(n, m, layer_dims(granularity, n, m.weight)) for n, m in layers.items()], None, {}
+        return [WeightTarget(n, m, layer_dims(granularity, n, getattr(m, w)), w)
+                for n, m in layers.items() for w in weights_of(m)], None, {}
+    if len(_not_kinds(layers)) == len(layers):   # nothing to trace for
+        raise ValueError(f'no filter of {type(model).__name__} can be sparsified: {_summary(_not_kinds(layers))}')
     graph = trace(model, example_input, leaf_modules)
     modules, targets, frozen = graph.modules(), [], {}
     for g in graph.groups:
@@ -187,6 +227,7 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
         else: frozen.update({n: '; '.join(g.frozen) for n in mine})
     frozen.update({n: r for n, r in graph.unfollowed.items() if n in layers and n not in frozen and
                    not any(n in t.layers for t in targets)})   # called on channels no layer writes (the input)
+    frozen.update(_not_kinds(layers))
     if not targets:
         raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in layers.values()}))} filter '
                          f'of {type(model).__name__} can be sparsified: {_summary(frozen)}')

@@ -11,7 +11,7 @@ from .errors import TraceError
 from .layers import known_base, kind_of
 from .ops import MODULE_RULES, ZERO_KEEPING, ZERO_MOVING, is_inplace
 
-__all__ = ['MODES', 'hooks_taken_out', 'training_mode', 'buffers_kept', 'seeded', 'device_dtype', 'unwrap', 'is_tensors', 'example_args', 'example_tensor', 'Leaves',
+__all__ = ['MODES', 'hooks_taken_out', 'training_mode', 'buffers_kept', 'state_kept', 'seeded', 'device_dtype', 'unwrap', 'is_tensors', 'example_args', 'example_tensor', 'Leaves',
            'check_model', 'finite', 'first_nonfinite', 'check_example_input', 'symbolic_trace',
            'input_shape', 'input_specs', 'propagate_shapes']
 
@@ -275,6 +275,24 @@ def buffers_kept(model):
 
 
 @contextmanager
+def state_kept(model):
+    """Put every module's attributes back afterwards (and the entries of its parameter, buffer and child dicts):
+    forward code run on proxies or meta tensors may store what it computed (a recurrent layer's hidden state,
+    fastai's WeightDropout its weights), which must not outlive the trace."""
+    saved = [(m, dict(vars(m)), {k: dict(vars(m)[k]) for k in ('_parameters', '_buffers', '_modules')})
+             for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, attrs, dicts in saved:
+            d = vars(m)
+            for k in [k for k in d if k not in attrs]: del d[k]
+            d.update(attrs)
+            for k, items in dicts.items():
+                d[k].clear(); d[k].update(items)
+
+
+@contextmanager
 def seeded(model, seed=0):
     """Seed the random draws on `model`'s devices (the CPU, and the CUDA devices of its parameters), Python's
     `random` and NumPy's for a while; their states come back afterwards, so the caller's streams are left alone."""
@@ -436,7 +454,8 @@ def propagate_shapes(graph, model, specs, guessed):
     and the random state are put back afterwards)."""
     try:
         try:
-            _Shapes(model, graph, meta=True).run(*(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs))
+            with state_kept(model):   # what the meta run stores must not reach the real one
+                _Shapes(model, graph, meta=True).run(*(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs))
         except Exception:
             device = device_dtype(model)[0]
             real = [t.clone() if t is not None else torch.zeros(s, dtype=d, device=device) for s, d, t in specs]

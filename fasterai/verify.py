@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import PruningError, TraceError
-from .tracing import MODES, buffers_kept, example_args, seeded, training_mode
+from .tracing import MODES, buffers_kept, example_args, seeded, state_kept, training_mode
 
 __all__ = ['MODES', 'outputs', 'mismatch', 'reference_outputs', 'check_same_function']
 
@@ -22,7 +22,9 @@ class _NoDropout(TorchFunctionMode):
     never draw the same masks; every other random draw (stochastic depth, by batch row) is seeded alike."""
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _DROPOUTS: return args[0] if args else kwargs['input']
+        if func in _DROPOUTS:   # a new tensor, as dropout in training gives (fastai's WeightDropout stores it)
+            x = args[0] if args else kwargs['input']
+            return x if kwargs.get('inplace') or (len(args) > 3 and args[3]) else x.clone()
         return func(*args, **kwargs)
 
 
@@ -40,12 +42,12 @@ def _float64(model):
 @torch.no_grad()
 def outputs(model, example, training, float64=False):
     """What `model` returns on `example` (a tensor or a tuple of them, copied so that an in-place forward cannot
-    change them, or a shape for one seeded random input) in eval or train mode: every module's mode and every buffer (BatchNorm statistics)
-    are put back afterwards, the caller's random state is left alone, and in train mode dropout is off and the
-    other random draws are seeded."""
+    change them, or a shape for one seeded random input) in eval or train mode: every module's mode, attributes (a
+    recurrent layer's hidden state) and buffers (BatchNorm statistics) are put back afterwards, the caller's random
+    state is left alone, and in train mode dropout is off and the other random draws are seeded."""
     args = [x.clone() for x in example_args(model, example)]
     if float64: args = [x.double() if x.is_floating_point() else x for x in args]
-    with training_mode(model, training), buffers_kept(model), seeded(model), \
+    with training_mode(model, training), buffers_kept(model), state_kept(model), seeded(model), \
             (_NoDropout() if training else nullcontext()), (_float64(model) if float64 else nullcontext()):
         return model(*args)
 

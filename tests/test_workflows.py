@@ -20,6 +20,8 @@ from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy
 from fastai.tabular.all import Categorify, CategoryBlock, Normalize, RandomSplitter, TabularPandas, tabular_learner
 from fastai.losses import CrossEntropyLossFlat
+from fastai.text.models.awdlstm import AWD_LSTM, WeightDropout
+from fastai.text.learner import text_classifier_learner
 from fastai.vision.learner import unet_learner, vision_learner
 from torchvision.models import resnet18
 
@@ -271,3 +273,42 @@ def test_unet_learner_follows_its_hooks_and_shape_branches():
     assert sum(p.numel() for p in pruned.parameters()) < 0.8 * before
     with torch.no_grad(): assert max_rel_diff(ref, pruned.eval()(xb)) < 1e-4
     run(learn, 'fit_one_cycle', 1, 1e-4)   # the pruned U-Net trains on, its hooks feeding the decoder
+
+
+# ---------------------------------------------------------------- 6. text_classifier_learner (AWD_LSTM)
+def test_text_classifier_weights_of_every_kind_and_the_lstm_limit():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(2, 60, (64, 24), generator=g)
+    d = DataLoaders.from_dsets(LabelledTensors(x[:48], (x[:48, 0] > 30).long()),
+                               LabelledTensors(x[48:], (x[48:, 0] > 30).long()), bs=16, device='cpu', num_workers=0)
+    d.vocab = [f'w{i}' for i in range(60)]
+    torch.manual_seed(0)
+    learn = text_classifier_learner(d, AWD_LSTM, pretrained=False, n_out=2, loss_func=nn.CrossEntropyLoss(),
+                                    config=dict(emb_sz=40, n_hid=64, n_layers=2))
+    cb = SparsifyCallback(50, 'weight', layer_type=(nn.LSTM, WeightDropout, nn.Embedding, nn.Linear))
+    run(learn, 'fit_one_cycle', 1, 1e-3, cbs=cb)
+    params = dict(learn.model.named_parameters())
+    names = ['0.module.encoder.weight', '0.module.rnns.0.module.weight_ih_l0', '0.module.rnns.0.weight_hh_l0_raw',
+             '0.module.rnns.1.module.weight_ih_l0', '0.module.rnns.1.weight_hh_l0_raw', '1.layers.0.2.weight']
+    for n in names:   # every kind it targets: embeddings, both LSTM weights (the recurrent one behind WeightDropout)
+        assert (params[n] == 0).sum().item() == params[n].numel() // 2, n
+    assert set(names) <= set(cb.sparsifier.masks)
+    lstm = learn.model[0].module.rnns[0]
+    learn.model.eval()
+    with torch.no_grad():
+        learn.model(x[:2])
+        assert (lstm.module.weight_hh_l0 == 0).sum().item() == lstm.module.weight_hh_l0.numel() // 2   # as it runs
+    with pytest.raises(ValueError, match="LSTM is not a layer kind whose filters fasterai can remove"):
+        run(learn, 'fit_one_cycle', 1, 1e-3, cbs=SparsifyCallback(50, 'filter', layer_type=nn.LSTM))
+    # whole hidden units of the classifier head, the encoder kept whole (fx cannot follow its loop over the text)
+    with pytest.raises(Exception, match=r"pass leaf_modules=\['0'\]"):
+        run(learn, 'fit_one_cycle', 1, 1e-3, cbs=SparsifyCallback(50, 'filter', layer_type=nn.Linear))
+    head = SparsifyCallback(50, 'filter', layer_type=nn.Linear, leaf_modules=['0'])
+    run(learn, 'fit_one_cycle', 1, 1e-3, cbs=head)
+    xb = x[48:52]
+    learn.model.eval()
+    with torch.no_grad(): ref = learn.model(xb)[0]
+    pruned = learn.prune(leaf_modules=['0'])
+    assert pruned[1].layers[0][2].out_features == 25
+    with torch.no_grad(): assert max_rel_diff(ref, pruned.eval()(xb)[0]) < 1e-5
+    run(learn, 'fit_one_cycle', 1, 1e-3)
