@@ -13,6 +13,7 @@ from .granularity import resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
 from .sparsifier import (Sparsifier, check_layer_type, check_method, check_round_to, check_sparsities, check_sparsity,
                          find_layers)
+from .layers import kind_of
 from .targets import weights_of
 from .tracing import unwrap
 from . import learner as _learner  # noqa: F401 (registers learn.prune())
@@ -25,6 +26,20 @@ def _some(names, n=3):
     shown = ', '.join(f"'{x}'" for x in names[:n])
     more = f' and {len(names) - n} more' if len(names) > n else ''
     return f'{shown}{more} {"is" if len(names) == 1 else "are"}'
+
+
+def _check_prune_every(every, granularity, lth, criteria):
+    "`every` (epochs between prunings) if it is None or a positive int that the other arguments allow."
+    if every is None: return None
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f'prune_every must be a number of epochs >= 1 or None, got {every!r}')
+    if granularity != 'filter':
+        raise ValueError(f"prune_every removes whole filters: it needs granularity='filter', got {granularity!r}")
+    if lth: raise ValueError('prune_every does not combine with lth=True (rewinding needs the weights of the dense shapes)')
+    if resolve_criterion(criteria).needs_ref:
+        raise ValueError(f"prune_every does not combine with criteria {criteria!r}, which compares with the weights of "
+                         "the dense model: use one of the weights alone ('l1', 'l2') or of gradients ('taylor')")
+    return every
 
 
 def _check_epoch(x, name):
@@ -46,7 +61,7 @@ class SparsifyCallback(Callback):
 
     def __init__(self, sparsity, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
                  layer_type=nn.Conv2d, start_sparsity=0, start_epoch=0, end_epoch=None, lth=False, rewind_epoch=0,
-                 exclude=(), leaf_modules=(), round_to=None):
+                 exclude=(), leaf_modules=(), round_to=None, prune_every=None):
         self.sparsity = check_sparsities(sparsity, check_method(method))   # target % at the end, or one per layer
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple
@@ -64,7 +79,8 @@ class SparsifyCallback(Callback):
         self.lth, self.rewind_epoch = lth, _check_epoch(rewind_epoch, 'rewind_epoch')   # lottery-ticket rewinding
         self.exclude, self.leaf_modules = exclude, leaf_modules  # layers left dense; modules the tracer keeps whole
         self.round_to = check_round_to(round_to)                 # kept channels per group a multiple of it
-        self.sparsifier, self.history, self._rewind = None, [], None
+        self.prune_every = _check_prune_every(prune_every, granularity, lth, criteria)   # epochs between prunings
+        self.sparsifier, self.history, self._rewind, self._origins, self._dense = None, [], None, None, None
 
     def planned(self, epoch, n_epoch):
         """The scheduled sparsity (a number, or a dict by layer) at `epoch` (a float) of `n_epoch`, starting from
@@ -85,6 +101,7 @@ class SparsifyCallback(Callback):
         layers = find_layers(model, self.layer_type, self.exclude)
         if self.sparsifier is not None and self.sparsifier.model is not model:
             self.sparsifier = None   # learn.model was replaced (learn.prune()): traced anew on the first batch
+            self._origins = self._dense = None
         self.history, self._rewind, self._measured, self._ready = [], None, 0., False
         self._start = self.start_sparsity
         # fine_tune's first phase (learn.freeze()): frozen layers cannot recover, so the sparsity is held
@@ -107,10 +124,9 @@ class SparsifyCallback(Callback):
         "Trace with this batch (every input, any dtype); resume a saved state, or hold the zeros found."
         self._ready = True
         if self.sparsifier is None:
-            xb = tuple(self.xb)
-            self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria,
-                                         self.layer_type, xb[0] if len(xb) == 1 else xb, self.leaf_modules,
-                                         self.exclude, self.round_to)
+            xb = tuple(x[:8].detach().clone() for x in self.xb) if self.prune_every else tuple(self.xb)
+            self._example = xb[0] if len(xb) == 1 else xb
+            self._build()
         state = self.learn.__dict__.pop('_sparsify_resume', None)   # left by learn.load (see below)
         if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
@@ -119,6 +135,31 @@ class SparsifyCallback(Callback):
         if found > 0 and not self._frozen:
             self._start = max(self._start, found)
             print(f'Found a sparsity of {found:.2f}% in the targeted layers: the schedule starts from it')
+
+    def _build(self):
+        "The Sparsifier of learn.model, traced on the example batch; after a pruning, counting the removed units."
+        self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria, self.layer_type,
+                                     self._example, self.leaf_modules, self.exclude, self.round_to)
+        if not self.prune_every: return
+        if self._origins is None:
+            self._origins = {t.name: t.units for t in self.sparsifier.targets}
+            self._dense = {n: (rows.numel(), m.weight.numel()) for n, m, rows in self._rows()}
+        else:
+            self.sparsifier.set_origins(self._origins)
+
+    def _rows(self):
+        "(name, layer, bool per output row: any weight non-zero) of every targeted layer."
+        for n, m in self.sparsifier._targeted().items():
+            w = m.weight.detach().movedim(kind_of(m).out_dim, 0)
+            yield n, m, w.flatten(1).ne(0).any(1)
+
+    def measured(self):
+        """The measured sparsity (%): zero weights in the targeted layers; with `prune_every`, what it would be had
+        the removed filters stayed as zero rows of the dense layers (so it reaches the `sparsity` asked)."""
+        if self._dense is None: return self.sparsifier.sparsity()
+        zero = sum((self._dense[n][0] - int(live.sum())) * self._dense[n][1] // self._dense[n][0]
+                   for n, _, live in self._rows())
+        return 100 * zero / sum(total for _, total in self._dense.values())
 
     def before_step(self):
         # gradients are final here: unscaled by fastai's MixedPrecision (order 10), and a step it skips for
@@ -130,7 +171,7 @@ class SparsifyCallback(Callback):
         planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)   # held: only the units found zero
         if self.sparsifier.sparsify(planned):
             if self.lth and self._rewind is not None: self._rewind_weights()
-            self._measured = self.sparsifier.sparsity()
+            self._measured = self.measured()
         self.history.append((epoch, self._measured if self._frozen else planned, self._measured))
 
     @torch.no_grad()
@@ -140,12 +181,22 @@ class SparsifyCallback(Callback):
         self.sparsifier.apply_masks()
 
     def after_epoch(self):
-        if self.sparsifier is not None:
-            print(f'Sparsity at epoch {self.epoch}: {self.sparsifier.sparsity():.2f}%')
+        if self.sparsifier is None: return
+        print(f'Sparsity at epoch {self.epoch}: {self.measured():.2f}%')
+        if self.prune_every and not self._frozen and (self.epoch + 1) % self.prune_every == 0: self._prune()
+
+    def _prune(self):
+        "Remove the zeroed filters now (learn.prune(): the optimizer state follows) and go on on the smaller model."
+        dense = sum(p.numel() for p in self.learn.model.parameters())
+        self.learn.prune(example_input=self._example, leaf_modules=self.leaf_modules)
+        self._build()
+        self.sparsifier.hold_zeros()   # a group's last channel, kept though zero, stays zero
+        left = sum(p.numel() for p in self.learn.model.parameters())
+        print(f'Pruned after epoch {self.epoch}: {left:,} parameters left of {dense:,}')
 
     def after_fit(self):
         if self.sparsifier is not None and not self._frozen:
-            print(f'Final Sparsity: {self.sparsifier.sparsity():.2f}')
+            print(f'Final Sparsity: {self.measured():.2f}')
 
     # ------------------------------------------------------------ state
     def state_dict(self):

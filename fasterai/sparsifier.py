@@ -154,6 +154,13 @@ class Sparsifier(SparsityReport):
         self.counts = None   # the next sparsify chooses anew, the held units included
         return self.sparsity()
 
+    def set_origins(self, origins):
+        """Count sparsities in units of an earlier, larger model: `origins` maps a group target's name to its units
+        there; the units a pruning removed count as zero (SparsifyCallback(prune_every=...) sets it)."""
+        for t in self.targets:
+            if hasattr(t, 'origin'): t.origin = max(origins.get(t.name, t.units), t.units)
+        self.counts = None
+
     def _plan(self, sparsity):
         "Zero units per target ('local') or in all ('global'), never fewer than the units held."
         held = [0 if h is None else int(h.sum()) for h in self.held]
@@ -162,8 +169,9 @@ class Sparsifier(SparsityReport):
                          for t, k in zip(self.targets, held))
         if self.method == 'local':
             return tuple(max(t.count(sparsity), k) for t, k in zip(self.targets, held))
-        return (max(min(n_zero(sum(t.units for t in self.targets), sparsity),
-                        sum(t.units - 1 for t in self.targets)), sum(held)),)   # never a layer emptied
+        origin = sum(getattr(t, 'origin', t.units) for t in self.targets)   # removed units count as zero
+        gone = origin - sum(t.units for t in self.targets)
+        return (max(min(n_zero(origin, sparsity) - gone, sum(t.units - 1 for t in self.targets)), sum(held), 0),)
 
     def _scores(self, i):
         "Target `i`'s unit scores, its held units scored lowest (-inf: zeroed first)."

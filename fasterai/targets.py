@@ -126,10 +126,13 @@ class GroupTarget:
         self.group, self.modules, self.units = group, modules, group.units
         self.layers, self.round_to = layer_names, round_to
         self.name = '+'.join(s.module for s in group.by_role('out'))
+        self.origin = self.units   # units before any pruning (SparsifyCallback(prune_every=...) sets it)
 
     def count(self, sparsity):
-        "Units to zero: round(sparsity% of them), keeping one; with `round_to`, kept channels a multiple of it."
-        drop = min(n_zero(self.units, sparsity), self.units - 1)
+        """Units to zero: round(sparsity% of them), keeping one; with `round_to`, kept channels a multiple of it.
+        The percentage is of `origin` units: a group a pruning made smaller counts its removed units as zero."""
+        gone = self.origin - self.units
+        drop = min(max(n_zero(self.origin, sparsity) - gone, 0), self.units - 1)
         if not self.round_to or drop == 0: return drop
         step = self.round_to // math.gcd(self.round_to, self.group.tie)   # kept units per multiple of round_to
         kept = max(step, step * round_half_up((self.units - drop) / step))

@@ -2,6 +2,7 @@
 learners, save and load, learn.prune() and training on, export."""
 import contextlib
 import io
+import random
 import warnings
 
 import numpy as np
@@ -312,3 +313,30 @@ def test_text_classifier_weights_of_every_kind_and_the_lstm_limit():
     assert pruned[1].layers[0][2].out_features == 25
     with torch.no_grad(): assert max_rel_diff(ref, pruned.eval()(xb)[0]) < 1e-5
     run(learn, 'fit_one_cycle', 1, 1e-3)
+
+
+# ---------------------------------------------------------------- 9. shrink while training
+def test_prune_every_shrinks_the_model_as_it_trains():
+    random.seed(0)
+    learn = seed_learner()
+    cb, sizes = SparsifyCallback(50, 'filter', prune_every=1), []
+    class Size(Callback):
+        order = SparsifyCallback.order + 1
+        def after_epoch(self): sizes.append(sum(p.numel() for p in self.learn.model.parameters()))
+    printed = run(learn, 'fit_one_cycle', 3, 1e-3, cbs=[cb, Size()])
+    assert printed.count('Pruned after epoch') == 3 and 'Final Sparsity: 50.00' in printed
+    assert sizes[0] > sizes[1] > sizes[2] and sizes[0] < 156570
+    m = learn.model
+    assert (m.conv1.out_channels, m.conv2.out_channels, m.conv3.out_channels) == (10, 25, 50)
+    assert m.conv2.in_channels == 10 and m.fc1.in_features == 50
+    assert [round(h[1], 6) for h in cb.history] == [round(cb.planned(h[0], 3), 6) for h in cb.history]
+    assert {id(p) for g in learn.opt.param_lists for p in g} == {id(p) for p in m.parameters()}
+    assert all(s['grad_avg'].shape == p.shape for p, s in learn.opt.state.items() if 'grad_avg' in s)
+
+
+def test_prune_every_refuses_what_it_cannot_carry():
+    for kw, match in ((dict(granularity='weight'), "needs granularity='filter'"), (dict(lth=True), 'lth=True'),
+                      (dict(criteria='large_init'), 'compares with the weights of the dense model'),
+                      (dict(prune_every=0), 'prune_every must be a number of epochs >= 1')):
+        with pytest.raises(ValueError, match=match):
+            SparsifyCallback(50, **{'granularity': 'filter', 'prune_every': 1, **kw})
