@@ -16,7 +16,8 @@ setup(
     install_requires=['torch>=2.4', 'fastai>=2.7.15,<2.9', 'numpy'],
     extras_require={
         'dev': ['pytest>=8', 'torchvision>=0.19', 'nbformat>=5.9', 'nbclient>=0.9', 'ipykernel>=6.25',
-                'matplotlib>=3.7', 'hypothesis>=6.100', 'onnx>=1.16', 'onnxscript>=0.1', 'onnxruntime>=1.18', 'timm>=1.0.20'],
+                'matplotlib>=3.7', 'hypothesis>=6.100', 'onnx>=1.16', 'onnxscript>=0.1', 'onnxruntime>=1.18', 'timm>=1.0.20',
+                'accelerate>=1.0'],
     },
     license='Apache-2.0',
 )

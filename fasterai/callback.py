@@ -125,8 +125,7 @@ class SparsifyCallback(Callback):
         self._ready = True
         if self.sparsifier is None:
             xb = tuple(x[:8].detach().clone() for x in self.xb) if self.prune_every else tuple(self.xb)
-            self._example = xb[0] if len(xb) == 1 else xb
-            self._build()
+            self._build(xb[0] if len(xb) == 1 else xb)
         state = self.learn.__dict__.pop('_sparsify_resume', None)   # left by learn.load (see below)
         if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
@@ -136,11 +135,13 @@ class SparsifyCallback(Callback):
             self._start = max(self._start, found)
             print(f'Found a sparsity of {found:.2f}% in the targeted layers: the schedule starts from it')
 
-    def _build(self):
-        "The Sparsifier of learn.model, traced on the example batch; after a pruning, counting the removed units."
+    def _build(self, example):
+        """The Sparsifier of learn.model, traced on `example` (the first batch); with `prune_every` the example is
+        kept for the prunings, and after one the removed units count as zero."""
         self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria, self.layer_type,
-                                     self._example, self.leaf_modules, self.exclude, self.round_to)
+                                     example, self.leaf_modules, self.exclude, self.round_to)
         if not self.prune_every: return
+        self._example = example
         if self._origins is None:
             self._origins = {t.name: t.units for t in self.sparsifier.targets}
             self._dense = {n: (rows.numel(), m.weight.numel()) for n, m, rows in self._rows()}
@@ -189,7 +190,7 @@ class SparsifyCallback(Callback):
         "Remove the zeroed filters now (learn.prune(): the optimizer state follows) and go on on the smaller model."
         dense = sum(p.numel() for p in self.learn.model.parameters())
         self.learn.prune(example_input=self._example, leaf_modules=self.leaf_modules)
-        self._build()
+        self._build(self._example)
         self.sparsifier.hold_zeros()   # a group's last channel, kept though zero, stays zero
         left = sum(p.numel() for p in self.learn.model.parameters())
         print(f'Pruned after epoch {self.epoch}: {left:,} parameters left of {dense:,}')

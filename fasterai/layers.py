@@ -75,6 +75,7 @@ LAYERS = {
     nn.ConvTranspose2d: replace(_CONV, out_dim=1, shrink=shrink_sliced),
     nn.Linear: LayerKind(linear, {'out': 'out_features', 'in': 'in_features'}),
     nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.InstanceNorm1d: _NORM, nn.InstanceNorm2d: _NORM,
+    nn.SyncBatchNorm: _NORM,   # fastai's distrib_ctx converts BatchNorms to it: per channel, as they are
     nn.GroupNorm: replace(_NORM, rule=groupnorm, sizes={'norm': 'num_channels'}, buffers=(), shrink=shrink_groupnorm),
 }
 "Exact layer type -> its LayerKind. Extend it with `register_layer`."

@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py']
+TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
+         'tests/test_hooks.py', 'tests/test_workflows.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
     'verify never raises': (
         'fasterai/verify.py', "        raise PruningError(f'the pruned {name} does not compute",
@@ -26,30 +27,50 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '            if _compare(ref64, pruned, example, training, rtol / 100, True) is None: continue',
         '            pass'),
     'dropout left on in train mode': (
-        'fasterai/verify.py', "        if func in _DROPOUTS: return args[0] if args else kwargs['input']", '        pass'),
+        'fasterai/verify.py', '        if func in _DROPOUTS:   # a new tensor', '        if False:   # a new tensor'),
     'buffers not put back': (
-        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model),',
-        '    with training_mode(model, training), nullcontext(),'),
+        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model), state_kept',
+        '    with training_mode(model, training), nullcontext(), state_kept'),
     'random draws not seeded alike': (
-        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model), seeded(model), \\',
-        '    with training_mode(model, training), buffers_kept(model), nullcontext(), \\'),
+        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model), state_kept(model), seeded(model), \\',
+        '    with training_mode(model, training), buffers_kept(model), state_kept(model), nullcontext(), \\'),
     'the example tensor not copied': (
-        'fasterai/verify.py', '    x = example_tensor(model, example).clone()', '    x = example_tensor(model, example)'),
+        'fasterai/verify.py', '    args = [x.clone() for x in example_args(model, example)]',
+        '    args = list(example_args(model, example))'),
     'non-finite values compared as numbers': (
         'fasterai/verify.py', '    finite = torch.isfinite(a)', '    finite = torch.ones_like(a, dtype=torch.bool)'),
     "a model's own train() not run again": (
         'fasterai/tracing.py', '        model.train(flags[0][1])', '        pass'),
     'traced in eval mode only': ('fasterai/graph.py', '    for training in MODES:', '    for training in (False,):'),
     'the trace leaves buffers and random streams changed': (
-        'fasterai/graph.py', '        with training_mode(model, training), buffers_kept(model), seeded(model):',
-        '        with training_mode(model, training):'),
+        'fasterai/graph.py', '        with training_mode(model, training), buffers_kept(model), state_kept(model), seeded(model), \\',
+        '        with training_mode(model, training), state_kept(model), \\'),
     'a failed train-mode trace dropped': (
-        'fasterai/graph.py', '            propagate_shapes(graph, model, shape, dtype, example_input is None)',
-        '            try: propagate_shapes(graph, model, shape, dtype, example_input is None)\n'
+        'fasterai/graph.py', '            propagate_shapes(graph, model, specs, example_input is None)',
+        '            try: propagate_shapes(graph, model, specs, example_input is None)\n'
         '            except Exception:\n                if training: continue\n                raise'),
     'registered inputs=False ignored': (
         'fasterai/ops.py', '    if lay is None or ctx.kind(node).inputs: return ctx.record(lay, node, \'in\')',
         "    return ctx.record(lay, node, 'in')"),
+    'what forward code stores while tracing kept': (
+        'fasterai/graph.py', '        with training_mode(model, training), buffers_kept(model), state_kept(model), seeded(model), \\',
+        '        with training_mode(model, training), buffers_kept(model), seeded(model), \\'),
+    'what the reference run stores kept': (
+        'fasterai/verify.py', '    with training_mode(model, training), buffers_kept(model), state_kept(model), seeded(model), \\',
+        '    with training_mode(model, training), buffers_kept(model), seeded(model), \\'),
+    "hooks' objects not given back after tracing": (
+        'fasterai/tracing.py', '            vars(obj).clear(); vars(obj).update(state)', '            pass'),
+    'hooks not traced': (
+        'fasterai/tracing.py', '                res = self._hook(hook, m, (args, kwargs, out) if with_kwargs else (args, out))',
+        '                res = None'),
+    'zeros found not held': (
+        'fasterai/sparsifier.py', '        self.held = [None if h is None or not h.any() else h for h in self.held]',
+        '        self.held = [None for h in self.held]'),
+    'a frozen fit not held': (
+        'fasterai/callback.py', '        planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)',
+        '        planned = self.planned(epoch, self.n_epoch)'),
+    'a stale sparsity state saved': (
+        'fasterai/callback.py', '    return cb if cb.sparsifier.masks_hold() else None', '    return cb'),
 }
 
 

@@ -51,3 +51,20 @@ def test_masks_agree_across_two_processes():
     settings = [('filter', 'local', 'l1'), ('filter', 'global', 'l1'), ('weight', 'global', 'taylor'),
                 ('kernel', 'local', 'movement'), ('weight', 'local', 'random')]
     mp.spawn(worker, args=(2, free_port(), settings), nprocs=2, join=True)
+
+
+def test_fastai_distrib_ctx_under_torchrun_gives_the_same_masks(tmp_path):
+    "fastai's own distributed training (learn.distrib_ctx(): accelerate, DistributedDataParallel) on 2 CPU processes."
+    import subprocess
+    import sys
+    from pathlib import Path
+    worker = Path(__file__).with_name('fastai_distrib_worker.py')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+           str(worker), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=worker.parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    assert a['world'] == 2 and a['wrapper'] == 'DistributedDataParallel' and a['norms'] == ['BatchNorm2d']
+    assert a['masks'].keys() == b['masks'].keys() and len(a['masks']) >= 9
+    for k in a['masks']: assert torch.equal(a['masks'][k], b['masks'][k]), k
+    assert 35 < a['sparsity'] == b['sparsity'] < 45

@@ -173,3 +173,18 @@ def test_parametrized_and_lazy_layers_get_a_clear_refusal():
         register_layer(type(conv), like=nn.Conv2d)
     with pytest.raises(ValueError, match='not initialised yet .*run one forward pass first'):
         Pruner(example_input=SHAPE).prune_model(nn.Sequential(nn.LazyConv2d(4, 3)))
+
+
+def test_sync_batchnorm_is_a_batchnorm():
+    "What fastai's distrib_ctx(sync_bn=True) makes of a model: its SyncBatchNorms follow channels as BatchNorms do."
+    from conftest import max_rel_diff, randomize_norms
+    from fasterai.examples import Net
+    torch.manual_seed(0)
+    model = randomize_norms(nn.SyncBatchNorm.convert_sync_batchnorm(Net(3)))
+    assert type(model.bn1) is nn.SyncBatchNorm
+    Sparsifier(model, 'filter', 'local', 'l1').sparsify(40)
+    pruned = Pruner().prune_model(model)   # outside a process group it runs on the CPU in both modes
+    assert (pruned.conv1.out_channels, pruned.bn1.num_features) == (12, 12) and type(pruned.bn1) is nn.SyncBatchNorm
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(); pruned.eval()
+    assert max_rel_diff(model(x), pruned(x)) < 1e-5

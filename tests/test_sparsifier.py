@@ -150,3 +150,23 @@ def test_kernel_granularity():
     Sparsifier(model, 'kernel', 'local').sparsify(25)
     k = (model.conv2.weight == 0).all(-1).all(-1)
     assert k.sum() == n_zero(1000, 25) and ((model.conv2.weight == 0).sum() == 25 * k.sum())
+
+
+@pytest.mark.parametrize('granularity,method', [('filter', 'local'), ('filter', 'global'), ('weight', 'local'),
+                                                ('kernel', 'global')])
+def test_zeros_found_are_held_whatever_the_criterion(granularity, method):
+    "Units already zero are zeroed first and never released, even by a criterion that scores them high."
+    torch.manual_seed(0)
+    model = randomize_norms(Net(3))
+    first = Sparsifier(model, granularity, method, 'l1')
+    first.sparsify(30)
+    zero = {k: (p == 0) for k, p in model.named_parameters()}
+    second = Sparsifier(model, granularity, method, lambda w, ref, acc: -w.abs())   # zeros score highest
+    found = second.hold_zeros()
+    assert found == pytest.approx(first.sparsity())
+    for s in (10, 30, 50):   # below, at and above what was found
+        second.sparsify(s)
+        for k, p in model.named_parameters():
+            if k.endswith('weight') and k in second.masks: assert (p[zero[k]] == 0).all(), (k, s)
+    assert second.sparsity() == pytest.approx(first.sparsity(), abs=0.01) or second.sparsity() > first.sparsity()
+    assert Sparsifier(model, granularity, method, 'l1').hold_zeros() >= found
