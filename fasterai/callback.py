@@ -131,7 +131,7 @@ class SparsifyCallback(Callback):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
             return
         found = self.sparsifier.hold_zeros()   # never released: the schedule starts from them
-        if found > 0 and not self._frozen:
+        if any(h is not None for h in self.sparsifier.held) and not self._frozen:
             self._start = max(self._start, found)
             print(f'Found a sparsity of {found:.2f}% in the targeted layers: the schedule starts from it')
 

@@ -21,3 +21,7 @@ def test_notebook_runs(path, monkeypatch):
         assert out.count(': 30.00%') >= 4   # the last epoch line and each Conv2d
     if path.name == '02_toolbox.ipynb':
         assert 'largest |sparse - pruned| accuracy difference: 0.0' in out and 'lottery ticket: sparse' in out
+    if path.name == '03_fastai_workflows.ipynb':
+        assert out.count('Sparsity held in this fit') == 1 and 'Found a sparsity of 20.' in out
+        assert 'Pruned after epoch 1' in out and 'same outputs: True' in out
+        assert "is False for the example's shapes" in out   # the U-Net's branch on shapes
