@@ -14,6 +14,7 @@ the library a layer with `register_layer`:
     register_layer(FusedConvBN, like=nn.Conv2d, vectors=('bn_weight', 'bn_bias'),
                    buffers=('running_mean', 'running_var'))  # per-channel tensors of its own
 """
+import inspect
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
@@ -71,10 +72,12 @@ _NORM = LayerKind(batchnorm, {'norm': 'num_features'}, weight=None, vectors=('we
                   buffers=('running_mean', 'running_var'), same_shape=True)
 
 LAYERS = {
-    nn.Conv2d: _CONV,
-    nn.ConvTranspose2d: replace(_CONV, out_dim=1, shrink=shrink_sliced),
+    nn.Conv1d: _CONV, nn.Conv2d: _CONV, nn.Conv3d: _CONV,
+    **{t: replace(_CONV, out_dim=1, shrink=shrink_sliced)
+       for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
     nn.Linear: LayerKind(linear, {'out': 'out_features', 'in': 'in_features'}),
-    nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.InstanceNorm1d: _NORM, nn.InstanceNorm2d: _NORM,
+    nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.BatchNorm3d: _NORM,
+    nn.InstanceNorm1d: _NORM, nn.InstanceNorm2d: _NORM, nn.InstanceNorm3d: _NORM,
     nn.SyncBatchNorm: _NORM,   # fastai's distrib_ctx converts BatchNorms to it: per channel, as they are
     nn.GroupNorm: replace(_NORM, rule=groupnorm, sizes={'norm': 'num_channels'}, buffers=(), shrink=shrink_groupnorm),
 }
@@ -82,14 +85,35 @@ LAYERS = {
 
 
 def kind_of(module):
-    "The LayerKind of `module`'s exact type, or None."
-    return LAYERS.get(type(module))
+    """The LayerKind of `module`'s exact type, or of the registered base it only sets up differently (a subclass
+    that defines `__init__` and nothing its calls run: torchvision's Conv3DSimple), or None."""
+    cls = type(module)
+    kind = LAYERS.get(cls)
+    if kind is not None: return kind
+    if cls not in _PLAIN: _PLAIN[cls] = _same_calls(cls)
+    return LAYERS[known_base(module)] if _PLAIN[cls] else None
+
+
+_PLAIN = {}
+"Class -> whether `_same_calls` holds for it (cleared by `register_layer`)."
 
 
 def known_base(module):
     "The nearest registered base class of an unregistered subclass of a known layer, or None."
     if type(module) in LAYERS: return None
     return next((c for c in type(module).__mro__[1:] if c in LAYERS), None)
+
+
+def _same_calls(cls):
+    """Whether `cls`, a subclass of a registered layer type, computes as that base does: the classes between them
+    define no method (`__init__` and static or class methods aside) and no property, so calling one runs the
+    base's code on the attributes `__init__` set, which the base's rule reads."""
+    base = next((c for c in cls.__mro__[1:] if c in LAYERS), None)
+    if base is None: return False
+    for c in cls.__mro__[:cls.__mro__.index(base)]:
+        for name, v in vars(c).items():
+            if isinstance(v, property) or (inspect.isfunction(v) and name != '__init__'): return False
+    return True
 
 
 def param_dim(module, pname):
@@ -118,6 +142,7 @@ def register_layer(cls, like=None, **changes):
         raise ValueError(f'register_layer({cls.__name__}) needs like=<a registered type> or every required '
                          f'LayerKind field (rule, sizes): {e}') from None
     LAYERS[cls] = kind
+    _PLAIN.clear()
     return kind
 
 

@@ -116,7 +116,7 @@ def _acts_on(k):
     return spatial
 
 
-pool1d, pool2d, resize = _acts_on(1), _acts_on(2), _acts_on(None)
+pool1d, pool2d, pool3d, resize = _acts_on(1), _acts_on(2), _acts_on(3), _acts_on(None)
 
 
 def moves_zero(ctx, node):
@@ -193,16 +193,18 @@ def _inputs(ctx, node, lay):
 
 
 def conv(ctx, node):
-    """Conv2d, ConvTranspose2d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i;
+    """Conv1d/2d/3d, ConvTranspose1d/2d/3d: groups=1 reads its input channels and writes new ones; depthwise maps channel i to channel i;
     grouped convolutions tie the channels of their groups (each group keeps the same positions)."""
     m, lay = ctx.module(node), _only_first(ctx, node)
-    if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - 3 or lay.block != 1 or lay.channels != m.in_channels):
+    spatial = getattr(m, ctx.kind(node).weight).dim() - 1   # dims after the channels' (Conv1d: 2, Conv3d: 4)
+    if lay is not None and (lay.dim != len(ctx.shape(node.args[0])) - spatial or lay.block != 1 or
+                            lay.channels != m.in_channels):
         raise Unhandled('the convolution does not read the tracked channels as its input channels')
     if ctx.kind(node).out_dim == 1 and m.groups != 1:
         raise Unhandled(f'grouped transposed convolution (groups={m.groups}) is not pruned')
     if m.groups == 1:
         _inputs(ctx, node, lay)
-        out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
+        out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - spatial)
         ctx.record(out, node, 'out')
         return out
     if m.groups == m.in_channels == m.out_channels and lay is not None:
@@ -217,7 +219,7 @@ def conv(ctx, node):
         for p in lay.pieces[1:]: ctx.spaces.unite(lay.pieces[0].space, p.space)
         ctx.spaces.tie_space(lay.pieces[0].space, next(iter(sizes)) // per, f"grouped conv '{node.target}' ties them")
     _inputs(ctx, node, lay)
-    out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - 3)
+    out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - spatial)
     ctx.spaces.tie_space(out.pieces[0].space, m.groups, f"grouped conv '{node.target}' ties them")
     ctx.record(out, node, 'out')
     return out
@@ -498,6 +500,7 @@ MODULE_RULES = {   # the layers with channels of their own are in `layers.LAYERS
     nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Upsample: resize,
     **{t: pool1d for t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
     **{t: pool2d for t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)},
+    **{t: pool3d for t in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)},
     **{t: keep for t in ZERO_KEEPING}, **{t: moves_zero for t in ZERO_MOVING},
 }
 
@@ -507,6 +510,7 @@ FUNCTION_RULES = {
                          F.softsign, F.dropout, F.dropout1d, F.dropout2d, torch.clone)},
     **{f: pool1d for f in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)},
     **{f: pool2d for f in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)},
+    **{f: pool3d for f in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)},
     F.interpolate: resize,
     F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
     **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.alpha_dropout)},
@@ -545,12 +549,6 @@ def is_inplace(node, module=None):
     "Whether `node` overwrites its first operand."
     return (node.target in INPLACE or node.kwargs.get('inplace') is True
             or (module is not None and getattr(module, 'inplace', False) is True))
-
-try:   # fastai's ToTensorBase changes the tensor's class, not its values (DynamicUnet's last layer)
-    from fastai.layers import ToTensorBase
-    MODULE_RULES[ToTensorBase] = keep
-except ImportError:
-    pass
 
 try:   # torchvision's stochastic depth scales whole samples: zeros stay zero
     from torchvision.ops import stochastic_depth

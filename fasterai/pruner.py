@@ -47,7 +47,8 @@ def dead_channels(group, modules, masks=None):
     for s in slices:
         m = modules[s.module]
         for pname, v in kind_of(m).zero_when_dead(m, s.role):
-            zero = (v.detach()[s.offset:s.offset + s.length] == 0).cpu()
+            zero = (v.detach()[s.offset:s.offset + s.length] == 0).flatten(1).all(1).cpu() if v.dim() > 1 else \
+                (v.detach()[s.offset:s.offset + s.length] == 0).cpu()   # a vector may be (C, 1, 1, 1): a conv's gain
             known = _row_zero(masks, s.module, pname, m)
             if known is not None: zero |= known[s.offset:s.offset + s.length]
             dead[s.start:s.start + s.length] &= zero

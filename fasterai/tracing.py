@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .errors import TraceError
 from .layers import known_base, kind_of
+from .third_party import load_for
 from .ops import MODULE_RULES, ZERO_KEEPING, ZERO_MOVING, is_inplace
 
 __all__ = ['MODES', 'hooks_taken_out', 'training_mode', 'buffers_kept', 'state_kept', 'seeded', 'device_dtype', 'unwrap', 'is_tensors', 'example_args', 'example_tensor', 'Leaves',
@@ -394,9 +395,10 @@ def first_nonfinite(named):
 
 
 def check_model(model):
-    "A TypeError unless `model` is an nn.Module."
+    "A TypeError unless `model` is an nn.Module; the layers of the libraries its modules come from get known."
     if not isinstance(model, nn.Module):
         raise TypeError(f'expected a torch.nn.Module to sparsify or prune, got {type(model).__name__}')
+    load_for(model)
     lazy = next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)
     if lazy is not None:
         raise ValueError(f"parameter '{lazy}' of {type(model).__name__} is not initialised yet (a lazy module): run "

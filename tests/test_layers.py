@@ -106,7 +106,7 @@ def test_an_unknown_subclass_is_frozen_with_how_to_register_it():
 
 @pytest.mark.parametrize('args,kwargs,match', [
     ((int,), {'like': nn.Conv2d}, 'takes an nn.Module subclass'),
-    ((Unknown,), {'like': nn.Conv3d}, 'like must be a registered layer type'),
+    ((Unknown,), {'like': nn.LSTM}, 'like must be a registered layer type'),
     ((Unknown,), {'like': nn.Conv2d, 'input': False}, r"unknown LayerKind fields \['input'\]"),
     ((Unknown,), {'inputs': False}, 'needs like=<a registered type> or every required LayerKind field'),
 ])

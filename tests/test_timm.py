@@ -1,0 +1,101 @@
+"""timm's own layers and 1d/3d layers: norm-act layers, same-padding and weight-standardised convolutions, DropPath,
+Conv1d/Conv3d models, and subclasses of known layers that only set them up differently."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+from conftest import max_rel_diff, randomize_norms
+from timm.layers import BatchNormAct2d, GroupNormAct, ScaledStdConv2d, StdConv2d
+
+from fasterai.graph import trace
+from fasterai.layers import kind_of
+from fasterai.pruner import Pruner
+from fasterai.sparsifier import Sparsifier
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prune_30(model, x, layer_type=LAYERS):
+    "Sparsify 30% of filters, prune (verified in both modes); returns the pruned model and its parameter ratio."
+    torch.manual_seed(0)
+    Sparsifier(model, 'filter', 'local', 'l1', layer_type, example_input=x).sparsify(30)
+    pruned = Pruner(example_input=x).prune_model(model)
+    model.eval(); pruned.eval()
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-4
+    return pruned, sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('name,ratio', [('efficientnet_lite0', 0.6),    # BatchNormAct2d with ReLU6
+                                        ('tf_mobilenetv3_small_minimal_100', 0.75),   # Conv2dSame, hard-swish
+                                        ('convnext_atto', 0.8)])        # LayerNorm2d: the MLP hidden width prunes
+def test_timm_models_prune_through_their_own_layers(name, ratio):
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model(name, pretrained=False, num_classes=10, drop_path_rate=0.1))
+    _, kept = prune_30(model, torch.randn(2, 3, 64, 64))   # drop path in train mode: verified with the same draws
+    assert kept < ratio
+
+
+class Standardised(nn.Module):
+    "A BiT-like block: weight-standardised convolutions, GroupNorm with an activation."
+    def __init__(self, conv=StdConv2d):
+        super().__init__()
+        self.c1, self.n1 = conv(3, 16, 3, padding=1), GroupNormAct(16, 16)
+        self.c2, self.n2 = conv(16, 16, 3, padding=1), GroupNormAct(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x): return self.head(self.n2(self.c2(self.n1(self.c1(x)))).mean((2, 3)))
+
+
+def test_weight_standardised_convs_lose_rows_never_input_columns():
+    model = randomize_norms(Standardised())
+    g = trace(model, (2, 3, 8, 8))
+    inner = next(grp for grp in g.groups if any(s.module == 'c1' and s.role == 'out' for s in grp.slices))
+    assert not inner.prunable and 'inputs=False' in ' '.join(inner.frozen)   # c2 standardises over its inputs
+    last = next(grp for grp in g.groups if any(s.module == 'c2' and s.role == 'out' for s in grp.slices))
+    assert last.prunable   # its rows: a zero row stays zero once standardised, and Linear may lose inputs
+    pruned, _ = prune_30(model, torch.randn(2, 3, 8, 8))
+    assert pruned.c2.out_channels == 11 and pruned.n2.num_channels == 11 and pruned.c1.out_channels == 16
+    scaled = randomize_norms(Standardised(ScaledStdConv2d))
+    pruned, _ = prune_30(scaled, torch.randn(2, 3, 8, 8))
+    assert pruned.c2.gain.shape[0] == pruned.c2.out_channels == 11   # the per-row gain goes with its row
+
+
+def test_a_norm_act_with_an_activation_that_moves_zeros_or_is_unknown():
+    class Odd(nn.Module):
+        def forward(self, x): return x + 1
+    for act, why in ((nn.Sigmoid, 'makes them non-zero'), (Odd, 'not known to keep zeros zero')):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=act), nn.Conv2d(8, 4, 3))
+        g = trace(model, (2, 3, 8, 8))
+        assert not g.groups[0].prunable and why in ' '.join(g.groups[0].frozen), g.groups[0]
+
+
+@pytest.mark.parametrize('name', ['r3d_18', 'r2plus1d_18'])
+def test_video_models_conv3d(name):
+    model = randomize_norms(getattr(torchvision.models.video, name)(num_classes=5))
+    assert kind_of(model.stem[0]) is kind_of(nn.Conv3d(1, 1, 1))   # torchvision's Conv3DSimple and the like
+    _, kept = prune_30(model, torch.randn(2, 3, 4, 32, 32))
+    assert kept < 0.55
+
+
+def test_conv1d_sequence_model():
+    model = randomize_norms(nn.Sequential(
+        nn.Conv1d(2, 16, 9, padding=4), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(16, 32, 5), nn.BatchNorm1d(32), nn.ReLU(), nn.Conv1d(32, 32, 3, groups=32), nn.BatchNorm1d(32),
+        nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 4)))
+    pruned, kept = prune_30(model, torch.randn(2, 2, 64))
+    assert (pruned[0].out_channels, pruned[4].out_channels, pruned[7].groups) == (11, 22, 22) and kept < 0.6
+
+
+def test_a_subclass_is_its_base_only_when_it_runs_the_base_code():
+    class Simple(nn.Conv3d):
+        def __init__(self, i, o): super().__init__(i, o, 3, padding=1)
+        @staticmethod
+        def stride_of(): return 1
+    class OwnForward(nn.Conv2d):
+        def forward(self, x): return super().forward(x) * 2
+    class OwnProperty(nn.Conv2d):
+        @property
+        def scale(self): return 2
+    assert kind_of(Simple(2, 4)) is not None
+    assert kind_of(OwnForward(2, 4, 3)) is None and kind_of(OwnProperty(2, 4, 3)) is None
