@@ -1,5 +1,5 @@
 """Layers of other libraries that fasterai knows: timm's norm-act layers, same-padding and weight-standardised
-convolutions and DropPath, fastai's ToTensorBase. Each library's layers are registered (through the one registry,
+convolutions, its Linear and DropPath, fastai's ToTensorBase. Each library's layers are registered (through the one registry,
 `layers.register_layer`, and the rule tables of `ops`) the first time a model holding its modules is checked, so
 importing fasterai imports neither library."""
 import torch.nn as nn
@@ -35,12 +35,14 @@ def _timm():
     from timm.layers import std_conv as sc
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.drop import DropPath
+    from timm.layers.linear import Linear
     bn_act, gn_act = norm_act(batchnorm), norm_act(groupnorm)
     register_layer(na.BatchNormAct2d, like=nn.BatchNorm2d, rule=bn_act)
     register_layer(na.SyncBatchNormAct, like=nn.BatchNorm2d, rule=bn_act)
     register_layer(na.GroupNormAct, like=nn.GroupNorm, rule=gn_act)
     register_layer(na.GroupNorm1Act, like=nn.GroupNorm, rule=gn_act)   # one group: frozen by groupnorm's rule
     register_layer(Conv2dSame, like=nn.Conv2d)   # pads like TensorFlow, then convolves: channels as a Conv2d
+    register_layer(Linear, like=nn.Linear)   # casts its weight for torchscript, else F.linear: a Linear
     # weight standardisation: a zero row stays zero ((0 - 0) / sqrt(0 + eps)), but each row is normalised over
     # all its inputs, so no input column may go; ScaledStdConv2d's per-row gain goes with its row
     for cls in (sc.StdConv2d, sc.StdConv2dSame):

@@ -158,3 +158,27 @@ def test_branches_on_shapes_are_resolved_with_the_example_and_on_values_refused(
     assert pruned.a.out_channels == 5 and max_rel_diff(model(x), pruned(x)) < 1e-5
     with pytest.raises(TraceError, match='cannot be used as inputs to control flow'):
         trace(ValueBranch(3))
+
+
+class Stores(nn.Module):
+    "Forward code that keeps what it computed on the module (as a recurrent model keeps its hidden state)."
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+        self.seen, self.calls = None, 0
+
+    def forward(self, x):
+        y = self.c(x)
+        self.seen, self.calls = y.detach(), self.calls + 1
+        return self.d(F.relu(y))
+
+
+def test_what_forward_code_stores_is_put_back_by_tracing_and_verify():
+    model, x = Stores(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad(): model(x)
+    seen = model.seen
+    trace(model, (2, 3, 8, 8))   # the trace runs forward on proxies, shape propagation on meta tensors
+    assert model.seen is seen and model.calls == 1
+    with torch.no_grad(): model.c.weight[:3] = 0; model.c.bias[:3] = 0
+    pruned = Pruner(example_input=x).prune_model(model)   # verify runs it for real, in both modes
+    assert model.seen is seen and model.calls == 1 and pruned.c.out_channels == 5

@@ -99,3 +99,11 @@ def test_a_subclass_is_its_base_only_when_it_runs_the_base_code():
         def scale(self): return 2
     assert kind_of(Simple(2, 4)) is not None
     assert kind_of(OwnForward(2, 4, 3)) is None and kind_of(OwnProperty(2, 4, 3)) is None
+
+
+def test_timm_linear_is_a_linear():
+    from timm.layers import Linear
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(8, 16),
+                          nn.ReLU(), Linear(16, 4))
+    pruned, _ = prune_30(model, torch.randn(2, 3, 8, 8))
+    assert (pruned[0].out_channels, pruned[4].out_features, pruned[6].in_features) == (6, 11, 11)
