@@ -106,6 +106,11 @@ class SparsifyCallback(Callback):
         self._start = self.start_sparsity
         # fine_tune's first phase (learn.freeze()): frozen layers cannot recover, so the sparsity is held
         self._frozen = [n for n, m in layers.items() if not all(getattr(m, w).requires_grad for w in weights_of(m))]
+        # zeros found are held when they come from sparsifying: an earlier fit of this callback or of another one on
+        # this model, or a loaded state; a weight initialised at zero (LoRA's B, a zero-init residual) is left free
+        last = getattr(getattr(self.learn, '_sparsify_last', None), 'cb', None)
+        self._hold = (self.sparsifier is not None or getattr(self.learn, '_sparsify_resume', None) is not None or
+                      (last is not None and last.sparsifier is not None and last.sparsifier.model is model))
         self.learn._sparsify_last = _Last(self)   # learn.save after fit still finds the state
         if self._frozen:
             print(f'Sparsity held in this fit: {_some(self._frozen)} frozen (learn.freeze(), as in the first '
@@ -130,6 +135,7 @@ class SparsifyCallback(Callback):
         if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
             return
+        if not self._hold: return
         found = self.sparsifier.hold_zeros()   # never released: the schedule starts from them
         if any(h is not None for h in self.sparsifier.held) and not self._frozen:
             self._start = max(self._start, found)

@@ -212,12 +212,24 @@ _PROTOCOL = ('__reduce_ex__', '__reduce__', '__getstate__')
 _PLAIN = tuple(getattr(nn.Module, k) for k in _PROTOCOL)
 
 
+_HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+
+
+def _a_callbacks(hook):
+    """Whether `hook` belongs to a fastai callback (ActivationStats' hooks): it registered them on the model it
+    watches and removes them after the fit, so a copy must not carry them (nor a copy of the callback's Learner)."""
+    owner = getattr(hook, '__self__', None)
+    owner = getattr(getattr(owner, 'hook_func', None), '__self__', owner)   # fastai's Hook wraps the callback's method
+    return type(owner).__module__.startswith('fastai.') and any(c.__name__ == 'Callback' for c in type(owner).__mro__)
+
+
 def copy_modules(module, memo):
     """What `copy.deepcopy(module, memo)` returns, several times faster on a tree of plain modules: each module's
     own dicts (children, parameters, buffers, empty hook dicts) are rebuilt directly instead of through the
     generic pickling protocol, then handed to the class's `__setstate__` as deepcopy does; every other
     attribute, and any module class with its own `__deepcopy__`, `__reduce_ex__`, `__reduce__` or `__getstate__`,
-    goes through `copy.deepcopy` with the same `memo`, so shared objects stay shared."""
+    goes through `copy.deepcopy` with the same `memo`, so shared objects stay shared. Hooks a fastai callback
+    registered (ActivationStats) are not copied."""
     if id(module) in memo: return memo[id(module)]
     cls = type(module)
     if hasattr(cls, '__deepcopy__') or tuple(getattr(cls, k) for k in _PROTOCOL) != _PLAIN:
@@ -230,6 +242,8 @@ def copy_modules(module, memo):
         if k == '_modules': state[k] = t((n, None if c is None else copy_modules(c, memo)) for n, c in v.items())
         elif k in ('_parameters', '_buffers'): state[k] = t((n, copy.deepcopy(x, memo)) for n, x in v.items())
         elif t in _ATOMIC: state[k] = v
+        elif k in _HOOK_DICTS and any(_a_callbacks(h) for h in v.values()):   # hooks a fastai callback registered
+            state[k] = t((i, copy.deepcopy(h, memo)) for i, h in v.items() if not _a_callbacks(h))
         elif id(v) in memo: state[k] = memo[id(v)]
         elif t in (dict, OrderedDict, set) and not v: state[k] = memo[id(v)] = t()   # shared ones stay shared
         else: state[k] = copy.deepcopy(v, memo)

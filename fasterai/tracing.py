@@ -1,4 +1,5 @@
 """Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
+import inspect
 import random
 from contextlib import contextmanager
 
@@ -25,17 +26,23 @@ class _Hooks:
     does not run them, and the traced graph must hold what they do): `_Tracer` runs the forward ones on the
     graph's proxies where PyTorch would call them, so a hook that changes an output, or stores it for a later
     module to read (fastai's `Hook.stored`, as in `DynamicUnet`), is traced like the forward code, and one that
-    only observes leaves nothing in the graph. The attributes of the objects the hooks are methods of (fastai's
-    `Hook`) come back afterwards, so nothing a hook stored during tracing remains."""
+    only observes leaves nothing in the graph. The hooks (a hook that removes itself included) and the attributes
+    of the objects they belong to (`_owners`: fastai's `Hook`, whose `stored` is cleared while tracing) come back
+    afterwards."""
     _KEYS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
     _GLOBAL = ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
                '_global_backward_pre_hooks')
 
     def __init__(self, model):
-        self.modules, self.taken, self.glob, self.owners = list(model.modules()), {}, {}, {}
+        self.modules, self.taken, self.glob, self.owners, self.items = list(model.modules()), {}, {}, {}, []
 
     def __enter__(self):
         g = nn.modules.module
+        dicts = [getattr(g, k) for k in self._GLOBAL] + [getattr(m, k) for m in self.modules for k in self._KEYS]
+        self.items = [(d, list(d.items())) for d in dicts if d]   # a hook that removes itself comes back
+        for obj in {id(o): o for d in dicts for h in d.values() for o in _owners(h)}.values():
+            self.owners[id(obj)] = (obj, dict(vars(obj)))
+            if _is_fastai_hook(obj): obj.stored = None   # a hook inside a module kept whole must not feed a stale one
         for k in self._GLOBAL:
             self.glob[k] = getattr(g, k).copy(); getattr(g, k).clear()
         for m in self.modules:
@@ -43,10 +50,6 @@ class _Hooks:
             if any(d.values()):
                 self.taken[id(m)] = d
                 for k in self._KEYS: setattr(m, k, type(d[k])())   # the user's dicts (their handles) come back
-        for h in self._functions():
-            obj = getattr(h, '__self__', None)
-            if obj is not None and hasattr(obj, '__dict__') and not isinstance(obj, nn.Module):
-                self.owners[id(obj)] = (obj, dict(vars(obj)))
         return self
 
     def __exit__(self, *exc):
@@ -54,12 +57,10 @@ class _Hooks:
         for k, v in self.glob.items(): getattr(g, k).update(v)
         for m in self.modules:
             for k, v in self.taken.get(id(m), {}).items(): setattr(m, k, v)
+        for d, items in self.items:
+            d.clear(); d.update(items)
         for obj, state in self.owners.values():
             vars(obj).clear(); vars(obj).update(state)
-
-    def _functions(self):
-        return [h for d in (*self.glob.values(), *(v for t in self.taken.values() for v in t.values()))
-                for h in d.values()]
 
     def __bool__(self): return bool(self.taken) or any(self.glob.values())
 
@@ -89,6 +90,25 @@ class Leaves:
 
     def covers(self, name, module):
         return isinstance(module, self.types) or any(name == n or name.startswith(n + '.') for n in self.names)
+
+
+def _owners(hook):
+    """The objects whose attributes `hook` may set: the object it is a method of (fastai's `Hook`, a module outside
+    the model), that of a `functools.partial`'s function, or a callable object itself. (A closure's cells cannot be
+    put back: a hook that appends to a list it closes over will find proxies there.)"""
+    for f in (hook, getattr(hook, 'func', None)):
+        obj = getattr(f, '__self__', None)
+        if obj is not None and hasattr(obj, '__dict__'): yield obj
+    if not (inspect.isfunction(hook) or inspect.ismethod(hook) or inspect.isbuiltin(hook)) and hasattr(hook, '__dict__'):
+        yield hook
+
+
+def _is_fastai_hook(obj):
+    try:
+        from fastai.callback.hook import Hook
+    except ImportError:
+        return False
+    return isinstance(obj, Hook)
 
 
 def _stores_output(owner, hook):
@@ -131,23 +151,29 @@ class _Tracer(fx.Tracer):
         return super().iter(obj)
 
     def _concrete(self, node):
-        "The value of `node` on the example's meta tensors (a shape, a comparison of shapes), or None."
+        """The value of `node` on the example's meta tensors when it is computed from shapes alone (a size, a
+        comparison of sizes), else None. Only the nodes it depends on run; every step from a tensor to a plain
+        value must read its shape (`x.shape`, `x.size()`, `x.dim()`, `x.numel()`, `x.dtype`): on meta tensors a
+        device or a `requires_grad` would have a value the real run does not."""
         if not self.inputs or _unpatched is None: return None
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n not in seen: seen.add(n); stack.extend(n.all_input_nodes)
         try:
             with _unpatched():   # fx's patches off (a module call must not record a node), back on afterwards
-                return self._run_to(node)
+                if self.meta is None:
+                    self.meta = _Shapes(self.root, self.graph, meta=True)
+                    self.meta.args_iter = iter(self.inputs)
+                for n in self.graph.nodes:
+                    if n in seen and n not in self.meta.env: self.meta.env[n] = self.meta.run_node(n)
         except Exception:
             return None
-
-    def _run_to(self, node):
-        "Run the graph recorded so far on the meta inputs, up to `node` (each node once per trace)."
-        if self.meta is None:
-            self.meta = _Shapes(self.root, self.graph, meta=True)
-            self.meta.args_iter = iter(self.inputs)
-        for n in self.graph.nodes:
-            if n not in self.meta.env: self.meta.env[n] = self.meta.run_node(n)
-            if n is node: break
-        value = self.meta.env[node]
+        env = self.meta.env
+        for n in seen:
+            reads = [i for i in n.all_input_nodes if isinstance(env[i], torch.Tensor)]
+            if reads and not isinstance(env[n], torch.Tensor) and not _reads_shape(n): return None
+        value = env[node]
         return None if isinstance(value, (torch.Tensor, fx.Proxy)) else value
 
     def is_leaf_module(self, m, qualname):
@@ -194,6 +220,12 @@ class _Tracer(fx.Tracer):
         for node in reversed(list(graph.nodes)):
             if node in self.hook_nodes and not node.users and node.op != 'output' and not is_inplace(node):
                 graph.erase_node(node)
+
+
+def _reads_shape(node):
+    "Whether `node` reads a tensor's shape, number of dims or elements, or dtype (what meta tensors hold exactly)."
+    if node.op == 'call_method': return node.target in ('size', 'dim', 'ndimension', 'numel')
+    return node.op == 'call_function' and node.target is getattr and node.args[1] in ('shape', 'ndim', 'dtype')
 
 
 _unpatched = getattr(fx._symbolic_trace, '_maybe_revert_all_patches', None)

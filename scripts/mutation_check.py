@@ -69,6 +69,12 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'a frozen fit not held': (
         'fasterai/callback.py', '        planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)',
         '        planned = self.planned(epoch, self.n_epoch)'),
+    'a branch on a device taken for a shape': (
+        'fasterai/tracing.py', '            if reads and not isinstance(env[n], torch.Tensor) and not _reads_shape(n): return None',
+        '            pass'),
+    'zeros of a fresh model held': (
+        'fasterai/callback.py', '        self._hold = (self.sparsifier is not None or',
+        '        self._hold = True or (self.sparsifier is not None or'),
     'a stale sparsity state saved': (
         'fasterai/callback.py', '    return cb if cb.sparsifier.masks_hold() else None', '    return cb'),
 }

@@ -182,3 +182,51 @@ def test_what_forward_code_stores_is_put_back_by_tracing_and_verify():
     with torch.no_grad(): model.c.weight[:3] = 0; model.c.bias[:3] = 0
     pruned = Pruner(example_input=x).prune_model(model)   # verify runs it for real, in both modes
     assert model.seen is seen and model.calls == 1 and pruned.c.out_channels == 5
+
+
+def test_an_observer_hook_does_not_block_a_later_shape_branch():
+    "Only what a branch reads runs on meta tensors: an observer's .item() (ActivationStats) earlier is no obstacle."
+    model, stats = ShapeBranches(), []
+    model.a.register_forward_hook(lambda m, i, o: stats.append(o.mean().item()))
+    g = trace(model, (2, 3, 9, 9))
+    assert g.branches == ["forward: 'ne' is True for the example's shapes"]
+
+
+class DeviceBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(y)
+        if z.device.type == 'cpu': z = z + y   # on meta tensors the device is 'meta': not a shape
+        return z
+
+
+def test_a_branch_on_anything_but_shapes_keeps_fx_error():
+    with pytest.raises(TraceError, match='cannot be used as inputs to control flow'):
+        trace(DeviceBranch(), (2, 3, 8, 8))
+
+
+def test_hooks_that_remove_themselves_while_tracing_come_back():
+    model, seen = Net(3), []
+    def once(m, i, o):
+        seen.append(type(o).__name__)
+        handle.remove()
+    handle = model.conv1.register_forward_hook(once)
+    trace(model)
+    assert len(model.conv1._forward_hooks) == 1
+    model(torch.randn(2, 3, 28, 28))
+    assert seen[-1] == 'Tensor' and len(model.conv1._forward_hooks) == 0   # fired for real, once
+
+
+def test_a_fastai_hook_inside_a_module_kept_whole_feeds_no_stale_tensor():
+    model = randomize_norms(Reads())
+    model.hooks.remove()
+    model.hooks = hook_outputs([model.enc1[2]], detach=False)   # inside enc1, which the tracer keeps whole
+    model(torch.randn(2, 3, 8, 8))   # a real forward leaves a real tensor in the hook's `stored`
+    trace(model, (2, 3, 8, 8))       # traced through enc1: the hook runs on the proxy
+    with pytest.raises(TraceError, match='NoneType'):
+        trace(model, (2, 3, 8, 8), leaf_modules=['enc1'])   # the hook cannot run: no stale constant in the graph
+    assert isinstance(model.hooks.stored[0], torch.Tensor)

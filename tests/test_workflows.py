@@ -340,3 +340,25 @@ def test_prune_every_refuses_what_it_cannot_carry():
                       (dict(prune_every=0), 'prune_every must be a number of epochs >= 1')):
         with pytest.raises(ValueError, match=match):
             SparsifyCallback(50, **{'granularity': 'filter', 'prune_every': 1, **kw})
+
+
+class ZeroInit(nn.Module):
+    "A residual branch whose last layer starts at zero (as LoRA's B or a Fixup residual): it must learn."
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(784, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x.flatten(1)))
+        return self.head(h + self.down(h))
+
+
+def test_weights_initialised_at_zero_are_not_held():
+    "Zeros are held when they come from sparsifying (an earlier fit, a loaded state), not from a zero init."
+    learn = seed_learner()
+    learn.model = ZeroInit()
+    cb = SparsifyCallback(30, 'weight', layer_type=nn.Linear)
+    printed = run(learn, 'fit_one_cycle', 2, 1e-2, cbs=cb)
+    assert 'Found a sparsity' not in printed
+    assert (learn.model.down.weight != 0).float().mean().item() == pytest.approx(0.7, abs=0.01)
