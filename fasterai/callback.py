@@ -81,13 +81,14 @@ class SparsifyCallback(Callback):
         self.round_to = check_round_to(round_to)                 # kept channels per group a multiple of it
         self.prune_every = _check_prune_every(prune_every, granularity, lth, criteria)   # epochs between prunings
         self.sparsifier, self.history, self._rewind, self._origins, self._dense = None, [], None, None, None
+        self._start = self.start_sparsity   # the schedule's start in this fit: raised to the sparsity found
 
     def planned(self, epoch, n_epoch):
         """The scheduled sparsity (a number, or a dict by layer) at `epoch` (a float) of `n_epoch`, starting from
         `start_sparsity` or the sparsity found in the model at the start of this fit, whichever is higher."""
         end = self.end_epoch if self.end_epoch is not None else n_epoch
         pos = min(max((epoch - self.start_epoch) / max(end - self.start_epoch, 1e-12), 0.), 1.)
-        start = getattr(self, '_start', self.start_sparsity)
+        start = self._start
         if isinstance(self.sparsity, dict):
             return {k: self.sched_func(min(start, v), v, pos) for k, v in self.sparsity.items()}
         return self.sched_func(min(start, self.sparsity), self.sparsity, pos)

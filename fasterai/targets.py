@@ -19,8 +19,6 @@ def pname(layer, name):
     return f'{layer}.{name}' if layer else name
 
 
-qualified = pname
-
 
 def round_half_up(x):
     "The one rounding rule of the library: to the nearest int, halves up (2.5 -> 3), float noise forgiven."
@@ -46,18 +44,18 @@ def weights_of(module):
 
 class WeightView:
     "One weight of a layer that has several (an LSTM's `weight_ih_l0`), seen as the `.weight` the scoring reads."
-    def __init__(self, module, pname): self.module, self.pname = module, pname
+    def __init__(self, module, wname): self.module, self.wname = module, wname
     @property
-    def weight(self): return getattr(self.module, self.pname)
+    def weight(self): return getattr(self.module, self.wname)
 
 
 class WeightTarget:
-    """One weight of a layer ('weight', or `pname` such as an LSTM's 'weight_hh_l0'), scored in blocks summed over
+    """One weight of a layer ('weight', or `wname` such as an LSTM's 'weight_hh_l0'), scored in blocks summed over
     `dims` ('weight': each element; 'kernel': each k x k kernel)."""
-    def __init__(self, name, module, dims, pname='weight'):
-        self.key = name if pname == 'weight' else qualified(name, pname)   # the name it is scored and masked by
-        self.name, self.dims, self.layers, self.pname = name, dims, [name], pname
-        self.module = module if pname == 'weight' else WeightView(module, pname)
+    def __init__(self, name, module, dims, wname='weight'):
+        self.key = name if wname == 'weight' else pname(name, wname)   # the name it is scored and masked by
+        self.name, self.dims, self.layers, self.wname = name, dims, [name], wname
+        self.module = module if wname == 'weight' else WeightView(module, wname)
         w = self.module.weight
         self.shape = tuple(1 if d in dims else s for d, s in enumerate(w.shape))
         self.units = math.prod(self.shape)
@@ -80,7 +78,7 @@ class WeightTarget:
     def masks(self, drop):
         keep = torch.ones(self.units, dtype=torch.bool, device=self.module.weight.device)
         keep[drop] = False
-        return {qualified(self.name, self.pname): keep.view(self.shape)}
+        return {pname(self.name, self.wname): keep.view(self.shape)}
 
 
 class NMTarget:

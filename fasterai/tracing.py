@@ -62,8 +62,6 @@ class _Hooks:
         for obj, state in self.owners.values():
             vars(obj).clear(); vars(obj).update(state)
 
-    def __bool__(self): return bool(self.taken) or any(self.glob.values())
-
     def forward_pre(self, m):
         "(hook, with_kwargs) of each forward pre-hook PyTorch would run on a call of `m`, in its order."
         own = self.taken.get(id(m), {}).get('_forward_pre_hooks', {})
