@@ -464,6 +464,12 @@ def split(ctx, node):
     return tuple(lay for _ in node.meta['shape'])
 
 
+def setitem(ctx, node):
+    "x[i] = v (recorded by the tracer): a write in place the graph does not follow; the channels it touches stay."
+    if ctx.tracked((node.args, node.kwargs)): raise Unhandled('writes into a tensor in place (x[...] = v)')
+    return None
+
+
 def pad(ctx, node):
     "F.pad with zeros on dims other than the channels."
     lay = _only_first(ctx, node)
@@ -520,7 +526,7 @@ FUNCTION_RULES = {
     torch.flatten: reshape, torch.reshape: reshape, torch.permute: permute, torch.transpose: permute,
     torch.swapaxes: permute, torch.unsqueeze: unsqueeze, torch.cat: cat, torch.concat: cat,
     torch.concatenate: cat, torch.split: split, torch.chunk: split, torch.unbind: split, F.pad: pad,
-    torch.roll: roll, getattr: getattr_rule, operator.getitem: getitem,
+    torch.roll: roll, getattr: getattr_rule, operator.getitem: getitem, operator.setitem: setitem,
 }
 
 METHOD_RULES = {

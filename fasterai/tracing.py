@@ -1,5 +1,7 @@
 """Tracing a model with torch.fx: leaf modules, train/eval modes, and shapes from meta tensors."""
+import functools
 import inspect
+import operator
 import random
 from contextlib import contextmanager
 
@@ -138,8 +140,7 @@ class _Tracer(fx.Tracer):
     def to_bool(self, obj):
         value = self._concrete(obj.node)
         if isinstance(value, (bool, int)):
-            where = self.stack[-1] if self.stack else ''
-            self.branches.append(f"{where or 'forward'}: '{obj.node.name}' is {bool(value)} for the example's shapes")
+            self._record(obj.node, f'is {bool(value)}')
             return bool(value)
         return super().to_bool(obj)
 
@@ -148,7 +149,33 @@ class _Tracer(fx.Tracer):
         if isinstance(value, (tuple, list)): return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
 
-    def _concrete(self, node):
+    def proxy(self, node):
+        return _ShapeProxy(node, self)
+
+    def concrete_int(self, proxy, what):
+        "A size as a Python int (`int(n)`, `range(n)`, `t.expand(n, -1)` on a plain tensor): the example's, recorded."
+        value = self._concrete(proxy.node)
+        if isinstance(value, float) and what == 'int()': value = int(value)   # int(n ** .5)
+        if not isinstance(value, int):   # a bool is an int: int(h > w)
+            raise TypeError(f"{what} of '{proxy.node.name}', a value that is not computed from shapes alone")
+        value = int(value)
+        self._record(proxy.node, f'is {value} as {what}')
+        return value
+
+    def concrete_len(self, proxy):
+        "`len()` of a shape or a tensor: the example's, recorded."
+        value = self._concrete(proxy.node, tensors=True)
+        n = (value.shape[0] if value.dim() else None) if isinstance(value, torch.Tensor) else \
+            len(value) if isinstance(value, (tuple, list)) else None
+        if n is None: return fx.Proxy.__len__(proxy)   # fx's error
+        self._record(proxy.node, f'has len() {n}')
+        return n
+
+    def _record(self, node, what):
+        where = self.stack[-1] if self.stack else ''
+        self.branches.append(f"{where or 'forward'}: '{node.name}' {what} for the example's shapes")
+
+    def _concrete(self, node, tensors=False):
         """The value of `node` on the example's meta tensors when it is computed from shapes alone (a size, a
         comparison of sizes), else None. Only the nodes it depends on run; every step from a tensor to a plain
         value must read its shape (`x.shape`, `x.size()`, `x.dim()`, `x.numel()`, `x.dtype`): on meta tensors a
@@ -169,9 +196,10 @@ class _Tracer(fx.Tracer):
             return None
         env = self.meta.env
         for n in seen:
-            reads = [i for i in n.all_input_nodes if isinstance(env[i], torch.Tensor)]
-            if reads and not isinstance(env[n], torch.Tensor) and not _reads_shape(n): return None
+            reads = [i for i in n.all_input_nodes if _holds_tensor(env[i])]
+            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _only_places(n): return None
         value = env[node]
+        if tensors and isinstance(value, torch.Tensor): return value   # only its shape may be read
         return None if isinstance(value, (torch.Tensor, fx.Proxy)) else value
 
     def is_leaf_module(self, m, qualname):
@@ -220,6 +248,43 @@ class _Tracer(fx.Tracer):
                 graph.erase_node(node)
 
 
+class _Concrete:
+    """What fx's proxies gain while tracing: a Python int where Python or torch needs one (`int(n)`, `range(n)`, an
+    index, a size passed to a plain tensor's method) and a `len()`, when the value is computed from the example's
+    shapes; item assignment is recorded."""
+    def __index__(self): return self.tracer.concrete_int(self, 'an index')
+    def __int__(self): return self.tracer.concrete_int(self, 'int()')
+    def __len__(self): return self.tracer.concrete_len(self)
+
+    def __setitem__(self, key, value):   # x[..., 2] = v: recorded; the graph freezes the channels it writes
+        self.tracer.create_proxy('call_function', operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, k):   # `x.shape`: fx's Attribute, with the same abilities
+        return _ShapeAttribute(self, k)
+
+
+class _ShapeProxy(_Concrete, fx.Proxy):
+    pass
+
+
+class _ShapeAttribute(_Concrete, fx.proxy.Attribute):
+    pass
+
+
+def _holds_tensor(value):
+    "Whether `value` is a tensor or a tuple, list or dict holding one (`x.unbind(0)`: its parts' shapes may be read)."
+    if isinstance(value, torch.Tensor): return True
+    if isinstance(value, dict): value = value.values()
+    return isinstance(value, (tuple, list, type({}.values()))) and any(_holds_tensor(v) for v in value)
+
+
+def _only_places(node):
+    "Whether `node` reads a device that is only used to place tensors (`t.to(x.device)`): it sizes nothing."
+    return (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and
+            all((u.op == 'call_method' and u.target == 'to' and node not in u.args[2:]) or
+                (u.kwargs.get('device') is node and node not in u.args) for u in node.users))
+
+
 def _reads_shape(node):
     "Whether `node` reads a tensor's shape, number of dims or elements, or dtype (what meta tensors hold exactly)."
     if node.op == 'call_method': return node.target in ('size', 'dim', 'ndimension', 'numel')
@@ -236,8 +301,10 @@ def symbolic_trace(model, leaves, hooks, specs=()):
     (from `input_specs`): the example's shapes, which resolve Python branches on shapes; `graph.branches` lists
     the branches taken."""
     tracer = _Tracer(leaves, hooks, tuple(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs))
+    fixed = _defaults_after(model, len(specs)) if specs else {}
     try:
-        graph = tracer.trace(model)
+        with _sizes_as_tuples():
+            graph = tracer.trace(model, concrete_args=fixed or None)
     except Exception as e:
         where = (f" inside module '{tracer.failed[0]}' ({tracer.failed[1]})" if tracer.failed and tracer.failed[0]
                  else '')
@@ -247,8 +314,66 @@ def symbolic_trace(model, leaves, hooks, specs=()):
         raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}{hooked}: {type(e).__name__}: {e}. '
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
     tracer.drop_dead_hook_nodes(graph)
-    graph.branches = tracer.branches
+    _drop_fixed_inputs(graph, len(specs))
+    graph.branches = tracer.branches + [f"forward: '{k}' is {v!r}, its default" for k, v in fixed.items()]
     return graph
+
+
+_SIZED = {torch: ('zeros', 'ones', 'empty', 'rand', 'randn'),
+          torch.Tensor: ('expand', 'repeat', 'view', 'reshape', 'new_zeros', 'new_ones', 'new_empty')}
+"""Functions and methods taking sizes as separate arguments (`torch.ones(B, n)`), which PyTorch's argument parser
+does not pass to fx when the first size is traced: given them as one tuple, they are recorded."""
+
+
+@contextmanager
+def _sizes_as_tuples():
+    "While tracing, `torch.ones(B, n)` and `t.expand(B, -1)` with traced sizes become `torch.ones((B, n))`."
+    def tupled(f, first):
+        @functools.wraps(f)
+        def call(*args, **kwargs):
+            sizes = args[first:]
+            if (sizes and any(isinstance(v, fx.Proxy) for v in sizes)
+                    and all(isinstance(v, (int, fx.Proxy)) for v in sizes)):
+                args = (*args[:first], tuple(sizes))
+            return f(*args, **kwargs)
+        return call
+    saved = [(owner, name, getattr(owner, name)) for owner, names in _SIZED.items() for name in names]
+    try:
+        for owner, name, f in saved: setattr(owner, name, tupled(f, 1 if owner is torch.Tensor else 0))
+        yield
+    finally:
+        for owner, name, f in saved: setattr(owner, name, f)
+
+
+def _defaults_after(model, n):
+    """The parameters of `model.forward` after the example's `n` inputs that have defaults, with them: the model runs
+    with them (`mask=None`), so they are traced as constants and `if mask is not None` takes the branch it takes."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_POSITIONAL for p in params[:n + 1]): return {}
+    return {p.name: p.default for p in params[n:] if p.kind is not p.VAR_KEYWORD and
+            (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+_FIXED_CHECKS = (fx._symbolic_trace._assert_is_none, torch._assert, operator.eq)
+
+
+def _drop_fixed_inputs(graph, n):
+    "The inputs fx adds for the fixed parameters, and the checks it adds on them: not part of the model."
+    for ph in [p for p in graph.nodes if p.op == 'placeholder'][n:]:
+        users, stack = [], [ph]
+        while stack:
+            for u in stack.pop().users:
+                if u not in users: users.append(u); stack.append(u)
+        if all(u.op == 'call_function' and u.target in _FIXED_CHECKS for u in users):
+            for u in sorted(users, key=lambda u: -_position(graph, u)): graph.erase_node(u)
+            graph.erase_node(ph)
+
+
+def _position(graph, node):
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
 
 
 def device_dtype(model):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
-         'tests/test_hooks.py', 'tests/test_workflows.py']
+         'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
     'verify never raises': (
         'fasterai/verify.py', "        raise PruningError(f'the pruned {name} does not compute",
@@ -70,8 +70,15 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/callback.py', '        planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)',
         '        planned = self.planned(epoch, self.n_epoch)'),
     'a branch on a device taken for a shape': (
-        'fasterai/tracing.py', '            if reads and not isinstance(env[n], torch.Tensor) and not _reads_shape(n): return None',
+        'fasterai/tracing.py',
+        '            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _only_places(n): return None',
         '            pass'),
+    'a device read for a size': (
+        'fasterai/tracing.py', "    return (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and",
+        "    return True or (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and"),
+    'a number from values taken as a size': (
+        'fasterai/tracing.py', '        if not isinstance(value, int):   # a bool is an int: int(h > w)',
+        '        if False:'),
     'zeros of a fresh model held': (
         'fasterai/callback.py', '        self._hold = (self.sparsifier is not None or',
         '        self._hold = True or (self.sparsifier is not None or'),

@@ -1,0 +1,139 @@
+"""Shape values where Python or PyTorch needs plain numbers (`int(n ** .5)`, `len(x.shape)`, `torch.ones(B, n)`,
+`t.expand(B, -1)`), forward parameters left at their defaults (`mask=None`) and item assignment are traced with
+the example's shapes, recorded in `graph.branches`; values computed from tensor contents keep a clear TraceError."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import max_rel_diff, randomize_norms
+
+from fasterai.errors import TraceError
+from fasterai.graph import trace
+from fasterai.pruner import Pruner
+from fasterai.sparsifier import Sparsifier
+from fasterai.tracing import Leaves, hooks_taken_out, input_specs, symbolic_trace
+
+
+class Tokens(nn.Module):
+    "A token mixer in the style of timm's Nest and ConViT: sizes read back as ints, plain tensors sized by them."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc, self.out = nn.Linear(8, 12), nn.Linear(12, 4)
+        self.register_buffer('gate', torch.full((1, 1, 1), 0.5))
+
+    def forward(self, x, mask=None, scale=1.0):
+        y = F.relu(self.b(self.a(x)))
+        t = y.flatten(2).transpose(1, 2)               # (B, HW, C)
+        B, N, C = t.shape
+        side = int(math.sqrt(N))                       # int() of a float computed from a size
+        assert len(t.shape) == 3 and len(t) == B       # len() of a shape and of a tensor
+        ones = torch.ones(B, side * side, 1)           # a factory sized by traced values, as separate arguments
+        gate = self.gate.expand(B, -1, -1)             # a plain tensor's method sized by a traced value
+        if mask is not None: t = t * mask              # a parameter at its default: that branch is not taken
+        h = F.relu(self.fc(t * ones * gate * scale))
+        return self.out(h).mean(1)
+
+
+def test_shape_values_become_the_example_s_numbers_and_are_recorded():
+    model = randomize_norms(Tokens()).eval()
+    g = trace(model, (2, 3, 6, 6))
+    assert "forward: 'mask' is None, its default" in g.branches
+    assert "forward: 'sqrt' is 6 as int() for the example's shapes" in g.branches
+    assert "forward: 'getattr_2' has len() 3 for the example's shapes" in g.branches   # len(t.shape)
+    assert "forward: 'transpose' has len() 2 for the example's shapes" in g.branches   # len(t)
+    assert "forward: 'getitem' is 2 as an index for the example's shapes" in g.branches   # torch.ones(B, ...)
+    with hooks_taken_out(model) as hooks:
+        fxg = symbolic_trace(model, Leaves(()), hooks, input_specs(model, (2, 3, 6, 6)))
+    assert [n.name for n in fxg.nodes if n.op == 'placeholder'] == ['x']   # mask and scale are not inputs
+    assert not any('assert' in str(n.target) for n in fxg.nodes)           # nor fx's checks of their values
+    assert [grp.prunable for grp in g.groups][:2] == [True, True]   # a's filters and fc's rows
+    sp = Sparsifier(model, 'filter', 'local', 'l1', (nn.Conv2d, nn.Linear), example_input=(2, 3, 6, 6))
+    sp.sparsify(50)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad(): ref = model(x)
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert pruned.a.out_channels == 4 and pruned.fc.out_features == 6
+    with torch.no_grad(): assert max_rel_diff(ref, pruned(x)) < 1e-5
+
+
+class Written(nn.Module):
+    "Item assignment: channels written into a new tensor, and a slice of tracked channels overwritten."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.c, self.d = nn.Conv2d(10, 4, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y, z = self.a(x), self.b(x)
+        B, C, H, W = y.shape
+        buf = torch.zeros(B, 10, H, W)
+        buf[:, :8] = y                                 # y's channels are written where pruning cannot follow
+        z[:, 0] = 1.0                                  # z's channels are overwritten in place
+        return self.c(buf) + self.d(z)
+
+
+def test_item_assignment_is_recorded_and_the_channels_it_writes_stay():
+    model = Written()
+    g = trace(model, (2, 3, 5, 5))
+    frozen = {s.module: grp.frozen for grp in g.groups for s in grp.slices if s.role == 'out'}
+    assert any("writes into a tensor in place (x[...] = v)" in r for r in frozen['a'])
+    assert any("writes into a tensor in place (x[...] = v)" in r for r in frozen['b'])
+    with torch.no_grad(): model.a.weight[:3] = 0; model.a.bias[:3] = 0; model.b.weight[:2] = 0; model.b.bias[:2] = 0
+    x = torch.randn(2, 3, 5, 5)
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert pruned.a.out_channels == 8 and pruned.b.out_channels == 6
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-6
+
+
+class ValueInt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y[:, :int(y.abs().sum() > 0) + 1]      # a number read from tensor values: no example decides it
+
+
+class DeviceSized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y * torch.ones(int(y.device.type == 'cpu') + 1, 1, 1, 1)   # the device is 'meta' on meta tensors
+
+
+class ValueLen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y[:len(y.nonzero())]                    # the length of a value-dependent tensor is still its shape
+
+
+@pytest.mark.parametrize('model, match', [(ValueInt(), "int\\(\\) of 'gt', a value that is not computed from shapes"),
+                                          (DeviceSized(), "int\\(\\) of 'eq', a value that is not computed from shapes"),
+                                          (ValueLen(), "'len' is not supported in symbolic tracing")])
+def test_numbers_read_from_values_or_devices_keep_a_clear_error(model, match):
+    with pytest.raises(TraceError, match=match):
+        trace(model, (2, 3, 8, 8))
+
+
+def test_a_device_read_only_to_place_a_tensor_resolves():
+    class Placed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+        def forward(self, x):
+            y = self.a(x)
+            ones = torch.ones(1, 8, 1, 1).to(y.device)
+            return y * ones if ones.shape[0] == 1 else y
+    g = trace(Placed(), (2, 3, 8, 8))
+    assert g.branches == ["forward: 'eq' is True for the example's shapes"]
