@@ -9,10 +9,10 @@ from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
 
 from .criteria import resolve_criterion
-from .granularity import resolve_granularity
+from .granularity import STRUCTURAL, resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
 from .sparsifier import (Sparsifier, check_layer_type, check_method, check_round_to, check_sparsities, check_sparsity,
-                         find_layers)
+                         find_layers, targeted_type)
 from .layers import kind_of
 from .targets import weights_of
 from .tracing import unwrap
@@ -33,8 +33,9 @@ def _check_prune_every(every, granularity, lth, criteria):
     if every is None: return None
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f'prune_every must be a number of epochs >= 1 or None, got {every!r}')
-    if granularity != 'filter':
-        raise ValueError(f"prune_every removes whole filters: it needs granularity='filter', got {granularity!r}")
+    if resolve_granularity(granularity) not in STRUCTURAL:
+        raise ValueError(f"prune_every removes whole filters: it needs granularity='filter' (or 'row', 'head'), "
+                         f'got {granularity!r}')
     if lth: raise ValueError('prune_every does not combine with lth=True (rewinding needs the weights of the dense shapes)')
     if resolve_criterion(criteria).needs_ref:
         raise ValueError(f"prune_every does not combine with criteria {criteria!r}, which compares with the weights of "
@@ -99,7 +100,7 @@ class SparsifyCallback(Callback):
             self.run = False   # a learning-rate range test measures the model as it is (fastai sets run back)
             return
         model = unwrap(self.learn.model)
-        layers = find_layers(model, self.layer_type, self.exclude)
+        layers = find_layers(model, targeted_type(resolve_granularity(self.granularity), self.layer_type), self.exclude)
         if self.sparsifier is not None and self.sparsifier.model is not model:
             self.sparsifier = None   # learn.model was replaced (learn.prune()): traced anew on the first batch
             self._origins = self._dense = None

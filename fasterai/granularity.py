@@ -2,15 +2,18 @@
 
 A granularity is data: the weight dims a score is summed over, per weight rank (a Conv2d weight is
 out x in x kh x kw, a Linear weight out x in). 'filter' (or 'row') is structural: it scores and zeroes whole
-channel groups of the channel graph (see `graph.py`). 'N:M' keeps at most N non-zero weights in every M
+channel groups of the channel graph (see `graph.py`); 'head' does so for the groups of attention heads alone. 'N:M' keeps at most N non-zero weights in every M
 consecutive ones along the input dim (2:4 is the pattern sparse tensor cores run).
 """
 import re
 from typing import NamedTuple
 
-__all__ = ['FILTER', 'NM', 'GRANULARITIES', 'resolve_granularity', 'layer_dims']
+__all__ = ['FILTER', 'HEAD', 'STRUCTURAL', 'NM', 'GRANULARITIES', 'resolve_granularity', 'layer_dims']
 
 FILTER = 'filter'
+HEAD = 'head'
+STRUCTURAL = (FILTER, HEAD)
+"The granularities that zero whole channel groups, which the Pruner removes."
 
 
 class NM(NamedTuple):
@@ -26,12 +29,13 @@ GRANULARITIES = {
     'column': {2: (0,), 4: (0, 2, 3)},   # one input feature (Linear) or input channel (conv) across all rows
     'filter': FILTER,                    # whole output channels with everything coupled to them
     'row': FILTER,                       # the same for a Linear layer: whole output neurons
+    'head': HEAD,                        # whole attention heads (q, k, v rows and output columns) alone
 }
 "Granularities by name: weight rank -> dims to sum scores over, or FILTER for whole channel groups."
 
 
 def resolve_granularity(granularity):
-    "FILTER, an `NM`, a dims tuple, or a name's {rank: dims}; a ValueError for anything else."
+    "FILTER, HEAD, an `NM`, a dims tuple, or a name's {rank: dims}; a ValueError for anything else."
     if (isinstance(granularity, tuple) and len(set(granularity)) == len(granularity) and
             all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in granularity)):
         return granularity
@@ -47,7 +51,7 @@ def layer_dims(granularity, name, weight):
     "The dims to sum scores over for layer `name`'s `weight` under a resolved non-structural granularity."
     if isinstance(granularity, dict):
         if weight.dim() not in granularity:
-            names = sorted(k for k, v in GRANULARITIES.items() if v == FILTER or weight.dim() in v)
+            names = sorted(k for k, v in GRANULARITIES.items() if v in STRUCTURAL or weight.dim() in v)
             raise ValueError(f"this granularity does not apply to layer '{name}' (a weight of {weight.dim()} dims): "
                              f'choose one of {names}')
         return granularity[weight.dim()]

@@ -44,15 +44,22 @@ class Group:
     slices: list = field(default_factory=list)
     frozen: list = field(default_factory=list)   # reasons this group may not be pruned; empty when prunable
     tie: int = 1     # channels u, u+K, u+2K, ... (K = size/tie) live or die together (grouped convolutions)
+    width: int = 1   # ... and so do runs of `width` consecutive channels in each block (an attention head)
 
     @property
     def units(self):
-        "How many units the group can lose: each unit is `tie` channels, one in each of its blocks."
-        return self.size // self.tie
+        """How many units the group can lose: each unit is `width` consecutive channels in each of its `tie` blocks
+        (one channel per block for a grouped conv's channels, a head's q, k and v rows for attention)."""
+        return self.size // (self.tie * self.width)
 
     def channels(self, units):
-        "Per-channel bool mask from a per-unit one (unit u is channels u, u+K, u+2K, ...)."
-        return units.repeat(self.tie)
+        "Per-channel vector from a per-unit one (unit u is channels [u*width, (u+1)*width) of each block)."
+        return units.repeat_interleave(self.width).repeat(self.tie)
+
+    def per_unit(self, channels, how):
+        "Per-unit vector from a per-channel one, reduced over each unit's channels: 'sum', 'any' or 'all'."
+        v = channels.view(self.tie, self.units, self.width)
+        return getattr(getattr(v, how)(2), how)(0)
 
     def by_role(self, role):
         "The slices of this group with `role` ('out', 'norm' or 'in')."
@@ -68,7 +75,7 @@ class Group:
             rng = f'[{s.offset}:{s.offset + s.length}]'
             return f'{s.module}.{s.role}{rng}' + (f'x{s.block}' if s.block != 1 else '')
         state = 'frozen: ' + '; '.join(self.frozen) if self.frozen else 'prunable'
-        tie = f' tied in {self.tie} blocks' if self.tie != 1 else ''
+        tie = (f' tied in {self.tie} blocks' if self.tie != 1 else '') + (f' in runs of {self.width}' if self.width != 1 else '')
         return f'Group {self.id} ({self.size} ch{tie}, {state}): ' + ', '.join(fmt(s) for s in self.slices)
 
 
@@ -97,11 +104,11 @@ class ChannelGraph:
 class _Spaces:
     """Union-find over channel spaces; each space collects its slices and freeze reasons."""
     def __init__(self):
-        self.parent, self.size, self.slices, self.frozen, self.tie = [], [], [], [], []
+        self.parent, self.size, self.slices, self.frozen, self.tie, self.width = [], [], [], [], [], []
 
     def new(self, n):
         self.parent.append(len(self.parent)); self.size.append(n); self.slices.append([]); self.frozen.append([])
-        self.tie.append(1)
+        self.tie.append(1); self.width.append(1)
         return len(self.parent) - 1
 
     def find(self, s):
@@ -117,14 +124,23 @@ class _Spaces:
         self.parent[b] = a
         self.slices[a] += self.slices[b]; self.frozen[a] += self.frozen[b]
         self.tie_space(a, self.tie[b], 'are united with channels tied in other blocks')
+        self.run_space(a, self.width[b], 'are united with channels that go in runs')
         return a
 
     def tie_space(self, space, blocks, why):
         "Tie the space's channels in `blocks` equal blocks (channel u of each block goes with u of the others)."
+        self._unit(space, math.lcm(self.tie[self.find(space)], blocks), self.width[self.find(space)], why)
+
+    def run_space(self, space, width, why):
+        "Make the space's channels go in runs of `width` consecutive channels of each block (attention heads)."
+        self._unit(space, self.tie[self.find(space)], math.lcm(self.width[self.find(space)], width), why)
+
+    def _unit(self, space, tie, width, why):
         r = self.find(space)
-        tie = math.lcm(self.tie[r], blocks)
-        if self.size[r] % tie: self.freeze_space(r, f'{why}: {self.size[r]} channels do not split into {tie} blocks')
-        else: self.tie[r] = tie
+        if self.size[r] % (tie * width):
+            self.freeze_space(r, f'{why}: {self.size[r]} channels do not split into {tie} blocks of runs of {width}')
+        else:
+            self.tie[r], self.width[r] = tie, width
 
     def add_slices(self, layout, module, role):
         "Record that `module` sees `layout`'s channels as its own channels 0.. in order (its `role`)."
@@ -142,7 +158,8 @@ class _Spaces:
 
     def groups(self):
         roots = sorted({self.find(s) for s in range(len(self.parent))})
-        return [Group(i, self.size[r], self.slices[r], self.frozen[r], self.tie[r]) for i, r in enumerate(roots)]
+        return [Group(i, self.size[r], self.slices[r], self.frozen[r], self.tie[r], self.width[r])
+                for i, r in enumerate(roots)]
 
 
 def _freeze_shared(model, spaces):

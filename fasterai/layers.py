@@ -64,7 +64,7 @@ class LayerKind:
 
     def size_attrs(self):
         "The attributes a shrink may change (what export records)."
-        return tuple(dict.fromkeys((*self.sizes.values(), 'groups', 'num_groups')))
+        return tuple(dict.fromkeys((*self.sizes.values(), 'groups', 'num_groups', 'num_heads')))
 
 
 _CONV = LayerKind(conv, {'out': 'out_channels', 'in': 'in_channels'}, shrink=shrink_conv)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES',
-           'METHOD_RULES', 'INPLACE', 'is_inplace', 'conv', 'linear', 'batchnorm', 'groupnorm']
+           'METHOD_RULES', 'INPLACE', 'is_inplace', 'conv', 'linear', 'batchnorm', 'groupnorm', 'attention']
 
 
 class Unhandled(Exception):
@@ -234,6 +234,49 @@ def linear(ctx, node):
     out = ctx.new_layout(m.out_features, len(ctx.shape(node)) - 1)
     ctx.record(out, node, 'out')
     return out
+
+
+class _Call(NamedTuple):
+    "A call of a submodule inside a module kept whole, as `_Context.record` takes it."
+    target: str
+    name: str
+
+
+def attention(heads_of, why_not=lambda m: None, qkv='qkv', proj='proj'):
+    """The rule of a self-attention module kept whole: for x (..., C), Linear `qkv` writes 3 * H * D features, a
+    q, k and v third each made of H heads of D; each head attends with its own q, k, v; Linear `proj` reads the
+    heads joined (H * D). Its units are whole heads: head h is rows [h*D, (h+1)*D) of each third of `qkv` and those
+    columns of `proj`. A head whose v rows are zero adds zero whatever its q and k, so removing it is exact.
+    `heads_of(m)`: (H, D); `why_not(m)`: why this module computes anything else (a norm across the heads), or None."""
+    def rule(ctx, node):
+        m = ctx.module(node)
+        if any(a is not None and a is not False for a in (*node.args[1:], *node.kwargs.values())):
+            raise Unhandled('is called with a mask or other arguments')   # (attn_mask=None is_causal=False are none)
+        reason = why_not(m)
+        if reason: raise Unhandled(reason)
+        lay = _only_first(ctx, node)
+        n = len(ctx.shape(node.args[0]))
+        q, p, (h, d) = m.get_submodule(qkv), m.get_submodule(proj), heads_of(m)
+        if not all(getattr(ctx.kind(_Call(f'{node.target}.{r}', '')), 'rule', None) is linear for r in (qkv, proj)):
+            raise Unhandled(f'has {qkv} and {proj} that are not Linear layers')
+        if q.out_features != 3 * h * d or p.in_features != h * d:
+            raise Unhandled(f'has {q.out_features} qkv features and {p.in_features} proj inputs, not 3 and 1 x {h} heads of {d}')
+        if lay is not None and (lay.dim != n - 1 or lay.block != 1 or lay.channels != q.in_features):
+            raise Unhandled('does not read the tracked channels as its features')
+        names = {r: f'{node.target}.{r}' for r in (qkv, proj)}
+        ctx.record(lay, _Call(names[qkv], node.name), 'in')
+        if (names[qkv], 'out') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
+            inner = ctx.new_layout(3 * h * d, n - 1)
+            ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")
+            ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")
+            ctx.record(inner, _Call(names[qkv], node.name), 'out')
+            v = Layout(n - 1, (Piece(inner.pieces[0].space, 2 * h * d, 3 * h * d),))
+            ctx.record(v, _Call(names[proj], node.name), 'in')
+            ctx.record(v, node, 'heads')
+        out = ctx.new_layout(p.out_features, len(ctx.shape(node)) - 1)
+        ctx.record(out, _Call(names[proj], node.name), 'out')
+        return out
+    return rule
 
 
 # ---------------------------------------------------------------- shapes

@@ -69,7 +69,7 @@ def dead_channels(group, modules, masks=None):
             part = w.index_select(0, (rows + s.offset).to(w.device)).flatten(1)
             zero = ((part.amax(1) == 0) & (part.amin(1) == 0)).cpu()
         dead[rows + s.start] = zero
-    dead = dead.view(group.tie, -1).all(0)   # a unit of tied channels goes only as a whole
+    dead = group.per_unit(dead, 'all')   # a unit of tied channels (a head) goes only as a whole
     if dead.all(): dead[0] = False   # a layer keeps at least one channel
     return group.channels(dead)
 

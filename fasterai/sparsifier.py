@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .criteria import resolve_criterion
-from .granularity import FILTER, NM, resolve_granularity
+from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
 from .masks import MaskSet
 from .scoring import Scores
 from .report import SparsityReport
@@ -52,6 +52,11 @@ def check_round_to(round_to):
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f'round_to must be a positive int (kept channels a multiple of it) or None, got {round_to!r}')
     return round_to
+
+
+def targeted_type(granularity, layer_type):
+    "The layer types a granularity (resolved) targets: `layer_type`; at 'head', the Linear layers attention holds."
+    return nn.Linear if granularity == HEAD else layer_type
 
 
 def find_layers(model, layer_type, exclude=()):
@@ -97,7 +102,9 @@ class Sparsifier(SparsityReport):
     """Zeroes the least important parts of a model's layers and keeps masks to hold them at zero.
 
     `granularity`: 'weight', 'vector', 'kernel', 'column', 'filter' or 'row' (whole channel groups, prunable
-    by `Pruner`), 'N:M' such as '2:4', or a tuple of weight dims to score together (see `GRANULARITIES`).
+    by `Pruner`), 'head' (whole heads of the attention modules fasterai knows, timm's `Attention`, alone: their
+    qkv and proj layers are targeted whatever `layer_type`), 'N:M' such as '2:4', or a tuple of weight dims to
+    score together (see `GRANULARITIES`).
     `method`: 'local' (each layer to the target) or 'global' (one threshold, scores normalised per layer).
     `criteria`: a name in `CRITERIA`, a `Criterion`, or a function of the weight.
     `layer_type`: the layer type(s) to sparsify (a group is targeted when one of its producers is one).
@@ -118,11 +125,11 @@ class Sparsifier(SparsityReport):
         if isinstance(self.granularity, NM) and method == 'global':
             raise ValueError("N:M sparsity is the same count in every block: use method='local'")
         check_round_to(round_to)
-        if round_to is not None and (self.granularity != FILTER or method != 'local'):
-            raise ValueError("round_to rounds the kept channels of each group: it needs granularity='filter' and "
-                             "method='local'")
+        if round_to is not None and (self.granularity not in STRUCTURAL or method != 'local'):
+            raise ValueError("round_to rounds the kept channels of each group: it needs granularity='filter' (or "
+                             "'head') and method='local'")
         self.round_to = round_to
-        self.layers = find_layers(model, layer_type, exclude)
+        self.layers = find_layers(model, targeted_type(self.granularity, layer_type), exclude)
         self.excluded = _excluded(model, exclude)
         # the units to zero, the channel graph at 'filter' (else None) and why a layer cannot be sparsified there
         self.targets, self.graph, self.frozen = make_targets(model, self.granularity, self.layers, self.excluded,

@@ -6,7 +6,7 @@ them) and the kept indices per role; `layers.shrink` picks the function of a mod
 import torch
 import torch.nn as nn
 
-__all__ = ['shrink_sliced', 'shrink_conv', 'shrink_groupnorm']
+__all__ = ['shrink_sliced', 'shrink_conv', 'shrink_groupnorm', 'shrink_heads']
 
 
 def _take(module, pname, dim, idx):
@@ -53,3 +53,13 @@ def shrink_groupnorm(m, kind, norm=None):
     "GroupNorm with one channel per group: keep channels `norm` (as many groups)."
     shrink_sliced(m, kind, norm=norm)
     m.num_groups = len(norm)
+
+
+def shrink_heads(m, kind, heads=None):
+    """A self-attention module whose qkv and proj layers lost whole heads (they are shrunk as Linear layers): keep
+    the channels `heads` of its joined heads, so that its head count and width attributes say so."""
+    d = m.head_dim
+    if len(heads) % d or not (heads.view(-1, d) - heads.view(-1, d)[:, :1] == torch.arange(d)).all():
+        raise ValueError(f'an attention module loses whole heads of {d} channels, got {heads.tolist()}')
+    m.num_heads = len(heads) // d
+    setattr(m, kind.sizes['heads'], len(heads))

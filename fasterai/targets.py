@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .granularity import FILTER, NM, layer_dims
+from .granularity import HEAD, NM, STRUCTURAL, layer_dims
 from .graph import trace
 from .layers import LAYERS, kind_of, known_base
 
@@ -132,7 +132,8 @@ class GroupTarget:
         gone = self.origin - self.units
         drop = min(max(n_zero(self.origin, sparsity) - gone, 0), self.units - 1)
         if not self.round_to or drop == 0: return drop
-        step = self.round_to // math.gcd(self.round_to, self.group.tie)   # kept units per multiple of round_to
+        per = self.group.tie * self.group.width   # channels per unit
+        step = self.round_to // math.gcd(self.round_to, per)   # kept units per multiple of round_to
         kept = max(step, step * round_half_up((self.units - drop) / step))
         return max(self.units - kept, 0)
 
@@ -145,7 +146,7 @@ class GroupTarget:
         for s in self.group.by_role('out'):
             rows = sp.row_scores(s.module, kind_of(self.modules[s.module]).out_dim, s.offset, s.length).float().cpu()
             total[s.start:s.start + s.length] += by_mean(rows)
-        return total.view(self.group.tie, -1).sum(0)
+        return self.group.per_unit(total, 'sum')
 
     def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
 
@@ -160,7 +161,7 @@ class GroupTarget:
                 if p is None: continue
                 rows = (p.detach() != 0).movedim(d, 0).reshape(p.shape[d], -1).any(1).cpu()
                 live[s.start:s.start + s.length] |= rows[s.offset:s.offset + s.length]
-        return ~live.view(self.group.tie, -1).any(0)
+        return ~self.group.per_unit(live, 'any')
 
     def masks(self, drop):
         "Keep-masks for every producer row and bias, depthwise row and bias, and norm scale and shift."
@@ -204,6 +205,11 @@ def _summary(frozen, n=3):
     return '; '.join(parts) + more
 
 
+def _heads_known():
+    return ', '.join(sorted(f'{t.__module__.partition(".")[0]} {t.__name__}' for t, k in LAYERS.items()
+                            if 'heads' in k.sizes)) or "timm's Attention"
+
+
 def make_targets(model, granularity, layers, excluded, round_to=None, example_input=None, leaf_modules=()):
     """The targets of `granularity` over `layers` (name -> module; `excluded`: names left dense), the channel graph
     at 'filter' (else None), and targeted layer name -> why it cannot be sparsified at this granularity."""
@@ -212,7 +218,7 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
         if bad: raise ValueError(f"N:M sparsity takes layers with one weight matrix; '{bad[0]}' has "
                                  f'{list(weights_of(layers[bad[0]]))}: use granularity=\'weight\' for it')
         return [NMTarget(n, m, granularity) for n, m in layers.items()], None, {}
-    if granularity != FILTER:
+    if granularity not in STRUCTURAL:
         return [WeightTarget(n, m, layer_dims(granularity, n, getattr(m, w)), w)
                 for n, m in layers.items() for w in weights_of(m)], None, {}
     if len(_not_kinds(layers)) == len(layers):   # nothing to trace for
@@ -221,7 +227,7 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
     modules, targets, frozen = graph.modules(), [], {}
     for g in graph.groups:
         mine = [s.module for s in g.by_role('out') if s.module in layers]
-        if not mine: continue
+        if not mine or (granularity == HEAD and not g.by_role('heads')): continue
         kept = [s.module for s in g.slices if s.role != 'in' and s.module in excluded]
         if kept: frozen.update({n: f"shares its filters with excluded layer '{kept[0]}'" for n in mine})
         elif g.prunable: targets.append(GroupTarget(g, modules, mine, round_to))
@@ -229,6 +235,13 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
     frozen.update({n: r for n, r in graph.unfollowed.items() if n in layers and n not in frozen and
                    not any(n in t.layers for t in targets)})   # called on channels no layer writes (the input)
     frozen.update(_not_kinds(layers))
+    if granularity == HEAD:
+        heads = {n for n, m in model.named_modules() if 'heads' in getattr(kind_of(m), 'sizes', {})}
+        frozen = {n: r for n, r in {**frozen, **graph.unfollowed}.items() if n in heads or n.rpartition('.')[0] in heads}
+        if not targets:
+            raise ValueError(f'no attention head of {type(model).__name__} can be sparsified: '
+                             f'{_summary(frozen) if frozen else "it has no attention module fasterai knows"} '
+                             f"(known: {_heads_known()}; granularity='filter' prunes what else it has)")
     if not targets:
         raise ValueError(f'no {", ".join(sorted({type(m).__name__ for m in layers.values()}))} filter '
                          f'of {type(model).__name__} can be sparsified: {_summary(frozen)}')

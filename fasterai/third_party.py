@@ -5,7 +5,8 @@ importing fasterai imports neither library."""
 import torch.nn as nn
 
 from .layers import register_layer
-from .ops import MODULE_RULES, ZERO_KEEPING, ZERO_MOVING, Unhandled, batchnorm, groupnorm, keep
+from .ops import MODULE_RULES, ZERO_KEEPING, ZERO_MOVING, Unhandled, attention, batchnorm, groupnorm, keep
+from .surgery import shrink_heads
 
 __all__ = ['load_for', 'norm_act', 'ACT_KEEPS', 'ACT_MOVES']
 
@@ -50,9 +51,23 @@ def _timm():
     for cls in (sc.ScaledStdConv2d, sc.ScaledStdConv2dSame):
         register_layer(cls, like=nn.Conv2d, inputs=False, vectors=('bias', 'gain'))
     MODULE_RULES[DropPath] = keep   # scales whole samples: zeros stay zero
+    from timm.layers.attention import Attention
+    register_layer(Attention, rule=attention(lambda m: (m.num_heads, m.head_dim), _timm_attention_differs),
+                   sizes={'heads': 'attn_dim'}, weight=None, vectors=(), shrink=shrink_heads)
     ACT_KEEPS.update({act.Swish, act.Mish, act.Tanh, act.HardSwish, act.HardMish, act.GELU, act.GELUTanh,
                       act.QuickGELU})
     ACT_MOVES.update({act.Sigmoid, act.HardSigmoid})
+
+
+def _timm_attention_differs(m):
+    "Why timm's Attention `m` computes anything but independent heads (a gate, a norm across heads), or None."
+    if getattr(m, 'gate', None) is not None: return 'gates its heads with another Linear layer'
+    if not isinstance(m.norm, nn.Identity): return f'normalises across its heads ({type(m.norm).__name__})'
+    for qk in (m.q_norm, m.k_norm):   # a norm over each head's own features is shared by every head: it stays
+        if not (isinstance(qk, nn.Identity) or
+                (isinstance(qk, nn.LayerNorm) and tuple(qk.normalized_shape) == (m.head_dim,))):
+            return f'normalises q or k with {type(qk).__name__}, not known to act per head'
+    return None
 
 
 def _fastai():

@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
-         'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py']
+         'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py',
+         'tests/test_timm.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
     'verify never raises': (
         'fasterai/verify.py', "        raise PruningError(f'the pruned {name} does not compute",
@@ -72,6 +73,12 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'a branch on a device taken for a shape': (
         'fasterai/tracing.py',
         '            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _only_places(n): return None',
+        '            pass'),
+    "heads' q, k and v not tied": (
+        'fasterai/ops.py', '''            ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")''',
+        '            pass'),
+    'heads not kept whole': (
+        'fasterai/ops.py', '''            ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")''',
         '            pass'),
     'a device read for a size': (
         'fasterai/tracing.py', "    return (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and",

@@ -106,12 +106,12 @@ def test_linear_layers_and_flatten_blocks():
 
 
 BAD = [
-    (dict(granularity='filters'), r"unknown granularity 'filters'.*\['column', 'filter', 'kernel', 'row', 'vector', 'weight'\].*'2:4'"),
+    (dict(granularity='filters'), r"unknown granularity 'filters'.*\['column', 'filter', 'head', 'kernel', 'row', 'vector', 'weight'\].*'2:4'"),
     (dict(method='layer'), r"unknown method 'layer'.*\['global', 'local'\]"),
     (dict(criteria='l3'), r"unknown criteria 'l3'.*\['l1', 'l2', 'large_final', 'large_init'"),
     (dict(granularity='4:2'), r"unknown granularity '4:2'"),
     (dict(granularity='2:4', method='global'), "N:M sparsity is the same count in every block"),
-    (dict(granularity='kernel', layer_type=nn.Linear), r"does not apply to layer 'fc1'.*\['column', 'filter', 'row', 'weight'\]"),
+    (dict(granularity='kernel', layer_type=nn.Linear), r"does not apply to layer 'fc1'.*\['column', 'filter', 'head', 'row', 'weight'\]"),
     (dict(exclude=['conv9']), "exclude must name modules of Net"),
     (dict(exclude=['conv1', 'conv2', 'conv3']), "no layer of layer_type Conv2d to sparsify outside exclude"),
     (dict(layer_type=nn.Conv1d), 'Net has no layer of layer_type Conv1d'),

@@ -107,3 +107,62 @@ def test_timm_linear_is_a_linear():
                           nn.ReLU(), Linear(16, 4))
     pruned, _ = prune_30(model, torch.randn(2, 3, 8, 8))
     assert (pruned[0].out_channels, pruned[4].out_features, pruned[6].in_features) == (6, 11, 11)
+
+
+def small_vit(**kw):
+    "A 4-head ViT on 32 x 32 inputs (16 tokens and a class token), heads of 16."
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=4, num_classes=10, **kw).eval()
+
+
+@pytest.mark.parametrize('fused, qk_norm', [(True, False), (False, True)])
+def test_attention_loses_whole_heads_exactly(fused, qk_norm):
+    "timm's Attention: a head is its q, k and v rows of qkv and its columns of proj; num_heads and attn_dim follow."
+    torch.manual_seed(0)
+    model, x = small_vit(qk_norm=qk_norm), torch.randn(2, 3, 32, 32)
+    for b in model.blocks: b.attn.fused_attn = fused
+    g = trace(model, x)
+    heads = next(grp for grp in g.groups if any(s.module == 'blocks.0.attn.qkv' and s.role == 'out' for s in grp.slices))
+    assert heads.prunable and (heads.size, heads.tie, heads.width, heads.units) == (192, 3, 16, 4)
+    assert {(s.module, s.role, s.start, s.length) for s in heads.slices} == {
+        ('blocks.0.attn.qkv', 'out', 0, 192), ('blocks.0.attn.proj', 'in', 128, 64), ('blocks.0.attn', 'heads', 128, 64)}
+    Sparsifier(model, 'filter', 'local', 'l1', nn.Linear, example_input=x).sparsify(50)
+    rows = (model.blocks[0].attn.qkv.weight != 0).any(1).view(3, 4, 16)
+    assert (rows == rows[:1, :, :1]).all() and rows[0, :, 0].sum() == 2   # whole heads, the same in q, k and v
+    pruned = Pruner(example_input=x).prune_model(model)
+    attn = pruned.blocks[0].attn
+    assert (attn.num_heads, attn.attn_dim, attn.qkv.out_features, attn.proj.in_features) == (2, 32, 96, 32)
+    with torch.no_grad():
+        assert max_rel_diff(model(x), pruned(x)) < 1e-5
+        y = torch.randn(5, 3, 32, 32)   # another batch size: nothing of the example's is baked in
+        assert max_rel_diff(model(y), pruned(y)) < 1e-5
+
+
+def test_attention_that_mixes_its_heads_keeps_them_with_the_reason():
+    model = small_vit()
+    model.blocks[0].attn.norm = nn.LayerNorm(64)   # a norm across the joined heads: removing one changes it
+    g = trace(model, torch.randn(2, 3, 32, 32))
+    assert "Attention 'blocks.0.attn' at 'blocks_0_attn' normalises across its heads (LayerNorm)" in g.unfollowed.values()
+    assert not any(s.module == 'blocks.0.attn.qkv' and s.role == 'out' for grp in g.groups if grp.prunable
+                   for s in grp.slices)
+    assert any(s.module == 'blocks.1.attn.qkv' and grp.prunable for grp in g.groups for s in grp.slices)
+
+
+def test_head_granularity_sparsifies_attention_heads_alone():
+    torch.manual_seed(0)
+    model, x = small_vit(), torch.randn(2, 3, 32, 32)
+    sp = Sparsifier(model, 'head', 'local', 'l1', example_input=x)   # layer_type does not apply: heads' Linear layers
+    assert sorted(sp.layers)[:2] == ['blocks.0.attn.proj', 'blocks.0.attn.qkv']
+    assert [t.name for t in sp.targets] == ['blocks.0.attn.qkv', 'blocks.1.attn.qkv']
+    sp.sparsify(50)
+    assert (model.blocks[0].mlp.fc1.weight != 0).all()   # the MLP is left dense
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert [b.attn.num_heads for b in pruned.blocks] == [2, 2] and pruned.blocks[0].mlp.fc1.out_features == 256
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-5
+    model.blocks[1].attn.norm = nn.LayerNorm(64)
+    sp = Sparsifier(model, 'head', 'local', 'l1', example_input=x)
+    assert [t.name for t in sp.targets] == ['blocks.0.attn.qkv']
+    assert sp.frozen == {'blocks.1.attn': "Attention 'blocks.1.attn' at 'blocks_1_attn' normalises across its heads (LayerNorm)"}
+    with pytest.raises(ValueError, match="no attention head of ResNet can be sparsified: it has no attention module "
+                                         "fasterai knows"):
+        Sparsifier(torchvision.models.resnet18(), 'head', example_input=(1, 3, 32, 32))

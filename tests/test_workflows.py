@@ -362,3 +362,19 @@ def test_weights_initialised_at_zero_are_not_held():
     printed = run(learn, 'fit_one_cycle', 2, 1e-2, cbs=cb)
     assert 'Found a sparsity' not in printed
     assert (learn.model.down.weight != 0).float().mean().item() == pytest.approx(0.7, abs=0.01)
+
+
+# ---------------------------------------------------------------- attention heads of a timm ViT
+def test_vision_learner_vit_loses_heads_in_fine_tune_and_trains_on():
+    torch.manual_seed(0)
+    learn = vision_learner(images(), 'vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=8, n_out=2,
+                           loss_func=nn.CrossEntropyLoss())
+    out = run(learn, 'fine_tune', 1, freeze_epochs=1, cbs=SparsifyCallback(50, 'head'))
+    assert "'0.model.blocks.0.attn.qkv'" in out and 'Final Sparsity: 66.67' in out   # 2 of 3 heads per block
+    xb = learn.dls.valid.one_batch()[0][:4]
+    learn.model.eval()
+    with torch.no_grad(): ref = learn.model(xb)
+    pruned = learn.prune()
+    assert [b.attn.num_heads for b in pruned[0].model.blocks] == [1] * 12
+    with torch.no_grad(): assert max_rel_diff(ref, pruned.eval()(xb)) < 1e-5
+    run(learn, 'fit_one_cycle', 1, 1e-4)   # the pruned ViT trains on
