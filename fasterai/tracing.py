@@ -145,9 +145,12 @@ class _Tracer(fx.Tracer):
         return super().to_bool(obj)
 
     def iter(self, obj):
-        value = self._concrete(obj.node)
-        if isinstance(value, (tuple, list)): return iter([obj[i] for i in range(len(value))])
-        return super().iter(obj)
+        value = self._concrete(obj.node, tensors=True)   # a shape, or a tensor iterated along its first dim
+        n = (value.shape[0] if value.dim() else None) if isinstance(value, torch.Tensor) else \
+            len(value) if isinstance(value, (tuple, list)) else None
+        if n is None: return super().iter(obj)
+        if isinstance(value, torch.Tensor): self._record(obj.node, f'is iterated over {n} entries')
+        return iter([obj[i] for i in range(n)])
 
     def proxy(self, node):
         return _ShapeProxy(node, self)
@@ -309,8 +312,10 @@ def symbolic_trace(model, leaves, hooks, specs=()):
         where = (f" inside module '{tracer.failed[0]}' ({tracer.failed[1]})" if tracer.failed and tracer.failed[0]
                  else '')
         hooked = ' or its forward hooks' if where and hooks.taken.get(id(model.get_submodule(tracer.failed[0]))) else ''
+        parts = [n for n, c in model.named_children() if any(True for _ in c.parameters())]
         fix = (f"pass leaf_modules=['{tracer.failed[0]}'] to keep that module whole (its channels then stay), or "
-               if where else '')
+               if where else f"sparsify and prune a part of it that traces alone (one of its children: "
+               f"{', '.join(repr(n) for n in parts)}), or " if parts else '')
         raise TraceError(f'torch.fx cannot trace {type(model).__name__}{where}{hooked}: {type(e).__name__}: {e}. '
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
     tracer.drop_dead_hook_nodes(graph)

@@ -137,3 +137,24 @@ def test_a_device_read_only_to_place_a_tensor_resolves():
             return y * ones if ones.shape[0] == 1 else y
     g = trace(Placed(), (2, 3, 8, 8))
     assert g.branches == ["forward: 'eq' is True for the example's shapes"]
+
+
+class PerImage(nn.Module):
+    "A loop over the batch, as detection models loop over their images."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return torch.cat([self.b(F.relu(self.a(img[None]))) for img in x])
+
+
+def test_a_loop_over_a_tensor_runs_for_the_example_s_length():
+    model = PerImage()
+    g = trace(model, (3, 3, 6, 6))
+    assert g.branches == ["forward: 'x' is iterated over 3 entries for the example's shapes"]
+    with torch.no_grad(): model.a.weight[:3] = 0; model.a.bias[:3] = 0
+    x = torch.randn(3, 3, 6, 6)
+    pruned = Pruner(example_input=x).prune_model(model)
+    y = torch.randn(5, 3, 6, 6)   # another batch size: the loop is the model's own
+    with torch.no_grad(): assert pruned.a.out_channels == 5 and max_rel_diff(model(y), pruned(y)) < 1e-5

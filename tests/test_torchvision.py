@@ -40,3 +40,35 @@ def test_torchvision_family(name, method):
     x = torch.randn(shape)
     with torch.no_grad():
         assert max_rel_diff(model(x), pruned.eval()(x)) < 1e-4
+
+
+@pytest.mark.parametrize('name', ['lraspp_mobilenet_v3_large', 'deeplabv3_mobilenet_v3_large'])
+def test_segmentation_models_with_dict_outputs(name):
+    import torchvision
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    Sparsifier(model, 'filter', 'local', 'l1', nn.Conv2d, example_input=x).sparsify(30)
+    pruned = Pruner(example_input=x).prune_model(model)   # verified in both modes, every output of the dict
+    with torch.no_grad(): assert max_rel_diff(model(x)['out'], pruned(x)['out']) < 1e-4
+    assert count_params(pruned) < 0.6 * count_params(model)
+
+
+def test_a_detection_model_says_what_to_keep_whole_and_its_backbone_prunes_alone():
+    import torchvision
+    from fasterai.errors import TraceError
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with pytest.raises(TraceError, match=r"inside module 'transform' .* pass leaf_modules=\['transform'\]"):
+        Sparsifier(model, 'filter', example_input=x)
+    with pytest.raises(TraceError, match=r"a part of it that traces alone \(one of its children: 'backbone', 'rpn', "
+                                         r"'roi_heads'\)"):
+        Sparsifier(model, 'filter', example_input=x, leaf_modules=['transform'])
+    Sparsifier(model.backbone, 'filter', example_input=x).sparsify(30)
+    with torch.no_grad(): ref = model.backbone(x)
+    pruned = Pruner(example_input=x).prune_model(model.backbone)
+    with torch.no_grad(): out = pruned(x)
+    assert list(out) == ['0', '1', 'pool'] and all(max_rel_diff(ref[k], out[k]) < 1e-4 for k in ref)
+    assert count_params(pruned) < 0.7 * count_params(model.backbone)
