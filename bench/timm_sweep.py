@@ -10,10 +10,12 @@ memory cap. "outcome": *exact* (pruned, verified, and the explicit eval-mode dif
 pruned* (no group can be sparsified: the first reasons are listed), *refused* (a clear TraceError or ValueError),
 *caught* (verify raised PruningError: not a silent mismatch, but a bug to fix), *silent mismatch* (a model came
 back whose outputs differ: must be 0), *time* or *memory* (over the cap). "frozen" counts the channel groups some
-layer writes that stay, with their most common reasons (node names removed). The Torch-Pruning peer column of
-the issue is not run yet.
+layer writes that stay, with their most common reasons (node names removed). With --peer, Torch-Pruning 1.6.1's
+MetaPruner on the same model (30%, L1 magnitude, its dependency graph, the classifier ignored, same caps, its own
+process): whether its model runs to the same output shape, its parameter ratio and time (it does not keep the
+function: it removes live channels). Torch-Pruning is installed only where the benchmark runs.
 
-Run: `.venv/bin/python bench/timm_sweep.py [--families resnet vit ...] [--timeout 300] [--out bench/results/timm.md]`
+Run: `.venv/bin/python bench/timm_sweep.py [--families resnet vit ...] [--timeout 300] [--peer] [--out bench/results/timm.md]`
 """
 import argparse
 import collections
@@ -57,19 +59,13 @@ def reason_kind(reason):
     return re.sub(r"'[^']*'", "'…'", reason)[:140]
 
 
-def child(name):
-    "Build, sparsify, prune and check one model; print one JSON line."
+def build(name):
+    "The model as every run of it here sees it, and its example shape."
     warnings.filterwarnings('ignore')
     import timm
     import torch
-    import torch.nn as nn
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from torchvision_sweep import calibrate, rel_diff
-    from fasterai.errors import PruningError, TraceError
-    from fasterai.pruner import Pruner
-    from fasterai.report import count_macs, count_params
-    from fasterai.sparsifier import Sparsifier
-    from fasterai.verify import outputs
+    from torchvision_sweep import calibrate
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
@@ -80,7 +76,48 @@ def child(name):
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 1 and p.numel() > 1 and p.abs().max() < 1e-4: p.normal_(0, 0.1)
-    model = calibrate(model, shape)
+    return calibrate(model, shape), shape
+
+
+def peer_child(name):
+    """Torch-Pruning 1.6.1's MetaPruner on the same model, 30% by L1 magnitude, the classifier ignored; it does not
+    keep the function (it removes live channels), so only whether its model runs to the same output shape, its size
+    and its time compare. One JSON line."""
+    import torch
+    import torch.nn as nn
+    import torch_pruning as tp
+    from fasterai.report import count_params
+    model, shape = build(name)
+    x = torch.randn(shape)
+    with torch.no_grad(): ref = model(x)
+    before, row = count_params(model), dict(model=name)
+    try:
+        last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+        t = time.perf_counter()
+        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.3,
+                                      ignored_layers=[last])
+        pruner.step()
+        row['s'] = time.perf_counter() - t
+        with torch.no_grad(): out = model.eval()(x)
+        row['params'] = count_params(model) / before
+        row['outcome'] = 'runs' if out.shape == ref.shape else f'output shape {tuple(out.shape)}'
+    except Exception as e:
+        row['outcome'] = f'error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ""}'
+    print(json.dumps(row), flush=True)
+
+
+def child(name):
+    "Build, sparsify, prune and check one model; print one JSON line."
+    import torch
+    import torch.nn as nn
+    from torchvision_sweep import rel_diff
+    from fasterai.errors import PruningError, TraceError
+    from fasterai.pruner import Pruner
+    from fasterai.report import count_macs, count_params
+    from fasterai.sparsifier import Sparsifier
+    from fasterai.verify import outputs
+    model, shape = build(name)
+    h = shape[2]
     attention = any(re.search('Attention|Attn|MultiHead', type(m).__name__) for m in model.modules())
     row = dict(model=name, input=h, kind='attention' if attention else 'cnn')
     t = time.perf_counter()
@@ -112,11 +149,11 @@ def child(name):
     print(json.dumps(row), flush=True)
 
 
-def isolated(name, timeout):
-    "`child(name)` in a fresh process under the time and memory caps."
+def isolated(name, timeout, which='--child'):
+    "`child(name)` (or `peer_child`) in a fresh process under the time and memory caps."
     limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
     try:
-        out = subprocess.run([sys.executable, __file__, '--child', name], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, __file__, which, name], capture_output=True, text=True,
                              preexec_fn=limit, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(model=name, outcome='time', note=f'no result in {timeout} s')
@@ -127,16 +164,20 @@ def isolated(name, timeout):
                 note=err[:200])
 
 
-def fmt(family, r):
-    f = lambda k, spec: format(r[k], spec) if k in r else ''
+def fmt(family, r, peer=None):
+    f = lambda k, spec, r=r: format(r[k], spec) if k in r else ''
     note = '; '.join(r.get('reasons', [])) if r.get('outcome') == 'exact' else r.get('note', '; '.join(r.get('reasons', [])))
+    said = {'time': 'over the time cap', 'memory': 'over the memory cap'}
+    tp = '' if peer is None else (f" {said.get(peer.get('outcome'), peer.get('outcome', ''))} | "
+                                  f"{f('params', '.3f', peer)} | {f('s', '.1f', peer)} |")
     return (f"| {family} | {r['model']} | {r.get('kind', '')} | {r['outcome']} | {f('params', '.3f')} | "
-            f"{f('macs', '.3f')} | {f('diff', '.1e')} | {r.get('groups', '')}/{r.get('frozen', '')} | {f('s', '.1f')} | "
-            f"{note.replace('|', '/')} |")
+            f"{f('macs', '.3f')} | {f('diff', '.1e')} | {r.get('groups', '')}/{r.get('frozen', '')} | {f('s', '.1f')} |"
+            f"{tp} {note.replace('|', '/')} |")
 
 
 def main():
     if sys.argv[1:2] == ['--child']: return child(sys.argv[2])
+    if sys.argv[1:2] == ['--peer-child']: return peer_child(sys.argv[2])
     if sys.argv[1:2] == ['--pick']: return print(pick(sys.argv[2]))
     warnings.filterwarnings('ignore')
     import timm
@@ -144,16 +185,19 @@ def main():
     ap.add_argument('--families', nargs='*', default=None)
     ap.add_argument('--timeout', type=int, default=300)
     ap.add_argument('--out', default=None)
+    ap.add_argument('--peer', action='store_true', help='also run Torch-Pruning 1.6.1 on each model, same caps')
     args = ap.parse_args()
     families = args.families or timm.list_modules()
+    peer_cols = 'Torch-Pruning | TP params ratio | TP time s | ' if args.peer else ''
     lines = ['| family | model | kind | outcome | params ratio | MACs ratio | max rel. diff | groups pruned/frozen | '
-             'time s | frozen reasons, or why |', '|' + '---|' * 10]
-    rows = []
+             f'time s | {peer_cols}frozen reasons, or why |', '|' + '---|' * (13 if args.peer else 10)]
+    rows, peers = [], []
     for fam in families:
         name = pick(fam)
         r = isolated(name, args.timeout)
-        rows.append(r)
-        lines.append(fmt(fam, r))
+        p = isolated(name, args.timeout, '--peer-child') if args.peer else None
+        rows.append(r); peers.append(p)
+        lines.append(fmt(fam, r, p))
         print(lines[-1], flush=True)
     good = lambda rs: [r for r in rs if r['outcome'] == 'exact' and r['params'] <= 0.9]
     cnn = [r for r in rows if r.get('kind') == 'cnn']
@@ -162,6 +206,15 @@ def main():
                f"({100 * len(good(rows)) / len(rows):.0f}%); CNN families: {len(good(cnn))} of {len(cnn)} "
                f"({100 * len(good(cnn)) / max(len(cnn), 1):.0f}%). Outcomes: "
                + ', '.join(f'{k} {v}' for k, v in count.most_common()) + '.', '']
+    if args.peer:
+        runs = [p for p in peers if p.get('outcome') == 'runs']
+        worst = max((p['params'] for p in runs), default=float('nan'))
+        summary.insert(1, f"Torch-Pruning 1.6.1 gives a model that runs to the same output shape on {len(runs)} of "
+                          f"{len(peers)} families (parameters at most {worst:.3f}x; its outputs are not the sparse "
+                          f"model's: it removes live channels); the others: "
+                          + ', '.join(f'{k} {v}' for k, v in collections.Counter(
+                              re.sub(r':.*', '', p.get('outcome', '')) for p in peers if p not in runs).most_common())
+                          + '.')
     print(summary[0])
     if args.out:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

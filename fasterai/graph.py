@@ -265,6 +265,11 @@ class _Context:
                 self.poisoned.add(node.target)
                 self.unfollowed.setdefault(node.target, f"{what} at '{node.name}' {reason}")
             return None
+        if node.meta.get('concrete'):   # the tracer took its value from the example: a channel count is baked in
+            lay = out.layout if isinstance(out, Count) else out if isinstance(out, Layout) and out.dim == 0 else None
+            if lay is not None:
+                self.freeze(lay, f"{what} at '{node.name}' is read as a plain number (int(), float(), len(), an "
+                                 'index), which pruning would change')
         if out is not None and inplace and isinstance(node.args[0], fx.Node):
             before = self.env.get(node.args[0])
             if isinstance(before, Layout) and any(p.nonzero and not q.nonzero for p, q in zip(out.pieces, before.pieces)):

@@ -264,8 +264,10 @@ def attention(heads_of, why_not=lambda m: None, qkv='qkv', proj='proj'):
         if lay is not None and (lay.dim != n - 1 or lay.block != 1 or lay.channels != q.in_features):
             raise Unhandled('does not read the tracked channels as its features')
         names = {r: f'{node.target}.{r}' for r in (qkv, proj)}
-        ctx.record(lay, _Call(names[qkv], node.name), 'in')
-        if (names[qkv], 'out') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
+        hooked = [n for n, x in m.named_modules() if x._forward_hooks or x._forward_pre_hooks]
+        if hooked: raise Unhandled(f"has forward hooks on '{hooked[0]}' inside, which the rule would not run")
+        _inputs(ctx, _Call(names[qkv], node.name), lay)
+        if (node.target, 'heads') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
             inner = ctx.new_layout(3 * h * d, n - 1)
             ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")
             ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")
@@ -319,13 +321,18 @@ def _first_and_sizes(ctx, node):
 
 
 def reshape(ctx, node):
-    "view/reshape/flatten: keep the channel dim, or flatten it with the dims after it into blocks."
+    """view/reshape/flatten: keep the channel dim, merge or split only the dims before it (tokens of a batch, as
+    LeViT's `x.flatten(0, 1)`), or flatten it with the dims after it into blocks."""
     lay, sizes, counts = _first_and_sizes(ctx, node)
     if lay is None: return None
     src, out, d = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), lay.dim
     if out[:d + 1] == src[:d + 1]:
         _sized(ctx, lay, d, sizes, counts)
         return lay
+    e = len(out) - (len(src) - d)   # the channel dim, and every dim after it, unchanged at the end
+    if e >= 0 and out[e:] == src[d:] and math.prod(out[:e]) == math.prod(src[:d]):
+        _sized(ctx, lay, e, sizes, counts)
+        return lay.moved(e)
     if counts: raise Unhandled('uses a channel count in a reshape that flattens the channels')
     _sized(ctx, lay, d, sizes, counts)
     if len(out) == d + 1 and out[:d] == src[:d] and out[d] == math.prod(src[d:]):
@@ -334,9 +341,9 @@ def reshape(ctx, node):
 
 
 def expand(ctx, node):
-    """expand / expand_as: broadcast other dims; the channels stay. expand_as a tracked tensor makes both
-    tensors' channels the same ones (united): pruning must keep their counts equal."""
-    if node.target == 'expand_as':
+    """expand / expand_as: broadcast other dims; the channels stay. expand_as (reshape_as, view_as) a tracked
+    tensor makes both tensors' channels the same ones (united): pruning must keep their counts equal."""
+    if node.target in ('expand_as', 'reshape_as', 'view_as'):
         lay, other = ctx.layout(node), ctx.env.get(node.args[1]) if isinstance(node.args[1], fx.Node) else None
         if lay is None and other is None: return None
         if lay is None or other is None: raise Unhandled('expands tracked channels to or from an untracked shape')
@@ -348,6 +355,10 @@ def expand(ctx, node):
         if lay is None: return None
         _sized(ctx, lay, len(sizes) - (len(ctx.shape(node.args[0])) - lay.dim), sizes, counts)
     if lay.block != 1: raise Unhandled('expands flattened channels')
+    if node.target in ('reshape_as', 'view_as'):   # the other tensor's shape, whose channels are these
+        if tuple(ctx.shape(node.args[0]))[lay.dim:] != tuple(ctx.shape(node.args[1]))[other.dim:]:
+            raise Unhandled('reshapes the channels into a tensor whose dims after them differ')
+        return lay.moved(other.dim)
     return lay.moved(len(ctx.shape(node)) - (len(ctx.shape(node.args[0])) - lay.dim))
 
 
@@ -582,14 +593,16 @@ METHOD_RULES = {
     **{m: reshape for m in ('view', 'reshape', 'flatten')},
     **{m: permute for m in ('permute', 'transpose', 'swapaxes')},
     **{m: split for m in ('split', 'chunk', 'unbind')},
-    'unsqueeze': unsqueeze, 'roll': roll, 'expand': expand, 'expand_as': expand,
+    'unsqueeze': unsqueeze, 'roll': roll, 'expand': expand, 'expand_as': expand, 'reshape_as': expand,
+    'view_as': expand,
     'size': size, 'dim': no_tensor,
 }
 
 COUNT_RULES = {reshape, expand}
 "The rules that accept a `Count` among their arguments; any other use of one is unhandled."
 
-INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_, F.hardtanh_,
+INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem, F.relu_, torch.relu_,
+           F.hardtanh_,
            'add_', 'sub_', 'mul_', 'div_', 'relu_', 'tanh_', 'sigmoid_'}
 "Ops that overwrite their first operand (so do modules and functions called with inplace=True)."
 

@@ -52,6 +52,8 @@ def _timm():
         register_layer(cls, like=nn.Conv2d, inputs=False, vectors=('bias', 'gain'))
     MODULE_RULES[DropPath] = keep   # scales whole samples: zeros stay zero
     from timm.layers.attention import Attention
+    from timm.layers.norm import LayerNorm
+    _PER_HEAD_NORMS.add(LayerNorm)   # F.layer_norm over the last dim, as nn.LayerNorm
     register_layer(Attention, rule=attention(lambda m: (m.num_heads, m.head_dim), _timm_attention_differs),
                    sizes={'heads': 'attn_dim'}, weight=None, vectors=(), shrink=shrink_heads)
     ACT_KEEPS.update({act.Swish, act.Mish, act.Tanh, act.HardSwish, act.HardMish, act.GELU, act.GELUTanh,
@@ -59,13 +61,17 @@ def _timm():
     ACT_MOVES.update({act.Sigmoid, act.HardSigmoid})
 
 
+_PER_HEAD_NORMS = {nn.LayerNorm}
+"Norm types an attention module may apply to each head's q or k (over head_dim): timm adds its LayerNorm."
+
+
 def _timm_attention_differs(m):
     "Why timm's Attention `m` computes anything but independent heads (a gate, a norm across heads), or None."
     if getattr(m, 'gate', None) is not None: return 'gates its heads with another Linear layer'
-    if not isinstance(m.norm, nn.Identity): return f'normalises across its heads ({type(m.norm).__name__})'
+    if type(m.norm) is not nn.Identity: return f'normalises across its heads ({type(m.norm).__name__})'
     for qk in (m.q_norm, m.k_norm):   # a norm over each head's own features is shared by every head: it stays
-        if not (isinstance(qk, nn.Identity) or
-                (isinstance(qk, nn.LayerNorm) and tuple(qk.normalized_shape) == (m.head_dim,))):
+        if not (type(qk) is nn.Identity or
+                (type(qk) in _PER_HEAD_NORMS and tuple(qk.normalized_shape) == (m.head_dim,))):
             return f'normalises q or k with {type(qk).__name__}, not known to act per head'
     return None
 

@@ -3,6 +3,7 @@ import functools
 import inspect
 import operator
 import random
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -129,10 +130,11 @@ def hooks_taken_out(model):
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping `leaves` whole, running the forward hooks of `hooks` (a `_Hooks`, entered) where PyTorch
     would, and remembering which module it was inside when tracing failed."""
-    def __init__(self, leaves, hooks, inputs=()):
+    def __init__(self, leaves, hooks, inputs=(), device=None):
         super().__init__()
         self.leaves, self.hooks, self.stack, self.failed, self.in_hook, self.hook_nodes = leaves, hooks, [], None, 0, set()
         self.inputs, self.meta, self.branches = inputs, None, []   # meta inputs; their interpreter; branches taken
+        self.device = device   # the device the example and the model are on
 
     # Python control flow on shapes (`if x.shape[-2:] != y.shape[-2:]`, `for n in x.shape`) is resolved with the
     # example's concrete shapes: the nodes it reads are run on meta tensors (no compute) when it is met, and the
@@ -149,7 +151,9 @@ class _Tracer(fx.Tracer):
         n = (value.shape[0] if value.dim() else None) if isinstance(value, torch.Tensor) else \
             len(value) if isinstance(value, (tuple, list)) else None
         if n is None: return super().iter(obj)
-        if isinstance(value, torch.Tensor): self._record(obj.node, f'is iterated over {n} entries')
+        if isinstance(value, torch.Tensor):
+            self._record(obj.node, f'is iterated over {n} entries')
+            obj.node.meta['concrete'] = True
         return iter([obj[i] for i in range(n)])
 
     def proxy(self, node):
@@ -158,11 +162,12 @@ class _Tracer(fx.Tracer):
     def concrete_int(self, proxy, what):
         "A size as a Python int (`int(n)`, `range(n)`, `t.expand(n, -1)` on a plain tensor): the example's, recorded."
         value = self._concrete(proxy.node)
-        if isinstance(value, float) and what == 'int()': value = int(value)   # int(n ** .5)
-        if not isinstance(value, int):   # a bool is an int: int(h > w)
+        if isinstance(value, float) and what != 'an index': value = int(value) if what == 'int()' else value
+        if not isinstance(value, (int, float)) or (isinstance(value, float) and what == 'an index'):
             raise TypeError(f"{what} of '{proxy.node.name}', a value that is not computed from shapes alone")
-        value = int(value)
+        value = value if isinstance(value, float) else int(value)   # a bool is an int: int(h > w)
         self._record(proxy.node, f'is {value} as {what}')
+        proxy.node.meta['concrete'] = True   # the channel graph freezes a channel count read so
         return value
 
     def concrete_len(self, proxy):
@@ -172,6 +177,7 @@ class _Tracer(fx.Tracer):
             len(value) if isinstance(value, (tuple, list)) else None
         if n is None: return fx.Proxy.__len__(proxy)   # fx's error
         self._record(proxy.node, f'has len() {n}')
+        proxy.node.meta['concrete'] = True
         return n
 
     def _record(self, node, what):
@@ -181,26 +187,25 @@ class _Tracer(fx.Tracer):
     def _concrete(self, node, tensors=False):
         """The value of `node` on the example's meta tensors when it is computed from shapes alone (a size, a
         comparison of sizes), else None. Only the nodes it depends on run; every step from a tensor to a plain
-        value must read its shape (`x.shape`, `x.size()`, `x.dim()`, `x.numel()`, `x.dtype`): on meta tensors a
-        device or a `requires_grad` would have a value the real run does not."""
+        value must read its shape (`x.shape`, `x.size()`, `x.dim()`, `x.numel()`, `x.dtype`) or its device, which
+        is read as the example's (the model's), not 'meta': `requires_grad` or a value has none the real run has."""
         if not self.inputs or _unpatched is None: return None
-        seen, stack = set(), [node]
-        while stack:
-            n = stack.pop()
-            if n not in seen: seen.add(n); stack.extend(n.all_input_nodes)
+        seen = _needed(self.graph, node)
         try:
             with _unpatched():   # fx's patches off (a module call must not record a node), back on afterwards
                 if self.meta is None:
                     self.meta = _Shapes(self.root, self.graph, meta=True)
                     self.meta.args_iter = iter(self.inputs)
                 for n in self.graph.nodes:
-                    if n in seen and n not in self.meta.env: self.meta.env[n] = self.meta.run_node(n)
+                    if n not in seen or n in self.meta.env: continue
+                    placed = self.device is not None and _reads_device(n) and not _only_places(n)
+                    self.meta.env[n] = self.device if placed else self.meta.run_node(n)
         except Exception:
             return None
         env = self.meta.env
         for n in seen:
             reads = [i for i in n.all_input_nodes if _holds_tensor(env[i])]
-            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _only_places(n): return None
+            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _reads_device(n): return None
         value = env[node]
         if tensors and isinstance(value, torch.Tensor): return value   # only its shape may be read
         return None if isinstance(value, (torch.Tensor, fx.Proxy)) else value
@@ -257,12 +262,17 @@ class _Concrete:
     shapes; item assignment is recorded."""
     def __index__(self): return self.tracer.concrete_int(self, 'an index')
     def __int__(self): return self.tracer.concrete_int(self, 'int()')
+    def __float__(self): return float(self.tracer.concrete_int(self, 'float()'))
     def __len__(self): return self.tracer.concrete_len(self)
 
     def __setitem__(self, key, value):   # x[..., 2] = v: recorded; the graph freezes the channels it writes
         self.tracer.create_proxy('call_function', operator.setitem, (self, key, value), {})
 
     def __getattr__(self, k):   # `x.shape`: fx's Attribute, with the same abilities
+        if k == 'type' and isinstance(self, fx.proxy.Attribute) and self.attr == 'device' and self.tracer.device:
+            self.tracer.branches.append(f"'{self.root.node.name}.device.type' is '{self.tracer.device.type}', "
+                                        "the example's")   # autocast(device_type=x.device.type) needs a str
+            return self.tracer.device.type
         return _ShapeAttribute(self, k)
 
 
@@ -274,6 +284,26 @@ class _ShapeAttribute(_Concrete, fx.proxy.Attribute):
     pass
 
 
+def _needed(graph, node):
+    """The nodes that computing `node` runs: its ancestors, every input (they bind by position), and whatever wrote
+    into one of them in place before it (`feats[0] = f(feats[0])`, `x.unsqueeze_(0)`), with their own ancestors."""
+    seen, stack = set(), [node, *(n for n in graph.nodes if n.op == 'placeholder')]
+    while True:
+        while stack:
+            n = stack.pop()
+            if n not in seen: seen.add(n); stack.extend(n.all_input_nodes)
+        for n in graph.nodes:
+            if n is node: break
+            if n not in seen and _writes(n) and n.args and n.args[0] in seen: stack.append(n)
+        if not stack: return seen
+
+
+def _writes(node):
+    "Whether `node` writes into its first operand: item assignment, an in-place op or method (`add_`, `unsqueeze_`)."
+    return ((node.op == 'call_function' and node.target is operator.setitem) or is_inplace(node) or
+            (node.op == 'call_method' and node.target.endswith('_') and not node.target.startswith('_')))
+
+
 def _holds_tensor(value):
     "Whether `value` is a tensor or a tuple, list or dict holding one (`x.unbind(0)`: its parts' shapes may be read)."
     if isinstance(value, torch.Tensor): return True
@@ -281,9 +311,13 @@ def _holds_tensor(value):
     return isinstance(value, (tuple, list, type({}.values()))) and any(_holds_tensor(v) for v in value)
 
 
+def _reads_device(node):
+    return node.op == 'call_function' and node.target is getattr and node.args[1] == 'device'
+
+
 def _only_places(node):
-    "Whether `node` reads a device that is only used to place tensors (`t.to(x.device)`): it sizes nothing."
-    return (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and
+    "Whether `node` reads a device that is only used to place tensors (`t.to(x.device)`): on meta tensors, 'meta'."
+    return (_reads_device(node) and
             all((u.op == 'call_method' and u.target == 'to' and node not in u.args[2:]) or
                 (u.kwargs.get('device') is node and node not in u.args) for u in node.users))
 
@@ -303,7 +337,8 @@ def symbolic_trace(model, leaves, hooks, specs=()):
     `hooks` (an entered `_Hooks` of `model`): the forward hooks are traced where PyTorch would run them. `specs`
     (from `input_specs`): the example's shapes, which resolve Python branches on shapes; `graph.branches` lists
     the branches taken."""
-    tracer = _Tracer(leaves, hooks, tuple(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs))
+    device = next((t.device for _, _, t in specs if t is not None), device_dtype(model)[0])
+    tracer = _Tracer(leaves, hooks, tuple(torch.empty(s, dtype=d, device='meta') for s, d, _ in specs), device)
     fixed = _defaults_after(model, len(specs)) if specs else {}
     try:
         with _sizes_as_tuples():
@@ -320,6 +355,7 @@ def symbolic_trace(model, leaves, hooks, specs=()):
                          f'To go on, {fix}rewrite the code without branches that depend on tensor values.') from e
     tracer.drop_dead_hook_nodes(graph)
     _drop_fixed_inputs(graph, len(specs))
+    _tell_fixed(model, fixed)
     graph.branches = tracer.branches + [f"forward: '{k}' is {v!r}, its default" for k, v in fixed.items()]
     return graph
 
@@ -337,7 +373,7 @@ def _sizes_as_tuples():
         @functools.wraps(f)
         def call(*args, **kwargs):
             sizes = args[first:]
-            if (sizes and any(isinstance(v, fx.Proxy) for v in sizes)
+            if (len(sizes) > 1 and any(isinstance(v, fx.Proxy) for v in sizes)   # one argument may be a whole size
                     and all(isinstance(v, (int, fx.Proxy)) for v in sizes)):
                 args = (*args[:first], tuple(sizes))
             return f(*args, **kwargs)
@@ -360,6 +396,21 @@ def _defaults_after(model, n):
     if any(p.kind is p.VAR_POSITIONAL for p in params[:n + 1]): return {}
     return {p.name: p.default for p in params[n:] if p.kind is not p.VAR_KEYWORD and
             (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+_TOLD = set()
+
+
+def _tell_fixed(model, fixed):
+    "Warn, once per model class and parameters, that a trace took forward parameters at their defaults."
+    key = (type(model), tuple(fixed))
+    if not fixed or key in _TOLD: return
+    _TOLD.add(key)
+    shown = ', '.join(f'{k}={v!r}' for k, v in fixed.items())
+    warnings.warn(f'fasterai traced {type(model).__name__} with {shown}: the defaults of the forward parameters the '
+                  'example does not give. Channels are followed, and pruning checked, for calls that leave them so; '
+                  'a call with other values may take code the trace did not see (graph.branches lists them)',
+                  stacklevel=3)
 
 
 _FIXED_CHECKS = (fx._symbolic_trace._assert_is_none, torch._assert, operator.eq)

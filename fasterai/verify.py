@@ -25,6 +25,9 @@ class _NoDropout(TorchFunctionMode):
         if func in _DROPOUTS:   # a new tensor, as dropout in training gives (fastai's WeightDropout stores it)
             x = args[0] if args else kwargs['input']
             return x if kwargs.get('inplace') or (len(args) > 3 and args[3]) else x.clone()
+        if func is F.scaled_dot_product_attention:   # its dropout draws per head: off, as dropout is
+            if len(args) > 4: args = (*args[:4], 0.0, *args[5:])
+            else: kwargs = {**kwargs, 'dropout_p': 0.0}
         return func(*args, **kwargs)
 
 

@@ -70,9 +70,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'a frozen fit not held': (
         'fasterai/callback.py', '        planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)',
         '        planned = self.planned(epoch, self.n_epoch)'),
-    'a branch on a device taken for a shape': (
+    'a branch on requires_grad taken for a shape': (
         'fasterai/tracing.py',
-        '            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _only_places(n): return None',
+        '            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _reads_device(n): return None',
         '            pass'),
     "heads' q, k and v not tied": (
         'fasterai/ops.py', '''            ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")''',
@@ -80,9 +80,21 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'heads not kept whole': (
         'fasterai/ops.py', '''            ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")''',
         '            pass'),
-    'a device read for a size': (
-        'fasterai/tracing.py', "    return (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and",
-        "    return True or (node.op == 'call_function' and node.target is getattr and node.args[1] == 'device' and"),
+    'a channel count read as a number not frozen': (
+        'fasterai/graph.py', "        if node.meta.get('concrete'):   # the tracer took its value from the example: a channel count is baked in",
+        '        if False:'),
+    'item assignment dropped with observing hooks': (
+        'fasterai/ops.py', 'INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem, F.relu_, torch.relu_,',
+        'INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_,'),
+    'a branch binds the inputs in the order it reads them': (
+        'fasterai/tracing.py', "    seen, stack = set(), [node, *(n for n in graph.nodes if n.op == 'placeholder')]",
+        '    seen, stack = set(), [node]'),
+    'a branch misses earlier writes': (
+        'fasterai/tracing.py', '            if n not in seen and _writes(n) and n.args and n.args[0] in seen: stack.append(n)',
+        '            pass'),
+    'dropout inside attention left on in train mode': (
+        'fasterai/verify.py', '        if func is F.scaled_dot_product_attention:   # its dropout draws per head: off, as dropout is',
+        '        if False:'),
     'a number from values taken as a size': (
         'fasterai/tracing.py', '        if not isinstance(value, int):   # a bool is an int: int(h > w)',
         '        if False:'),

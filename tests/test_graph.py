@@ -186,3 +186,37 @@ def test_meta_shapes_equal_a_real_run(make, shape):
     with torch.no_grad(): _Shapes(model, graph, meta=False).run(torch.zeros(shape))
     real = {n.name: n.meta.get('shape') for n in graph.nodes}
     assert meta == real and sum(isinstance(s, torch.Size) for s in real.values()) > 10
+
+
+class LinearNorm(nn.Module):
+    "LeViT's Linear + BatchNorm1d on tokens: the batch and token dims merged for the norm, then split back."
+    def __init__(self, i, o):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(i, o), nn.BatchNorm1d(o)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = LinearNorm(8, 16), LinearNorm(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return self.c(h.view(-1, h.shape[-1])).view(x.shape[0], x.shape[1], 3)
+
+
+def test_reshapes_of_the_dims_before_the_channels_keep_them():
+    from conftest import max_rel_diff, randomize_norms
+    model, x = randomize_norms(Tokens()).eval(), torch.randn(2, 5, 8)
+    g = trace(model, x)
+    assert [grp.prunable for grp in g.groups] == [True, True, False]   # a's and b's rows; the output
+    assert {(s.module, s.role) for s in g.groups[0].slices} == {('a.linear', 'out'), ('a.bn', 'norm'), ('b.linear', 'in')}
+    Sparsifier(model, 'filter', 'local', 'l1', nn.Linear, example_input=x).sparsify(50)
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert (pruned.a.linear.out_features, pruned.b.linear.out_features) == (8, 4)
+    y = torch.randn(3, 7, 8)
+    with torch.no_grad(): assert max_rel_diff(model(y), pruned(y)) < 1e-5

@@ -200,13 +200,24 @@ class DeviceBranch(nn.Module):
     def forward(self, x):
         y = self.a(x)
         z = self.b(y)
-        if z.device.type == 'cpu': z = z + y   # on meta tensors the device is 'meta': not a shape
+        if z.device.type == 'cpu': z = z + y   # the example's device, not the meta tensors' 'meta'
+        if z.requires_grad: z = z * 2          # no example says: fx's error
         return z
 
 
-def test_a_branch_on_anything_but_shapes_keeps_fx_error():
+def test_a_branch_on_a_device_takes_the_example_s_and_on_requires_grad_keeps_fx_error():
     with pytest.raises(TraceError, match='cannot be used as inputs to control flow'):
         trace(DeviceBranch(), (2, 3, 8, 8))
+    g = trace(DeviceOnly(), (2, 3, 8, 8))
+    assert g.branches == ["'b.device.type' is 'cpu', the example's"]
+    assert [grp.prunable for grp in g.groups] == [False]   # a and b united by the add, at the output
+
+
+class DeviceOnly(DeviceBranch):
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(y)
+        return z + y if z.device.type == 'cpu' else z
 
 
 def test_hooks_that_remove_themselves_while_tracing_come_back():

@@ -98,14 +98,14 @@ class ValueInt(nn.Module):
         return y[:, :int(y.abs().sum() > 0) + 1]      # a number read from tensor values: no example decides it
 
 
-class DeviceSized(nn.Module):
+class GradSized(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3)
 
     def forward(self, x):
         y = self.a(x)
-        return y * torch.ones(int(y.device.type == 'cpu') + 1, 1, 1, 1)   # the device is 'meta' on meta tensors
+        return y * torch.ones(int(y.requires_grad) + 1, 1, 1, 1)   # no example says whether it needs a gradient
 
 
 class ValueLen(nn.Module):
@@ -119,9 +119,9 @@ class ValueLen(nn.Module):
 
 
 @pytest.mark.parametrize('model, match', [(ValueInt(), "int\\(\\) of 'gt', a value that is not computed from shapes"),
-                                          (DeviceSized(), "int\\(\\) of 'eq', a value that is not computed from shapes"),
+                                          (GradSized(), "int\\(\\) of 'getattr_1', a value that is not computed from shapes"),
                                           (ValueLen(), "'len' is not supported in symbolic tracing")])
-def test_numbers_read_from_values_or_devices_keep_a_clear_error(model, match):
+def test_numbers_read_from_values_or_requires_grad_keep_a_clear_error(model, match):
     with pytest.raises(TraceError, match=match):
         trace(model, (2, 3, 8, 8))
 
@@ -158,3 +158,111 @@ def test_a_loop_over_a_tensor_runs_for_the_example_s_length():
     pruned = Pruner(example_input=x).prune_model(model)
     y = torch.randn(5, 3, 6, 6)   # another batch size: the loop is the model's own
     with torch.no_grad(): assert pruned.a.out_channels == 5 and max_rel_diff(model(y), pruned(y)) < 1e-5
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.head = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x, shift: bool = False):
+        a = F.relu(self.c1(x))
+        if shift: a = a + 1.0   # code the default does not run
+        return self.head(a)
+
+
+def test_parameters_taken_at_their_defaults_are_told():
+    import fasterai.tracing as tracing
+    tracing._TOLD.clear()
+    with pytest.warns(UserWarning, match=r"traced Flagged with shift=False: the defaults of the forward parameters"):
+        g = trace(Flagged(), (2, 3, 8, 8))
+    assert g.branches == ["forward: 'shift' is False, its default"]
+
+
+class CountAsNumber(nn.Module):
+    "A width read as a number (muP's 1/sqrt(width), an expand to the width): pruning changes it, so it stays."
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        g = F.relu(self.fc3(x))
+        e = g.unsqueeze(-1).expand(-1, -1, int(g.shape[1])).sum(-1)
+        return self.fc2(h * float(h.shape[-1]) ** -0.5) + self.fc4(e)
+
+
+def test_a_channel_count_read_as_a_number_freezes_its_channels():
+    model, x = CountAsNumber(), torch.randn(4, 6)
+    g = trace(model, x)
+    frozen = {s.module: grp.frozen for grp in g.groups for s in grp.slices if s.role == 'out'}
+    assert any('is read as a plain number (int(), float(), len(), an index)' in r for r in frozen['fc1'])
+    assert any('is read as a plain number' in r for r in frozen['fc3'])
+    with torch.no_grad(): model.fc1.weight[:4] = 0; model.fc1.bias[:4] = 0
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert pruned.fc1.out_features == 8
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-6
+
+
+class Factories(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y + torch.zeros(y.size()) + torch.ones(y.shape[:2])[..., None, None]   # a whole size, one argument
+
+
+def test_factories_given_a_whole_size_still_trace():
+    g = trace(Factories(), (2, 3, 5, 5))
+    assert len(g.groups) == 1
+
+
+class HookWrites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+        def write(m, i, out): out[:, 1] = 0.5
+        self.a.register_forward_hook(write)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_item_assignment_in_a_hook_is_not_dropped_as_observation():
+    g = trace(HookWrites(), (2, 3, 5, 5))
+    assert not g.groups[0].prunable and 'writes into a tensor in place' in g.groups[0].frozen[0]
+
+
+class TwoInputs(nn.Module):
+    "The second input is read first: the inputs bind by position, not in the order the branch needs them."
+    def __init__(self):
+        super().__init__()
+        self.conv, self.side = nn.Conv2d(3, 4, 3), nn.Linear(5, 4)
+
+    def forward(self, img, feats):
+        h = F.relu(self.conv(img)).mean((2, 3))
+        if feats.shape[1] == 5: h = h + self.side(feats)
+        return h
+
+
+class Rewritten(nn.Module):
+    "A tensor changed in place before a branch reads its shape: the branch sees what the real run sees."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+
+    def forward(self, x):
+        y = x.mean(1, keepdim=True)
+        y.squeeze_(1)
+        return self.a(x) if y.dim() == 4 else self.b(x)
+
+
+def test_branches_see_the_inputs_by_position_and_earlier_writes():
+    g = trace(TwoInputs(), (torch.randn(2, 3, 6, 6), torch.randn(2, 5)))
+    assert g.branches == ["forward: 'eq' is True for the example's shapes"]
+    assert any(s.module == 'side' for grp in g.groups for s in grp.slices)
+    g = trace(Rewritten(), (2, 3, 8, 8))
+    assert g.branches == ["forward: 'eq' is False for the example's shapes"]
+    assert {s.module for grp in g.groups for s in grp.slices} == {'b'}

@@ -166,3 +166,13 @@ def test_head_granularity_sparsifies_attention_heads_alone():
     with pytest.raises(ValueError, match="no attention head of ResNet can be sparsified: it has no attention module "
                                          "fasterai knows"):
         Sparsifier(torchvision.models.resnet18(), 'head', example_input=(1, 3, 32, 32))
+
+
+def test_heads_prune_with_attention_dropout_in_train_mode():
+    "Fused attention draws its dropout per head inside scaled_dot_product_attention: verify turns it off too."
+    torch.manual_seed(0)
+    model, x = small_vit(attn_drop_rate=0.1), torch.randn(2, 3, 32, 32)
+    assert model.blocks[0].attn.fused_attn
+    Sparsifier(model, 'head', example_input=x).sparsify(50)
+    pruned = Pruner(example_input=x).prune_model(model)   # verified in train mode too
+    assert pruned.blocks[0].attn.num_heads == 2
