@@ -15,6 +15,8 @@ from .export import *  # noqa: F401,F403
 from .export import __all__ as _export
 from .verify import check_same_function
 from .layers import LayerKind, register_layer, register_op
+from .distill import *  # noqa: F401,F403
+from .distill import __all__ as _distill
 
-__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, *_export, 'CRITERIA', 'GRANULARITIES',
+__all__ = [*_sparsifier, *_pruner, *_graph, *_errors, *_report, *_export, *_distill, 'CRITERIA', 'GRANULARITIES',
            'check_same_function', 'LayerKind', 'register_layer', 'register_op']

@@ -220,7 +220,7 @@ def _a_callbacks(hook):
     watches and removes them after the fit, so a copy must not carry them (nor a copy of the callback's Learner)."""
     owner = getattr(hook, '__self__', None)
     owner = getattr(getattr(owner, 'hook_func', None), '__self__', owner)   # fastai's Hook wraps the callback's method
-    return type(owner).__module__.startswith('fastai.') and any(c.__name__ == 'Callback' for c in type(owner).__mro__)
+    return any(c.__name__ == 'Callback' and c.__module__.startswith('fastai.') for c in type(owner).__mro__)
 
 
 def copy_modules(module, memo):
