@@ -205,7 +205,8 @@ class _Tracer(fx.Tracer):
         env = self.meta.env
         for n in seen:
             reads = [i for i in n.all_input_nodes if _holds_tensor(env[i])]
-            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _reads_device(n): return None
+            if reads and not _holds_tensor(env[n]) and not (_reads_shape(n) or _reads_device(n) or _writes(n)):
+                return None   # (a write returns nothing: what it wrote into is the tensor read on)
         value = env[node]
         if tensors and isinstance(value, torch.Tensor): return value   # only its shape may be read
         return None if isinstance(value, (torch.Tensor, fx.Proxy)) else value

@@ -72,8 +72,8 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '        planned = self.planned(epoch, self.n_epoch)'),
     'a branch on requires_grad taken for a shape': (
         'fasterai/tracing.py',
-        '            if reads and not _holds_tensor(env[n]) and not _reads_shape(n) and not _reads_device(n): return None',
-        '            pass'),
+        '            if reads and not _holds_tensor(env[n]) and not (_reads_shape(n) or _reads_device(n) or _writes(n)):',
+        '            if False:'),
     "heads' q, k and v not tied": (
         'fasterai/ops.py', '''            ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")''',
         '            pass'),

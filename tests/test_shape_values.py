@@ -266,3 +266,21 @@ def test_branches_see_the_inputs_by_position_and_earlier_writes():
     g = trace(Rewritten(), (2, 3, 8, 8))
     assert g.branches == ["forward: 'eq' is False for the example's shapes"]
     assert {s.module for grp in g.groups for s in grp.slices} == {'b'}
+
+
+class WriteThenBranch(nn.Module):
+    "An item assignment upstream of a shape branch (as in MViTv2's attention): the branch still resolves."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x) * 1.0
+        y[:, :, 0] = 0.0
+        z = self.b(y)
+        return z if z.shape[-1] > 3 else z * 2
+
+
+def test_a_write_upstream_of_a_shape_branch_does_not_block_it():
+    g = trace(WriteThenBranch(), (2, 3, 6, 6))
+    assert g.branches == ["forward: 'gt' is True for the example's shapes"]
