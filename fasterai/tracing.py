@@ -148,8 +148,7 @@ class _Tracer(fx.Tracer):
 
     def iter(self, obj):
         value = self._concrete(obj.node, tensors=True)   # a shape, or a tensor iterated along its first dim
-        n = (value.shape[0] if value.dim() else None) if isinstance(value, torch.Tensor) else \
-            len(value) if isinstance(value, (tuple, list)) else None
+        n = _length(value)
         if n is None: return super().iter(obj)
         if isinstance(value, torch.Tensor):
             self._record(obj.node, f'is iterated over {n} entries')
@@ -173,8 +172,7 @@ class _Tracer(fx.Tracer):
     def concrete_len(self, proxy):
         "`len()` of a shape or a tensor: the example's, recorded."
         value = self._concrete(proxy.node, tensors=True)
-        n = (value.shape[0] if value.dim() else None) if isinstance(value, torch.Tensor) else \
-            len(value) if isinstance(value, (tuple, list)) else None
+        n = _length(value)
         if n is None: return fx.Proxy.__len__(proxy)   # fx's error
         self._record(proxy.node, f'has len() {n}')
         proxy.node.meta['concrete'] = True
@@ -301,8 +299,14 @@ def _needed(graph, node):
 
 def _writes(node):
     "Whether `node` writes into its first operand: item assignment, an in-place op or method (`add_`, `unsqueeze_`)."
-    return ((node.op == 'call_function' and node.target is operator.setitem) or is_inplace(node) or
-            (node.op == 'call_method' and node.target.endswith('_') and not node.target.startswith('_')))
+    return is_inplace(node) or (node.op == 'call_method' and node.target.endswith('_') and
+                                not node.target.startswith('_'))   # (ops.INPLACE holds operator.setitem)
+
+
+def _length(value):
+    "`len()` of a concrete value: a tensor's first dim (None for a 0-dim one), a shape's or tuple's length, else None."
+    if isinstance(value, torch.Tensor): return value.shape[0] if value.dim() else None
+    return len(value) if isinstance(value, (tuple, list)) else None
 
 
 def _holds_tensor(value):
