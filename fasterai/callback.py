@@ -8,6 +8,7 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
 
+from .budget import Latency, check_budget
 from .criteria import resolve_criterion
 from .granularity import STRUCTURAL, resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
@@ -56,14 +57,30 @@ class SparsifyCallback(Callback):
     when the number of zero units changes, and masks are applied again after the optimizer step. `history`
     records (epoch, planned, measured sparsity) per batch. `learn.save` also writes the callback's state
     (`NAME.sparsify.pth` beside `NAME.pth`), and after `learn.load` the next SparsifyCallback resumes from it.
+
+    `target`: instead of `sparsity`, a budget (`MACs(0.5)`, `Params(0.3)`, `Latency(0.5, batch_size=64)`): the
+    schedule ramps the cost from the dense model's down to it, and at each step the Sparsifier zeroes the channels
+    that meet it ('local': one percentage for every group; 'global': the channels least important per unit of cost
+    saved). `history` then records (epoch, planned ratio, reached ratio); a Latency budget is timed on pruned copies
+    on the first batch and at the end.
     """
     order = 55         # after Recorder (which prints the epoch row), before ProgressCallback (the header)
     run_valid = False
 
-    def __init__(self, sparsity, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
+    def __init__(self, sparsity=None, granularity='filter', method='local', criteria='l1', sched_func=annealing_cos,
                  layer_type=nn.Conv2d, start_sparsity=0, start_epoch=0, end_epoch=None, lth=False, rewind_epoch=0,
-                 exclude=(), leaf_modules=(), round_to=None, prune_every=None):
-        self.sparsity = check_sparsities(sparsity, check_method(method))   # target % at the end, or one per layer
+                 exclude=(), leaf_modules=(), round_to=None, prune_every=None, target=None):
+        if (sparsity is None) == (target is None):
+            raise ValueError('give sparsity (a percentage, or one per layer) or target (a budget: MACs(0.5), Params(0.3), '
+                             f'Latency(0.5, batch_size=64)), not {"both" if target is not None else "neither"}')
+        self.target = None if target is None else check_budget(target)   # a budget instead of a percentage
+        if self.target is not None:
+            if resolve_granularity(granularity) not in STRUCTURAL:
+                raise ValueError(f"a budget chooses whole channels: it needs granularity='filter' (or 'row', 'head'), "
+                                 f'got {granularity!r}')
+            if prune_every is not None or round_to is not None:
+                raise ValueError('a budget does not combine with prune_every or round_to yet')
+        self.sparsity = None if sparsity is None else check_sparsities(sparsity, check_method(method))   # target %
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple
         resolve_granularity(granularity)
@@ -90,6 +107,8 @@ class SparsifyCallback(Callback):
         end = self.end_epoch if self.end_epoch is not None else n_epoch
         pos = min(max((epoch - self.start_epoch) / max(end - self.start_epoch, 1e-12), 0.), 1.)
         start = self._start
+        if self.target is not None:   # the cost ramps from the dense model's to the budget
+            return self.target.at(1 - self.sched_func(0., 100 * (1 - self.target.ratio), pos) / 100)
         if isinstance(self.sparsity, dict):
             return {k: self.sched_func(min(start, v), v, pos) for k, v in self.sparsity.items()}
         return self.sched_func(min(start, self.sparsity), self.sparsity, pos)
@@ -117,6 +136,8 @@ class SparsifyCallback(Callback):
         if self._frozen:
             print(f'Sparsity held in this fit: {_some(self._frozen)} frozen (learn.freeze(), as in the first '
                   'phase of fine_tune); the schedule runs in the fit where every targeted layer trains')
+        elif self.target is not None:
+            print(f'Pruning of {self.granularity} until {self.target.metric} at {self.target.ratio:g} of the dense model')
         else:
             print(f'Pruning of {self.granularity} until a sparsity of '
                   f'{self.sparsity if isinstance(self.sparsity, dict) else format(self.sparsity, "g")}%')
@@ -133,6 +154,10 @@ class SparsifyCallback(Callback):
         if self.sparsifier is None:
             xb = tuple(x[:8].detach().clone() for x in self.xb) if self.prune_every else tuple(self.xb)
             self._build(xb[0] if len(xb) == 1 else xb)
+            if isinstance(self.target, Latency) and not self._frozen:
+                got = self.sparsifier.calibrate(self.target)
+                print(f'Latency budget: {len(self.sparsifier.cost_model(self.target).measured)} pruned copies timed '
+                      f'(the last at {got:.3f} of the dense model)')
         state = self.learn.__dict__.pop('_sparsify_resume', None)   # left by learn.load (see below)
         if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
@@ -180,7 +205,8 @@ class SparsifyCallback(Callback):
         planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)   # held: only the units found zero
         if self.sparsifier.sparsify(planned):
             if self.lth and self._rewind is not None: self._rewind_weights()
-            self._measured = self.measured()
+            self._measured = self.measured() if self.target is None else self.sparsifier.cost_ratio(self.target)
+        if self.target is not None and not self._frozen: planned = planned.ratio
         self.history.append((epoch, self._measured if self._frozen else planned, self._measured))
 
     @torch.no_grad()
@@ -191,7 +217,9 @@ class SparsifyCallback(Callback):
 
     def after_epoch(self):
         if self.sparsifier is None: return
-        print(f'Sparsity at epoch {self.epoch}: {self.measured():.2f}%')
+        budget = '' if self.target is None else \
+            f' ({self.target.metric} at {self.sparsifier.cost_ratio(self.target):.3f} of the dense model)'
+        print(f'Sparsity at epoch {self.epoch}: {self.measured():.2f}%{budget}')
         if self.prune_every and not self._frozen and (self.epoch + 1) % self.prune_every == 0: self._prune()
 
     def _prune(self):
@@ -206,6 +234,10 @@ class SparsifyCallback(Callback):
     def after_fit(self):
         if self.sparsifier is not None and not self._frozen:
             print(f'Final Sparsity: {self.measured():.2f}')
+            if self.target is not None:
+                got = self.sparsifier.measure(self.target)
+                print(f'Final {self.target.metric}: {got:.3f} of the dense model once pruned '
+                      f'({"timed" if isinstance(self.target, Latency) else "counted"}; asked {self.target.ratio:g})')
 
     # ------------------------------------------------------------ state
     def state_dict(self):
@@ -226,12 +258,13 @@ class SparsifyCallback(Callback):
         ax = ax or plt.subplots(figsize=(5, 3))[1]
         xs = [n_epoch * i / (n_epoch * n_iter) for i in range(n_epoch * n_iter + 1)]
         ys = [self.planned(x, n_epoch) for x in xs]
+        if self.target is not None: ys = [y.ratio for y in ys]
         if isinstance(self.sparsity, dict):
             for k in self.sparsity: ax.plot(xs, [y[k] for y in ys], label=k)
             ax.legend()
         else:
             ax.plot(xs, ys, label='planned')
-        ax.set_xlabel('epoch'); ax.set_ylabel('sparsity (%)')
+        ax.set_xlabel('epoch'); ax.set_ylabel('sparsity (%)' if self.target is None else f'{self.target.metric} ratio')
         return ax
 
     def plot_history(self, ax=None):
@@ -242,7 +275,8 @@ class SparsifyCallback(Callback):
         xs = [h[0] for h in self.history]
         if not isinstance(self.sparsity, dict): ax.plot(xs, [h[1] for h in self.history], label='planned')
         ax.plot(xs, [h[2] for h in self.history], label='measured', linestyle='--')
-        ax.set_xlabel('epoch'); ax.set_ylabel('sparsity (%)'); ax.legend()
+        ax.set_xlabel('epoch'); ax.legend()
+        ax.set_ylabel('sparsity (%)' if self.target is None else f'{self.target.metric} ratio')
         return ax
 
 

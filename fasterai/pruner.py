@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from .budget import Latency, check_budget, reached
 from .criteria import resolve_criterion
 from .graph import trace
 from .tracing import check_model, first_nonfinite, is_tensors, unwrap
@@ -104,12 +105,19 @@ class Pruner:
     `verify`: run the sparse and pruned models in eval and in train mode (dropout off, random draws seeded, the
     BatchNorm statistics put back) and raise PruningError if any output differs (see `verify.check_same_function`).
     `round_to`: with `sparsity`, each group keeps a multiple of this many channels (see `Sparsifier`).
+    `target`: instead of `sparsity`, a budget (`MACs(0.5)`, `Params(0.3)`, `Latency(0.5, batch_size=64)`) the one-shot
+    pruning meets: with method 'local' one percentage for every group, with 'global' the channels least important per
+    unit of cost saved. After `prune_model`, `reached` holds the pruned model's ratio (latency: timed).
     """
     def __init__(self, sparsity=None, criteria='l1', method='local', layer_type=nn.Conv2d, example_input=None,
-                 leaf_modules=(), verify=True, round_to=None):
+                 leaf_modules=(), verify=True, round_to=None, target=None):
+        if sparsity is not None and target is not None: raise ValueError('give sparsity or target, not both')
         self.sparsity = None if sparsity is None else check_sparsity(sparsity)   # percent of filters, or None
+        self.target = None if target is None else check_budget(target)         # a budget instead of a percentage
+        if target is not None and round_to is not None: raise ValueError('a budget does not combine with round_to')
+        self.reached = None   # after prune_model with a target: the pruned model's ratio
         self.criteria, self.method = resolve_criterion(criteria), check_method(method)
-        if sparsity is not None and (self.criteria.needs_ref or self.criteria.accumulate is not None):
+        if (sparsity is not None or target is not None) and (self.criteria.needs_ref or self.criteria.accumulate is not None):
             raise ValueError(f"criteria '{self.criteria.name}' needs training (reference weights or gradients): "
                              'one-shot pruning takes a criterion of the weights alone, such as l1 or l2; '
                              'train with SparsifyCallback, then prune what it zeroed with Pruner()')
@@ -135,12 +143,13 @@ class Pruner:
                              'weights first (model.to_empty(device=...), then load_state_dict)')
         bad = first_nonfinite(model.named_parameters())
         if bad is not None: raise ValueError(f"parameter '{bad}' holds NaN or inf: such a model cannot be pruned exactly")
-        if self.sparsity is None:
+        if self.sparsity is None and self.target is None:
             graph, masks = trace(model, self.example_input, self.leaf_modules), {}
         else:
             sp = Sparsifier(model, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
                             self.leaf_modules, round_to=self.round_to)
-            graph, masks = sp.graph, sp.plan_masks(self.sparsity)
+            if isinstance(self.target, Latency): sp.calibrate(self.target)
+            graph, masks = sp.graph, sp.plan_masks(self.sparsity if self.target is None else self.target)
         example = self.example_input if is_tensors(self.example_input) else graph.input_shape
         if self.verify:   # the sparse model's outputs in both modes, computed before the copy takes memory
             reference = _reference(model, masks, example)
@@ -153,6 +162,7 @@ class Pruner:
         if self.verify:
             check_same_function(lambda training, float64=False: expected[training] if not float64 else
                                 reference(training, float64), pruned, example)
+        if self.target is not None: self.reached = reached(self.target, model, pruned, example)
         return pruned
 
 

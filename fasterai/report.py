@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .tracing import example_args, input_shape, training_mode
 from .targets import weights_of
 
-__all__ = ['count_params', 'count_macs', 'latency_ms', 'layer_shapes', 'compare_models', 'SparsityReport']
+__all__ = ['count_params', 'count_macs', 'macs_by_module', 'latency_ms', 'layer_shapes', 'compare_models', 'SparsityReport']
 
 
 def count_params(model):
@@ -15,11 +15,8 @@ def count_params(model):
 
 
 @torch.no_grad()
-def count_macs(model, example_input):
-    """Multiply-accumulates of one eval-mode forward pass on `example_input` (a tensor, a tuple of them, or a shape).
-
-    Counted on meta tensors (shapes only, no arithmetic); a model that builds real tensors in its forward
-    is run for real instead."""
+def _flops(model, example_input):
+    "The FlopCounterMode of one eval-mode forward pass (on meta tensors when the model allows it)."
     args = example_args(model, example_input)
     meta = {k: torch.empty_like(v, device='meta') for k, v in (*model.named_parameters(), *model.named_buffers())}
     with training_mode(model, False):
@@ -29,7 +26,28 @@ def count_macs(model, example_input):
         except Exception:
             with FlopCounterMode(display=False) as counter:
                 model(*args)
-    return counter.get_total_flops() // 2
+    return counter
+
+
+def count_macs(model, example_input):
+    """Multiply-accumulates of one eval-mode forward pass on `example_input` (a tensor, a tuple of them, or a shape).
+
+    Counted on meta tensors (shapes only, no arithmetic); a model that builds real tensors in its forward
+    is run for real instead."""
+    return _flops(model, example_input).get_total_flops() // 2
+
+
+def macs_by_module(model, example_input):
+    """Qualified module name -> the multiply-accumulates its own forward code does (its submodules' excluded; ''
+    for the model's own), summing to `count_macs`."""
+    counts = {k: sum(v.values()) for k, v in _flops(model, example_input).get_flop_counts().items()}
+    root = type(model).__name__
+    total = {n: counts.get(f'{root}.{n}' if n else root, 0) for n, _ in model.named_modules()}
+    own = dict(total)
+    for n, m in model.named_modules():
+        for c, _ in m.named_children(): own[n] -= total.get(f'{n}.{c}' if n else c, 0)
+    own[''] += counts.get('Global', 0) - total['']   # what ran outside the model's own forward (none, usually)
+    return {n: v // 2 for n, v in own.items() if v}
 
 
 def latency_ms(model, example_input, min_run_time=1.0, threads=None):

@@ -9,6 +9,7 @@ import numbers
 import torch
 import torch.nn as nn
 
+from .budget import Budget, CostModel, check_budget, plan_drops, reached
 from .criteria import resolve_criterion
 from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
 from .masks import MaskSet
@@ -18,9 +19,10 @@ from .targets import by_mean, make_targets, n_zero, weights_of
 from .tracing import check_model, unwrap
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
+from .budget import BUDGETS, Latency, MACs, Params  # noqa: F401 (re-exported: budgets for SparsifyCallback and Pruner)
 
 __all__ = ['Sparsifier', 'SparsifyCallback', 'METHODS', 'check_sparsity', 'check_sparsities', 'check_method',
-           'check_layer_type', 'check_round_to', 'find_layers', *_schedules]
+           'check_layer_type', 'check_round_to', 'find_layers', 'MACs', 'Params', 'Latency', 'BUDGETS', *_schedules]
 
 METHODS = ('local', 'global')
 "'local': each layer to the target; 'global': one threshold over all targeted layers."
@@ -138,6 +140,7 @@ class Sparsifier(SparsityReport):
         self.maskset = MaskSet(dict(model.named_parameters(remove_duplicate=False)), len(self.targets))
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
         self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
+        self.example_input, self.costs = example_input, {}   # the cost models of budgets, by budget (ratio aside)
 
     # ------------------------------------------------------------ the criterion's state and scores (see Scores)
     @property
@@ -171,6 +174,7 @@ class Sparsifier(SparsityReport):
     def _plan(self, sparsity):
         "Zero units per target ('local') or in all ('global'), never fewer than the units held."
         held = [0 if h is None else int(h.sum()) for h in self.held]
+        if isinstance(sparsity, Budget): return self._budget_drops(sparsity)
         if isinstance(sparsity, dict):
             return tuple(max(t.count(max(sparsity.get(n, 0.) for n in t.layers)), k)
                          for t, k in zip(self.targets, held))
@@ -187,8 +191,66 @@ class Sparsifier(SparsityReport):
         return s
 
     def check_sparsity(self, sparsity):
-        "`sparsity` as a float percentage, or a dict of them by targeted layer name ('local' only)."
+        """`sparsity` as a float percentage, a dict of them by targeted layer name ('local' only), or a `Budget`
+        (channel groups only)."""
+        if isinstance(sparsity, Budget):
+            if self.graph is None: raise ValueError(f'a budget ({sparsity!r}) chooses whole channels: it needs '
+                                                    f"granularity='filter' (or 'row', 'head'), got {self.granularity!r}")
+            if self.round_to is not None: raise ValueError('a budget does not combine with round_to')
+            return sparsity
         return check_sparsities(sparsity, self.method, self.layers)
+
+    def cost_model(self, budget):
+        "The `CostModel` of `budget`'s kind of cost over this Sparsifier's targets (built once per kind)."
+        key = check_budget(budget).at(1.)
+        if key not in self.costs:
+            example = self.example_input if self.example_input is not None else self.graph.input_shape
+            self.costs[key] = CostModel(self.model, self.targets, key, example)
+        return self.costs[key]
+
+    def _budget_drops(self, budget):
+        """Per target, the units to zero to meet `budget` (see `budget.plan_drops`), as a tuple of index tensors
+        marked as drops (so that `_update_masks` takes them as they are)."""
+        costs = self.cost_model(budget)
+        scores = [self._scores(i) for i in range(len(self.targets))]
+        count = lambda p: [max(t.count(p), 0 if h is None else int(h.sum())) for t, h in zip(self.targets, self.held)]
+        return _Drops(plan_drops(costs, scores, costs.modelled_for(budget.ratio), self.method, count))
+
+    def cost_ratio(self, budget):
+        """The modelled cost ratio of `budget`'s kind without the units that are zero now (exact for MACs and
+        parameters; for latency, the table's, calibrated)."""
+        drops = [t.zero_units() for t in self.targets]   # what a pruning now would remove
+        costs = self.cost_model(budget)
+        return costs.measured_for(costs.cost_of(costs.dropped(drops)) / costs.dense)
+
+    @torch.no_grad()
+    def measure(self, budget, masks=None):
+        """The cost ratio of `budget`'s kind (MACs and parameters counted, latency timed) of the model pruned as
+        `masks` (default: the current masks) would prune it, over the dense model's."""
+        from .pruner import _pruned_copy, plan
+        masks = self.masks if masks is None else masks
+        pruned = _pruned_copy(self.model, plan(self.graph, masks), masks)
+        return reached(budget, self.model, pruned, self.example_input if self.example_input is not None else
+                       self.graph.input_shape)
+
+    def calibrate(self, budget, tol=0.015, steps=4):
+        """Time pruned copies planned for a `Latency` budget until one is within `tol` of its ratio (at most `steps`),
+        so that later plans for it (and for other ratios, interpolated) meet what is measured, not only what is
+        modelled. The masks are left as they were. Returns the last measured ratio."""
+        budget = self.check_sparsity(budget)
+        costs, ms = self.cost_model(budget), self.maskset
+        saved = (self.counts, list(ms.by_target), dict(ms.masks), dict(ms.drops))
+        try:
+            for _ in range(steps):
+                modelled = costs.modelled_for(budget.ratio)
+                self.counts = None
+                self._rescore(budget)
+                got = self.measure(budget)
+                costs.measured.append((modelled, got))
+                if abs(got - budget.ratio) <= tol: break
+        finally:
+            self.counts, ms.by_target, ms.masks, ms.drops = saved
+        return got
 
     @torch.no_grad()
     def sparsify(self, sparsity):
@@ -227,6 +289,10 @@ class Sparsifier(SparsityReport):
     def _update_masks(self, counts):
         "New masks for the targets whose count changed ('local'; every target for 'global'), then combined."
         ms = self.maskset
+        if isinstance(counts, _Drops):
+            for i, (t, d) in enumerate(zip(self.targets, counts)): ms.set(i, t.masks(d))
+            ms.combine()
+            return self.targets
         if self.method == 'local':
             old = self.counts or (None,) * len(counts)
             rescored = [i for i, k in enumerate(counts) if k != old[i] or ms.by_target[i] is None]
@@ -262,6 +328,14 @@ class Sparsifier(SparsityReport):
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)
         self.apply_masks()
+
+
+class _Drops(tuple):
+    "The units each target drops, chosen for a budget; equal when the same units drop."
+    def __eq__(self, other):
+        return isinstance(other, _Drops) and len(other) == len(self) and all(
+            len(a) == len(b) and bool((a.sort().values == b.sort().values).all()) for a, b in zip(self, other))
+    __hash__ = tuple.__hash__
 
 
 def _global_drops(scores, k, held):

@@ -15,8 +15,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
          'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py',
-         'tests/test_timm.py']
+         'tests/test_timm.py', 'tests/test_budget.py', 'tests/test_sensitivity.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
+    'budget: a weight\'s inputs not costed': (
+        'fasterai/budget.py', "    if role == 'in': return pname == kind.weight", "    if role == 'in': return False"),
+    'budget: ranked by score alone, not per cost saved': (
+        'fasterai/budget.py', '        s = s / save.clamp_min(1e-300)', '        s = s / 1'),
+    'budget: held units released': (
+        'fasterai/budget.py', '    lo, hi = int(torch.isneginf(flat).sum()), top', '    lo, hi = 0, top'),
+    'sensitivity: damage ignored': (
+        'fasterai/sensitivity.py', '                per = max(damage[i][up[i]] - damage[i][level[i]], 0.) / saved',
+        '                per = 1 / saved'),
+    'sensitivity: one layer, not its group': (
+        'fasterai/sensitivity.py', '            with _masked(model, t.masks(t.drop(scores, k))): v = value()',
+        '            with _masked(model, dict(list(t.masks(t.drop(scores, k)).items())[:1])): v = value()'),
+    'budget: calibration ignored': (
+        'fasterai/budget.py', '        if len(pts) < 2: return ratio', '        return ratio'),
     'verify never raises': (
         'fasterai/verify.py', "        raise PruningError(f'the pruned {name} does not compute",
         "        if False: raise PruningError(f'the pruned {name} does not compute"),

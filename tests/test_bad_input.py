@@ -76,7 +76,7 @@ CALLS = {  # name: (model factory, call, exception type, message regex)
     'leaf_modules unknown': (Net, lambda m: Pruner(leaf_modules=['encoder']).prune_model(m), ValueError,
                              r"leaf_modules names modules that Net does not have: \['encoder'\]"),
     'untraceable model': (Branchy, lambda m: Pruner().prune_model(m), TraceError, 'torch.fx cannot trace Branchy'),
-    'callback sparsity': (Net, lambda m: SparsifyCallback(sparsity=None), ValueError, 'sparsity must be a percentage'),
+    'callback sparsity': (Net, lambda m: SparsifyCallback(sparsity='30'), ValueError, 'sparsity must be a percentage'),
     'callback schedule': (Net, lambda m: SparsifyCallback(30, sched_func='cosine'), ValueError, "unknown schedule 'cosine'"),
     'callback epochs': (Net, lambda m: SparsifyCallback(30, start_epoch='1'), ValueError, 'start_epoch must be a number of epochs'),
 }

@@ -1,0 +1,275 @@
+"""Budgets: sparsify and prune to a ratio of MACs, of parameters or of measured latency instead of a percentage.
+
+`MACs(0.5)` asks for half the multiply-accumulates of the dense model, `Params(0.3)` for 30% of its parameters,
+`Latency(0.5, batch_size=64)` for half its median CPU latency on this machine. A `CostModel` gives the cost of a
+plan (which units of which channel group go) from the channel graph: the cost of each layer is a sum of terms, each
+a coefficient times the product of the fractions of channels it keeps on the sides the term scales with
+(a convolution's MACs: dense MACs x kept inputs x kept outputs; a BatchNorm's parameters: x kept channels). For
+MACs and parameters the coefficients are counted (`torch.utils.flop_counter`, the layers' own tensors), so the
+cost of a plan is the pruned model's cost, exactly; for latency they come from a table of each layer timed alone
+at full and half widths on this machine, and the plan is then checked by timing pruned copies.
+"""
+import copy
+import math
+import numbers
+
+import torch
+
+from .layers import kind_of
+
+__all__ = ['Budget', 'MACs', 'Params', 'Latency', 'BUDGETS', 'check_budget', 'reached', 'CostModel', 'plan_drops']
+
+
+class Budget:
+    "A cost to reach, as a ratio of the dense model's (0 < ratio <= 1)."
+    metric = None
+    def __init__(self, ratio):
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio <= 1:
+            raise ValueError(f'{type(self).__name__} takes a ratio of the dense model in (0, 1], got {ratio!r}')
+        self.ratio = float(ratio)   # the cost asked, over the dense model's
+
+    def at(self, ratio):
+        "The same budget at another ratio (the schedule ramps it)."
+        new = copy.copy(self)
+        new.ratio = float(ratio)
+        return new
+
+    def __eq__(self, other): return type(other) is type(self) and vars(other) == vars(self)
+    def __hash__(self): return hash((type(self), tuple(sorted(vars(self).items()))))
+    def __repr__(self): return f'{type(self).__name__}({self.ratio:g})'
+
+
+class MACs(Budget):
+    "Multiply-accumulates of one forward pass, as `count_macs` counts them, over the dense model's."
+    metric = 'MACs'
+
+
+class Params(Budget):
+    "Parameters, as `count_params` counts them, over the dense model's."
+    metric = 'parameters'
+
+
+class Latency(Budget):
+    """Median CPU latency of one eval-mode forward pass at `batch_size` with `threads` threads (default: torch's
+    setting), over the dense model's, measured on this machine."""
+    metric = 'latency'
+    def __init__(self, ratio, batch_size=64, threads=None):
+        super().__init__(ratio)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f'threads must be a positive int or None (torch.get_num_threads()), got {threads!r}')
+        self.batch_size, self.threads = batch_size, threads   # the batch the latency is timed at; CPU threads
+
+    def __repr__(self): return f'Latency({self.ratio:g}, batch_size={self.batch_size}, threads={self.threads})'
+
+
+BUDGETS = {'macs': MACs, 'params': Params, 'latency': Latency}
+"The budgets by name."
+
+
+def check_budget(budget):
+    "`budget` if it is a Budget, or a ValueError naming the choices."
+    if isinstance(budget, Budget): return budget
+    raise ValueError(f'a budget must be one of {", ".join(f"{c.__name__}(ratio)" for c in BUDGETS.values())}, '
+                     f'got {budget!r}')
+
+
+def reached(budget, dense, pruned, example_input):
+    "`pruned`'s cost of `budget`'s kind over `dense`'s: MACs and parameters counted, latency timed (interleaved)."
+    from .report import count_macs, count_params
+    if isinstance(budget, MACs): return count_macs(pruned, example_input) / count_macs(dense, example_input)
+    if isinstance(budget, Params): return count_params(pruned) / count_params(dense)
+    from .latency import batch_of, latency_ratio
+    return latency_ratio(pruned, dense, batch_of(dense, example_input, budget.batch_size), budget.threads)
+
+
+class CostModel:
+    """The cost (MACs, parameters or modelled latency) of a model as a function of the units its channel-group
+    targets drop: `cost(ks)` when target `i` drops the first `ks[i]` units of its `order(i)`.
+
+    Each (module, role) a target's slices touch is a column with its channel count; a term is a coefficient times
+    the product of the kept fractions of its columns; what no target can change is a constant."""
+    def __init__(self, model, targets, budget, example):
+        self.targets, self.budget = targets, check_budget(budget)
+        self.cols, self.n = {}, []
+        self.parts = []   # per target: (column indices, (units, columns) channels each unit removes from each)
+        for t in targets:
+            g = t.group
+            unit = g.channels(torch.arange(g.units))   # the unit each channel of the group belongs to
+            per = {}
+            for s in g.slices:
+                col = self._col(s.module, s.role, model)
+                n = torch.bincount(unit[s.start:s.start + s.length], minlength=g.units).double() * s.block
+                per[col] = per.get(col, 0) + n
+            cols = sorted(per)
+            self.parts.append((torch.tensor(cols), torch.stack([per[c] for c in cols], 1)))
+        terms = _terms(model, self.cols, budget, example)
+        self.const = float(sum(c for c, cols in terms if not cols))
+        terms = [(c, cols) for c, cols in terms if cols]
+        width = max([len(cols) for _, cols in terms] or [1])
+        none = len(self.n)   # a column whose kept fraction is always 1
+        self.coef = torch.tensor([c for c, _ in terms], dtype=torch.float64)
+        self.term_cols = torch.tensor([list(cols) + [none] * (width - len(cols)) for _, cols in terms],
+                                      dtype=torch.long).view(-1, width)
+        self.channels = torch.tensor(self.n + [1], dtype=torch.float64)
+        self.dense = self.cost_of(torch.zeros(len(self.n)))
+        self.orders = None
+        self.measured = []   # (modelled ratio, measured ratio) of plans timed on pruned copies (`Sparsifier.calibrate`)
+
+    def _col(self, module, role, model):
+        key = (module, role)
+        if key not in self.cols:
+            m = model.get_submodule(module)
+            self.cols[key] = len(self.n)
+            self.n.append(kind_of(m).channels(m, role))
+        return self.cols[key]
+
+    def kept(self, dropped):
+        "Per column, the fraction of channels kept when `dropped` channels (a vector by column) go; 1 appended."
+        return 1 - torch.cat([dropped.double(), torch.zeros(1, dtype=torch.float64)]) / self.channels
+
+    def cost_of(self, dropped):
+        "The cost when `dropped` channels (a vector by column) go."
+        return self.const + float((self.coef * self.kept(dropped)[self.term_cols].prod(1)).sum())
+
+    def dropped(self, drops):
+        "Channels removed per column when target `i` drops units `drops[i]` (indices or a bool per unit)."
+        out = torch.zeros(len(self.n), dtype=torch.float64)
+        for (cols, per), d in zip(self.parts, drops): out.index_add_(0, cols, per[d].view(-1, len(cols)).sum(0))
+        return out
+
+    def savings(self, dropped):
+        """Per target, the cost each unit saves at the kept fractions `dropped` leaves (the gradient of the cost,
+        so the first unit of a fresh layer counts as much as the last)."""
+        f = self.kept(dropped)
+        grads = torch.zeros(len(self.n) + 1, dtype=torch.float64)
+        for j in range(self.term_cols.shape[1]):
+            others = torch.cat([f[self.term_cols[:, :j]], f[self.term_cols[:, j + 1:]]], 1).prod(1)
+            grads.index_add_(0, self.term_cols[:, j], self.coef * others)
+        rate = grads[:-1] / self.channels[:-1]
+        return [per @ rate[cols] for cols, per in self.parts]
+
+    # ------------------------------------------------------------ plans: target i drops its first ks[i] units
+    def set_orders(self, orders):
+        "Each target's units in the order they go (a permutation per target), and their cumulative removals."
+        self.orders = orders
+        self.cum = [torch.cat([torch.zeros(1, len(cols), dtype=torch.float64), per[o].cumsum(0)])
+                    for (cols, per), o in zip(self.parts, orders)]
+
+    def cost(self, ks):
+        "The cost when target `i` drops the first `ks[i]` units of its order."
+        out = torch.zeros(len(self.n), dtype=torch.float64)
+        for (cols, _), c, k in zip(self.parts, self.cum, ks): out.index_add_(0, cols, c[k])
+        return self.cost_of(out)
+
+    def ratio(self, ks): return self.cost(ks) / self.dense
+
+    def _points(self): return sorted({(1., 1.), *self.measured})
+
+    def measured_for(self, modelled):
+        "The ratio a plan with this `modelled` ratio measures: `modelled` until plans were measured, then interpolated."
+        pts = self._points()
+        if len(pts) < 2: return modelled
+        return _interpolate([p[0] for p in pts], [p[1] for p in pts], modelled)
+
+    def modelled_for(self, ratio):
+        """The modelled ratio to plan for so that the measured one is `ratio`: the model itself until plans were
+        measured, then interpolated (linearly, extrapolated from the nearest two) through the dense model (1, 1)
+        and the measured plans."""
+        pts = sorted(self._points(), key=lambda p: p[1])
+        if len(pts) < 2: return ratio
+        return min(max(_interpolate([p[1] for p in pts], [p[0] for p in pts], ratio), 1e-6), 1.)
+
+
+def _interpolate(xs, ys, x):
+    "y at `x` on the broken line through the points (xs sorted), extrapolated from the nearest two."
+    i = min(max(next((j for j, v in enumerate(xs) if v >= x), len(xs) - 1), 1), len(xs) - 1)
+    (x0, y0), (x1, y1) = (xs[i - 1], ys[i - 1]), (xs[i], ys[i])
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0) if x1 != x0 else y0
+
+
+def _terms(model, cols, budget, example):
+    "(coefficient, columns) of every term of the model's cost; columns () for what no target changes."
+    roles = {}
+    for (m, r), c in cols.items(): roles.setdefault(m, {})[r] = c
+    if isinstance(budget, MACs):
+        from .report import macs_by_module
+        return [(v, tuple(roles.get(n, {}).values())) for n, v in macs_by_module(model, example).items()]
+    if isinstance(budget, Params):
+        out, seen = [], set()
+        for n, m in model.named_modules():
+            kind, mine = kind_of(m), roles.get(n, {})
+            for p, v in m.named_parameters(recurse=False):
+                if id(v) in seen: continue
+                seen.add(id(v))
+                out.append((v.numel(), tuple(c for r, c in mine.items() if _scales(kind, r, p))))
+        return out
+    from .latency import latency_terms
+    return latency_terms(model, roles, budget, example)
+
+
+def _scales(kind, role, pname):
+    "Whether parameter `pname` of a layer of `kind` holds the channels of `role`."
+    if role == 'in': return pname == kind.weight
+    if role == 'heads': return False
+    return pname in dict(kind.rows(role))
+
+
+def plan_drops(costs, scores, ratio, method, count):
+    """Per target, the units to drop (indices) so that the cost is at most `ratio` of the dense model's, as little
+    below as the units allow. `scores`: per target, its units' scores (-inf: held, dropped first).
+    'local': one percentage for every target, the lowest that meets the ratio, each target dropping its lowest
+    scores; 'global': the units least important per unit of cost saved (scores over their mean per target, over
+    the cost each unit saves), ranked over all targets, re-ranked once at the costs the first plan leaves. Each
+    target keeps its best unit. `count(p)`: per target, the units a percentage `p` drops ('local').
+    A ValueError when even that cannot meet the ratio."""
+    if method == 'local':
+        costs.set_orders([torch.sort(s, stable=True).indices for s in scores])
+        ks = count
+        _reachable(costs, ks(100), ratio)
+        lo, hi = 0., 100.   # lowest percentage that meets the ratio: costs fall as the percentage rises
+        if costs.ratio(ks(0)) <= ratio: hi = 0.
+        for _ in range(40):
+            if hi - lo < 1e-6: break
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if costs.ratio(ks(mid)) <= ratio else (mid, hi)
+        chosen = ks(hi)
+    else:
+        dropped = torch.zeros(len(costs.n), dtype=torch.float64)
+        for _ in range(2):   # rank at dense widths, then again at the widths the first plan leaves
+            chosen = _global_prefix(costs, scores, costs.savings(dropped), ratio)
+            dropped = torch.zeros(len(costs.n), dtype=torch.float64)
+            for (cols, _), c, k in zip(costs.parts, costs.cum, chosen): dropped.index_add_(0, cols, c[k])
+    return [o[:k] for o, k in zip(costs.orders, chosen)]
+
+
+def _global_prefix(costs, scores, savings, ratio):
+    "Units per target of the shortest prefix, in one ranking over all targets, that meets the ratio."
+    ranked = []
+    for s, save in zip(scores, savings):
+        s = s.double() / s[torch.isfinite(s)].abs().mean().clamp_min(1e-300) if torch.isfinite(s).any() else s.double()
+        s = s / save.clamp_min(1e-300)
+        s[torch.argmax(torch.where(torch.isneginf(s), -math.inf, s))] = math.inf   # each target keeps its best unit
+        ranked.append(s)
+    costs.set_orders([torch.sort(s, stable=True).indices for s in ranked])
+    flat = torch.cat(ranked)
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(ranked)])
+    order = owner[torch.sort(flat, stable=True).indices]
+    n = len(ranked)
+    def ks(k): return torch.bincount(order[:k], minlength=n).tolist()
+    top = int(torch.isfinite(flat).sum() + torch.isneginf(flat).sum())
+    _reachable(costs, ks(top), ratio)
+    lo, hi = int(torch.isneginf(flat).sum()), top   # the shortest prefix (held units first) whose cost meets the ratio
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if costs.ratio(ks(mid)) <= ratio else (mid + 1, hi)
+    return ks(lo)
+
+
+def _reachable(costs, ks, ratio):
+    r = costs.ratio(ks)
+    if r > ratio + 1e-12:
+        raise ValueError(f'{costs.budget.at(ratio)!r} cannot be reached: with every targeted layer down to one unit the '
+                         f'{costs.budget.metric} are {r:.3f} of the dense model\'s (the rest is in layers no target '
+                         'changes: the input and output, frozen or excluded groups, other layer types)')

@@ -1,0 +1,141 @@
+"""Latency on this machine: a table of each layer timed alone at full and half widths (the terms of a `Latency`
+budget's `CostModel`), and the measured latency ratio of two models, timed interleaved in one process.
+
+A layer's time is not its MACs' share: a BatchNorm, an activation or a depthwise conv costs time in proportion to
+its channels with few MACs, and a 1x1 conv at small width is dominated by overheads. So each layer that a channel
+group changes is timed alone on the input it sees in the model (at the budget's batch size and threads), at its
+full width and with each side it can lose halved, and its time is fitted as a + b*f_in + c*f_out + d*f_in*f_out
+(f: the kept fraction of each side); the rest of the model's time (activations, adds, pooling that no layer kind
+holds) is a constant. The model ranks channels; the ratio reached is then checked by timing pruned copies.
+"""
+import copy
+import itertools
+import math
+
+import torch
+from torch.utils.benchmark import Timer
+
+from .layers import kind_of, shrink
+from .ops import linear
+from .tracing import example_args, training_mode
+
+__all__ = ['latency_ratio', 'latency_terms', 'batch_of']
+
+_TABLE = {}
+"Cache of the layer timings: (layer, input shapes, dtype, threads, widths) -> seconds. Timings are of this process."
+
+
+def batch_of(model, example_input, batch_size):
+    "The example's inputs at `batch_size` (repeated, or cut, along the batch dim)."
+    out = []
+    for x in example_args(model, example_input):
+        reps = math.ceil(batch_size / x.shape[0])
+        out.append(x.repeat(reps, *[1] * (x.dim() - 1))[:batch_size].contiguous())
+    return tuple(out)
+
+
+def _median_time(fn, threads, min_run_time):
+    "Median seconds of one call of `fn()` (torch.utils.benchmark)."
+    t = Timer('fn()', globals={'fn': fn}, num_threads=threads)
+    return t.blocked_autorange(min_run_time=min_run_time).median
+
+
+@torch.inference_mode()
+def latency_ratio(model, reference, example_input, threads=None, rounds=7, min_run_time=0.2):
+    """The median, over `rounds` interleaved timings, of `model`'s eval-mode latency over `reference`'s on
+    `example_input` (so that a machine's drifting speed hits both alike)."""
+    threads = threads or torch.get_num_threads()
+    args = example_args(model, example_input)
+    ratios = []
+    with training_mode(model, False), training_mode(reference, False):
+        for i in range(rounds):
+            pair = [(model, None), (reference, None)] if i % 2 else [(reference, None), (model, None)]
+            times = {id(m): _median_time(lambda m=m: m(*args), threads, min_run_time) for m, _ in pair}
+            ratios.append(times[id(model)] / times[id(reference)])
+    return sorted(ratios)[len(ratios) // 2]
+
+
+def _inputs(model, names, args):
+    "Module name -> the positional inputs of its first call, for `names` (one real forward pass with hooks)."
+    seen, hooks = {}, []
+    for n in names:
+        def pre(m, a, n=n):
+            if n not in seen: seen[n] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in a)
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(pre))
+    try:
+        with torch.inference_mode(): model(*args)
+    finally:
+        for h in hooks: h.remove()
+    return seen
+
+
+def _half(m, role, n):
+    "Kept channel indices that halve side `role` of `m` (`n` channels; every group keeps the same), or None."
+    groups = getattr(m, 'groups', 1) if role in ('in', 'out') else 1
+    per = n // groups
+    if per < 2: return None
+    return (torch.arange(groups)[:, None] * per + torch.arange(per // 2)).flatten()
+
+
+def _cut(m, args, role, keep):
+    "The inputs with the channels of side `role` cut to `keep` (its input channels: dim 1, a Linear's last)."
+    if role == 'out': return args
+    dim = -1 if kind_of(m).rule is linear else 1
+    x = args[0]
+    return (x.index_select(dim, keep), *args[1:])
+
+
+def _fit(m, args, roles, threads, min_run_time):
+    """(coefficient, roles) terms of `m`'s time: timed at full width and with each subset of `roles` halved,
+    fitted as a sum over subsets S of c_S times the product of the kept fractions of S."""
+    kind, sides = kind_of(m), []
+    for r in roles:
+        n = kind.channels(m, r)
+        keep = _half(m, r, n)
+        if keep is not None: sides.append((r, keep, len(keep) / n))
+    points, times = [], []
+    for pick in itertools.product((False, True), repeat=len(sides)):
+        probe, x = copy.deepcopy(m), args
+        for (r, keep, _), halve in zip(sides, pick):
+            if halve:
+                shrink(probe, {r: keep})
+                x = _cut(m, x, r, keep)
+        key = (repr(m), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), str(args[0].dtype),
+               threads, pick)
+        if key not in _TABLE:
+            with training_mode(probe, False), torch.inference_mode():
+                _TABLE[key] = _median_time(lambda: probe(*x), threads, min_run_time)
+        points.append([math.prod(f for (_, _, f), halve, i in zip(sides, pick, inc) if halve and i)
+                       for inc in itertools.product((False, True), repeat=len(sides))])
+        times.append(_TABLE[key])
+    coef = torch.linalg.solve(torch.tensor(points, dtype=torch.float64), torch.tensor(times, dtype=torch.float64))
+    return [(float(c), tuple(r for (r, _, _), i in zip(sides, inc) if i))
+            for c, inc in zip(coef, itertools.product((False, True), repeat=len(sides)))]
+
+
+def latency_terms(model, roles, budget, example, min_run_time=0.05):
+    """(seconds, columns) terms of `model`'s latency for a `Latency` budget: each layer in `roles` (module name ->
+    {role: column}) from the timing table, its attention heads (role 'heads') in proportion to its own time; the
+    rest of the model's time as one constant term."""
+    threads = budget.threads or torch.get_num_threads()
+    args = batch_of(model, example, budget.batch_size)
+    with training_mode(model, False):
+        inputs = _inputs(model, list(roles), args)
+        terms, timed = [], 0.
+        for n, mine in roles.items():
+            m = model.get_submodule(n)
+            if n not in inputs: continue   # never called: no time
+            if 'heads' in mine:   # attention: its own time (its layers' aside) scales with its heads
+                inner = sum(_median_time(lambda c=c, k=k: c(*inputs[f'{n}.{k}']), threads, min_run_time)
+                            for k, c in m.named_modules() if k and f'{n}.{k}' in inputs)
+                with torch.inference_mode():
+                    own = max(_median_time(lambda: m(*inputs[n]), threads, min_run_time) - inner, 0.)
+                terms.append((own, (mine['heads'],)))
+                timed += own
+                continue
+            fit = _fit(m, inputs[n], list(mine), threads, min_run_time)
+            terms += [(c, tuple(mine[r] for r in rs)) for c, rs in fit]
+            timed += sum(c for c, _ in fit)
+        with torch.inference_mode():
+            total = _median_time(lambda: model(*args), threads, 5 * min_run_time)
+    return terms + [(max(total - timed, 0.), ())]
