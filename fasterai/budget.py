@@ -177,9 +177,15 @@ class CostModel:
         """The modelled ratio to plan for so that the measured one is `ratio`: the model itself until plans were
         measured, then interpolated (linearly, extrapolated from the nearest two) through the dense model (1, 1)
         and the measured plans."""
-        pts = sorted(self._points(), key=lambda p: p[1])
-        if len(pts) < 2: return ratio
-        return min(max(_interpolate([p[1] for p in pts], [p[0] for p in pts], ratio), 1e-6), 1.)
+        return modelled_for(self.measured, ratio)
+
+
+def modelled_for(measured, ratio):
+    """The modelled ratio to plan for so that the measured one is `ratio`, from `measured` (modelled, measured)
+    pairs and the dense model (1, 1); `ratio` itself when none was measured."""
+    pts = sorted({(1., 1.), *measured}, key=lambda p: p[1])
+    if len(pts) < 2: return ratio
+    return min(max(_interpolate([p[1] for p in pts], [p[0] for p in pts], ratio), 1e-6), 1.)
 
 
 def _interpolate(xs, ys, x):

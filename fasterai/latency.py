@@ -6,7 +6,8 @@ its channels with few MACs, and a 1x1 conv at small width is dominated by overhe
 group changes is timed alone on the input it sees in the model (at the budget's batch size and threads), at its
 full width and with each side it can lose halved, and its time is fitted as a + b*f_in + c*f_out + d*f_in*f_out
 (f: the kept fraction of each side); the rest of the model's time (activations, adds, pooling that no layer kind
-holds) is a constant. The model ranks channels; the ratio reached is then checked by timing pruned copies.
+holds) is spread over the layers in proportion to their time. The model ranks channels; the ratio reached is then
+checked by timing pruned copies (`Sparsifier.calibrate`).
 """
 import copy
 import itertools
@@ -138,4 +139,7 @@ def latency_terms(model, roles, budget, example, min_run_time=0.05):
             timed += sum(c for c, _ in fit)
         with torch.inference_mode():
             total = _median_time(lambda: model(*args), threads, 5 * min_run_time)
-    return terms + [(max(total - timed, 0.), ())]
+    # the time no layer kind holds (activations, adds, pooling) is spread over the layers in proportion to theirs:
+    # it runs on the same channels (the calibration on timed pruned copies corrects what this misses)
+    scale = total / timed if timed > 0 else 1.
+    return [(c * scale, cols) for c, cols in terms] + ([(total, ())] if timed <= 0 else [])

@@ -76,20 +76,29 @@ def _table(rows):
                      for r in rows)
 
 
-def compare_models(dense, pruned, example_input, latency_input=None, extra=(), min_run_time=1.0):
+def compare_models(dense, pruned, example_input, latency_input=None, extra=(), min_run_time=1.0, budget=None):
     """A printable before/after table: `extra` rows (name, before, after), params, MACs, latency, layer shapes.
 
-    MACs are counted on `example_input`; latency is timed on `latency_input` (default: `example_input`).
+    MACs are counted on `example_input`; latency is timed on `latency_input` (default: `example_input`), and its
+    ratio is the median of interleaved timings (`latency.latency_ratio`), so that a drifting machine hits both alike.
+    `budget` (a `MACs`, `Params` or `Latency` budget): a row with the ratio it asked and the ratio reached.
     """
+    from .latency import latency_ratio
     lat_in = latency_input if latency_input is not None else example_input
     lat_batch = _batch(lat_in)
     p0, p1 = count_params(dense), count_params(pruned)
     m0, m1 = count_macs(dense, example_input), count_macs(pruned, example_input)
     t0, t1 = latency_ms(dense, lat_in, min_run_time), latency_ms(pruned, lat_in, min_run_time)
+    ratio = latency_ratio(pruned, dense, lat_in, rounds=5, min_run_time=min_run_time / 5)
     rows = [('', 'before', 'after', 'after/before'), *extra,
             ('parameters', f'{p0:,}', f'{p1:,}', f'{p1 / p0:.3f}'),
             ('MACs per image', f'{m0 // _batch(example_input):,}', f'{m1 // _batch(example_input):,}', f'{m1 / m0:.3f}'),
-            (f'CPU latency, batch {lat_batch} (median ms)', f'{t0:.2f}', f'{t1:.2f}', f'{t1 / t0:.3f}')]
+            (f'CPU latency, batch {lat_batch} (median ms)', f'{t0:.2f}', f'{t1:.2f}', f'{ratio:.3f}')]
+    if budget is not None:
+        from .budget import reached
+        got = {'MACs': m1 / m0, 'parameters': p1 / p0}.get(budget.metric)
+        if got is None: got = ratio if _batch(lat_in) == budget.batch_size else reached(budget, dense, pruned, lat_in)
+        rows.append((f'budget {budget!r}', 'asked', f'{budget.ratio:g}', f'reached {got:.3f}'))
     s0, s1 = layer_shapes(dense), layer_shapes(pruned)
     layers = [('layer', 'before', 'after', 'params after')]
     for name, (kind, shape, _) in s0.items():

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .budget import check_budget
+from .budget import Latency, check_budget, modelled_for
 from .sparsifier import Sparsifier
 from .tracing import training_mode, unwrap
 
@@ -46,17 +46,31 @@ class Sensitivity:
         ax.legend(fontsize='small')
         return ax
 
-    def sparsities(self, budget):
+    def sparsities(self, budget, tol=0.015, steps=4):
         """Per-layer sparsities (a dict for the Sparsifier or SparsifyCallback with method 'local') that meet `budget`
         at the least summed damage: from the dense model, the group whose next ratio costs the least damage per unit
-        of cost saved moves up, until the budget is met (damages read between the measured ratios linearly). A
-        ValueError when the largest ratio of every group does not meet it."""
+        of cost saved moves up, until the budget is met (the last one only as far as needed). A `Latency` budget is
+        planned on the timing table, then the plan is timed on pruned copies and planned again until within `tol`
+        (at most `steps` times). A ValueError when the largest ratio of every group does not meet it."""
         sp, budget = self.sparsifier, check_budget(budget)
         costs = sp.cost_model(budget)
         costs.set_orders([torch.sort(t.scores(sp.scores), stable=True).indices for t in sp.targets])
-        ratio = costs.modelled_for(budget.ratio)
+        if not isinstance(budget, Latency): return self._plan(costs, budget, budget.ratio)
+        timed, best = [], None
+        for _ in range(steps):
+            modelled = modelled_for(timed, budget.ratio)
+            plan = self._plan(costs, budget, modelled)
+            got = sp.measure(budget, sp.plan_masks(plan))
+            timed.append((modelled, got))
+            if best is None or abs(got - budget.ratio) < best[0]: best = (abs(got - budget.ratio), plan)
+            if best[0] <= tol: break
+        sp.counts = None   # (the masks planned for timing are never applied)
+        return best[1]
+
+    def _plan(self, costs, budget, ratio):
+        "The greedy plan of `sparsities` for a modelled `ratio`."
+        sp, levels = self.sparsifier, [0., *self.ratios]
         level = [0] * len(sp.targets)
-        levels = [0., *self.ratios]
         damage = [self.damage(t.name) for t in sp.targets]
         ks = lambda pct: [min(t.count(p), t.units - 1) for t, p in zip(sp.targets, pct)]
         pct = lambda lv: [100 * levels[l] for l in lv]

@@ -214,7 +214,11 @@ class Sparsifier(SparsityReport):
         costs = self.cost_model(budget)
         scores = [self._scores(i) for i in range(len(self.targets))]
         count = lambda p: [max(t.count(p), 0 if h is None else int(h.sum())) for t, h in zip(self.targets, self.held)]
-        return _Drops(plan_drops(costs, scores, costs.modelled_for(budget.ratio), self.method, count))
+        ratio = costs.modelled_for(budget.ratio)
+        if costs.measured:   # a calibrated ratio past what the model can reach: as far as it goes
+            ratio = max(ratio, costs.cost_of(costs.dropped([torch.arange(1, t.units) for t in self.targets])) /
+                        costs.dense + 1e-9)
+        return _Drops(plan_drops(costs, scores, ratio, self.method, count))
 
     def cost_ratio(self, budget):
         """The modelled cost ratio of `budget`'s kind without the units that are zero now (exact for MACs and

@@ -1,3 +1,4 @@
+import torch
 import torch.nn as nn
 
 from fasterai.examples import Net
@@ -27,3 +28,16 @@ def test_latency_and_table():
                            extra=[('accuracy', '1', '1', '')])
     assert 'parameters' in table and '156,570' in table and 'CPU latency, batch 8' in table
     assert 'conv3 (Conv2d)' in table and 'accuracy' in table
+
+
+def test_table_with_a_budget_asked_and_reached():
+    from fasterai.budget import MACs
+    from fasterai.pruner import Pruner
+    torch.manual_seed(0)
+    m = Net(1).eval()
+    pr = Pruner(target=MACs(0.5), method='global', layer_type=(torch.nn.Conv2d, torch.nn.Linear),
+                example_input=(1, 1, 28, 28))
+    pruned = pr.prune_model(m)
+    table = compare_models(m, pruned, (1, 1, 28, 28), latency_input=(8, 1, 28, 28), min_run_time=0.05, budget=MACs(0.5))
+    row = next(l for l in table.splitlines() if l.startswith('budget MACs(0.5)'))
+    assert row.split()[-3:] == ['0.5', 'reached', f'{pr.reached:.3f}'] and pr.reached <= 0.5

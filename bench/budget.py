@@ -1,0 +1,167 @@
+"""Compress to a budget: half the MACs, half the latency, 30% of the parameters, with uniform or chosen ratios.
+
+On Fashion-MNIST (--n-train training images, --epochs epochs, batches of 64, `fit_one_cycle(epochs, 1e-3)`,
+accuracy on the 10,000 test images), the seed net and the small ResNet of bench/accuracy.py are trained dense; then,
+from the same initial weights and data order, each is sparsified to each budget while it trains (the schedule ramps
+the budget from the dense cost, cosine, reached at 2/3 of training) and pruned (`Pruner()`, exact). The rows:
+- **uniform**: `SparsifyCallback(target=B, method='local')`: one L1 percentage for every channel group, the lowest
+  that meets B;
+- **global**: `method='global'`: the channels least important (L1 over the layer's mean) per unit of B's cost saved;
+- **sensitivity**: `sensitivity()` of the trained dense net (4 validation batches, 25/50/75% of each group), its
+  `.sparsities(B)` as the per-layer dict of `SparsifyCallback(method='local')`;
+- **global + KD**: 'global' with `KnowledgeDistillationCallback(dense teacher)` (soft targets, weight 0.5, T = 4).
+
+Each pruned model is measured: MACs and parameters counted; latency timed at batch 64 on 2 threads, as the median
+ratio to the dense model of 7 interleaved timings in one process. "Reached" is the ratio of the budget's own cost.
+The recovery table runs the seed net at half the latency on the longer budget (--long-n-train, --long-epochs), with
+and without distillation. fasterai 0.4.1 has no budgets; its `to_layer_targets` and KD callback are not run here.
+
+Run: `.venv/bin/python bench/budget.py [--n-train 10000] [--epochs 3] [--seeds 0] [--long-n-train 30000]
+[--long-epochs 6] [--out bench/results/budget.md]`
+"""
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import examples, run_child, write_result  # noqa: E402
+
+BUDGETS = [('MACs', 'uniform'), ('MACs', 'global'), ('Latency', 'uniform'), ('Latency', 'global'),
+           ('Latency', 'sensitivity'), ('Latency', 'global + KD'), ('Params', 'uniform'), ('Params', 'global')]
+RATIO = {'MACs': 0.5, 'Latency': 0.5, 'Params': 0.3}
+LONG = [('Latency', 'global'), ('Latency', 'global + KD'), ('Latency', 'uniform + KD')]
+
+
+def budget_of(name):
+    from fasterai.budget import Latency, MACs, Params
+    return {'MACs': MACs(0.5), 'Latency': Latency(0.5, batch_size=64, threads=2), 'Params': Params(0.3)}[name]
+
+
+def child(arch, n_train, epochs, seed, runs):
+    "The dense net, then each (budget, method) of `runs`; one JSON line each."
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    import fastai.callback.schedule  # noqa: F401
+    from accuracy import SmallResNet
+    from fasterai.budget import reached
+    from fasterai.distill import KnowledgeDistillationCallback
+    from fasterai.latency import latency_ratio
+    from fasterai.pruner import Pruner
+    from fasterai.report import count_macs, count_params
+    from fasterai.sensitivity import sensitivity
+    from fasterai.sparsifier import SparsifyCallback
+    ex = examples()
+    torch.set_num_threads(2)
+    dls = ex.fashion_mnist_dls(n_train, 10000, bs=64)
+    xb = dls.valid.one_batch()[0]
+    make = {'seed_net': lambda: ex.Net(1), 'small_resnet': SmallResNet}[arch]
+    quiet = lambda learn: (contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging())
+    torch.manual_seed(seed)
+    init = make()
+    teacher = Learner(dls, copy.deepcopy(init), metrics=accuracy)
+    a, b, c = quiet(teacher)
+    with a, b, c: teacher.fit_one_cycle(epochs, 1e-3); dense = 100 * teacher.validate()[1]
+    teacher.model.eval()
+    print(json.dumps(dict(arch=arch, seed=seed, budget='dense', method='', acc=dense, sparse=dense, macs=1., params=1.,
+                          latency=1., reached=1.)), flush=True)
+    sens = None
+    for bname, method in runs:
+        budget = budget_of(bname)
+        torch.manual_seed(seed)
+        learn = Learner(dls, copy.deepcopy(init), metrics=accuracy)
+        layers = (torch.nn.Conv2d, torch.nn.Linear)
+        if method == 'sensitivity':
+            if sens is None: sens = sensitivity(teacher, ratios=(0.25, 0.5, 0.75), n_batches=4, layer_type=layers)
+            cb = SparsifyCallback(sens.sparsities(budget), 'filter', 'local', 'l1', 'cos', layer_type=layers,
+                                  end_epoch=2 * epochs / 3)
+        else:
+            cb = SparsifyCallback(target=budget, method='local' if method.startswith('uniform') else 'global',
+                                  layer_type=layers, end_epoch=2 * epochs / 3)
+        cbs = [cb] + ([KnowledgeDistillationCallback(teacher.model)] if method.endswith('KD') else [])
+        a, b, c = quiet(learn)
+        with a, b, c:
+            learn.fit_one_cycle(epochs, 1e-3, cbs=cbs)
+            sparse = 100 * learn.validate()[1]
+            pruned = Pruner(example_input=xb[:2]).prune_model(learn.model)
+            learn.model = pruned
+            acc = 100 * learn.validate()[1]
+        d, p = teacher.model.eval(), pruned.eval()
+        row = dict(arch=arch, seed=seed, budget=repr(budget), method=method, acc=acc, sparse=sparse,
+                   macs=count_macs(p, xb[:1]) / count_macs(d, xb[:1]), params=count_params(p) / count_params(d),
+                   latency=latency_ratio(p, d, xb[:64], threads=2))
+        row['reached'] = {'MACs': row['macs'], 'Params': row['params'], 'Latency': row['latency']}[bname]
+        row['asked'] = budget.ratio
+        print(json.dumps(row), flush=True)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    archs = sorted({r['arch'] for r in rows})
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        mine = [r for r in rows if r['arch'] == arch]
+        for r in mine:
+            label = 'dense' if r['budget'] == 'dense' else f"{r['budget'].split('(')[0]} {r['asked']:g}, {r['method']}"
+            ax.scatter(r['latency'], r['acc'], label=f"{label} (seed {r['seed']})", s=25)
+        ax.set_title(arch); ax.set_xlabel('latency, pruned / dense (batch 64, 2 threads, timed)')
+        ax.set_ylabel('pruned accuracy (%)'); ax.legend(fontsize=6)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
+
+
+def table(rows):
+    lines = ['| model | seed | budget | method | pruned acc. | - dense | reached (asked) | MACs ratio | params ratio | '
+             'latency ratio |', '|' + '---|' * 10]
+    dense = {(r['arch'], r['seed']): r['acc'] for r in rows if r['budget'] == 'dense'}
+    for r in rows:
+        asked = f" ({r['asked']:g})" if 'asked' in r else ''
+        lines.append(f"| {r['arch']} | {r['seed']} | {r['budget']} | {r['method']} | {r['acc']:.2f} | "
+                     f"{r['acc'] - dense[(r['arch'], r['seed'])]:+.2f} | {r['reached']:.3f}{asked} | {r['macs']:.3f} | "
+                     f"{r['params']:.3f} | {r['latency']:.3f} |")
+    return lines
+
+
+def main():
+    warnings.filterwarnings('ignore')
+    if sys.argv[1:2] == ['--child']:
+        arch, n, e, seed, runs = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), json.loads(sys.argv[7])
+        return child(arch, n, e, seed, [tuple(r) for r in runs])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--n-train', type=int, default=10000)
+    ap.add_argument('--epochs', type=int, default=3)
+    ap.add_argument('--seeds', type=int, nargs='*', default=[0])
+    ap.add_argument('--long-n-train', type=int, default=30000)
+    ap.add_argument('--long-epochs', type=int, default=6)
+    ap.add_argument('--archs', nargs='*', default=['seed_net', 'small_resnet'])
+    ap.add_argument('--out', default=None)
+    args = ap.parse_args()
+    rows = []
+    for seed in args.seeds:
+        for arch in args.archs:
+            for r in run_child(__file__, 'fasterai', arch, args.n_train, args.epochs, seed, json.dumps(BUDGETS)):
+                rows.append(r)
+                print(table([r for r in rows if r['arch'] == arch and r['seed'] == seed])[-1], flush=True)
+    long = []
+    if args.long_epochs:
+        long = run_child(__file__, 'fasterai', 'seed_net', args.long_n_train, args.long_epochs, 0, json.dumps(LONG))
+        for line in table(long)[2:]: print(line, flush=True)
+    if args.out:
+        png = Path(args.out).with_name('budget_pareto.png')
+        plot(rows, png)
+        lines = table(rows) + ['', f'Recovery: the seed net at half the latency, {args.long_n_train:,} training images, '
+                                   f'{args.long_epochs} epochs, seed 0.', ''] + (table(long) if long else [])
+        write_result(args.out, 'Compress to a budget', __doc__, lines,
+                     f', {args.n_train:,} training images, {args.epochs} epochs',
+                     f'![accuracy against measured latency]({png.name})\n\n')
+
+
+if __name__ == '__main__':
+    main()
