@@ -116,6 +116,7 @@ class CostModel:
         self.dense = self.cost_of(torch.zeros(len(self.n)))
         self.orders = None
         self.measured = []   # (modelled ratio, measured ratio) of plans timed on pruned copies (`Sparsifier.calibrate`)
+        self.pinned = {}     # ratio asked -> the modelled ratio whose plan timed closest to it
 
     def _col(self, module, role, model):
         key = (module, role)
@@ -177,6 +178,7 @@ class CostModel:
         """The modelled ratio to plan for so that the measured one is `ratio`: the model itself until plans were
         measured, then interpolated (linearly, extrapolated from the nearest two) through the dense model (1, 1)
         and the measured plans."""
+        if ratio in self.pinned: return self.pinned[ratio]
         return modelled_for(self.measured, ratio)
 
 

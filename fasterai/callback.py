@@ -123,7 +123,7 @@ class SparsifyCallback(Callback):
         if self.sparsifier is not None and self.sparsifier.model is not model:
             self.sparsifier = None   # learn.model was replaced (learn.prune()): traced anew on the first batch
             self._origins = self._dense = None
-        self.history, self._rewind, self._measured, self._ready = [], None, 0., False
+        self.history, self._rewind, self._measured, self._ready, self._retimed = [], None, 0., False, False
         self._start = self.start_sparsity
         # fine_tune's first phase (learn.freeze()): frozen layers cannot recover, so the sparsity is held
         self._frozen = [n for n, m in layers.items() if not all(getattr(m, w).requires_grad for w in weights_of(m))]
@@ -203,6 +203,10 @@ class SparsifyCallback(Callback):
     def after_batch(self):
         epoch = self.epoch + (self.iter + 1) / self.n_iter
         planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)   # held: only the units found zero
+        if isinstance(self.target, Latency) and not self._frozen and planned == self.target and not self._retimed:
+            self._retimed = True   # the schedule reached the budget: time the plans of the trained weights
+            got = self.sparsifier.calibrate(self.target, fresh=True)
+            print(f'Latency budget reached by the schedule: plans timed again, the closest at {got:.3f} of the dense model')
         if self.sparsifier.sparsify(planned):
             if self.lth and self._rewind is not None: self._rewind_weights()
             self._measured = self.measured() if self.target is None else self.sparsifier.cost_ratio(self.target)

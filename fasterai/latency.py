@@ -20,7 +20,7 @@ from .layers import kind_of, shrink
 from .ops import linear
 from .tracing import example_args, training_mode
 
-__all__ = ['latency_ratio', 'latency_terms', 'batch_of']
+__all__ = ['latency_ratio', 'latency_terms', 'batch_of', 'warm_allocator']
 
 _TABLE = {}
 "Cache of the layer timings: (layer, input shapes, dtype, threads, widths) -> seconds. Timings are of this process."
@@ -35,6 +35,22 @@ def batch_of(model, example_input, batch_size):
     return tuple(out)
 
 
+def warm_allocator(model, args):
+    """Run one forward and backward pass of a copy of `model` on `args`, so that the timings that follow see the memory
+    allocator as a process that has trained does. glibc's malloc maps fresh pages for every block above its mmap
+    threshold and raises that threshold only when such a block is freed; until a pass has freed blocks as large as
+    its activations, every forward pass page-faults its activations in, and a small CNN at batch 64 runs about twice
+    as slowly (a fresh process or one that only ran inference) as after one backward pass. Timings taken before and
+    after training would not compare; warmed, they do."""
+    from .pruner import copy_modules
+    probe = copy_modules(model, {})
+    with torch.enable_grad(), training_mode(probe, False):
+        out = probe(*[a.detach().clone() for a in args])
+        leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        loss = sum(o.float().sum() for o in leaves if o.requires_grad)
+        if isinstance(loss, torch.Tensor): loss.backward()
+
+
 def _median_time(fn, threads, min_run_time):
     "Median seconds of one call of `fn()` (torch.utils.benchmark)."
     t = Timer('fn()', globals={'fn': fn}, num_threads=threads)
@@ -47,6 +63,7 @@ def latency_ratio(model, reference, example_input, threads=None, rounds=7, min_r
     `example_input` (so that a machine's drifting speed hits both alike)."""
     threads = threads or torch.get_num_threads()
     args = example_args(model, example_input)
+    with torch.inference_mode(False): warm_allocator(reference, args)
     ratios = []
     with training_mode(model, False), training_mode(reference, False):
         for i in range(rounds):
@@ -120,6 +137,7 @@ def latency_terms(model, roles, budget, example, min_run_time=0.05):
     rest of the model's time as one constant term."""
     threads = budget.threads or torch.get_num_threads()
     args = batch_of(model, example, budget.batch_size)
+    warm_allocator(model, args)
     with training_mode(model, False):
         inputs = _inputs(model, list(roles), args)
         terms, timed = [], 0.

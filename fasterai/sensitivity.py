@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .budget import Latency, check_budget, modelled_for
-from .sparsifier import Sparsifier
+from .budget import Latency, check_budget
+from .sparsifier import Sparsifier, _next_guess
 from .tracing import training_mode, unwrap
 
 __all__ = ['sensitivity', 'Sensitivity']
@@ -46,7 +46,7 @@ class Sensitivity:
         ax.legend(fontsize='small')
         return ax
 
-    def sparsities(self, budget, tol=0.015, steps=4):
+    def sparsities(self, budget, tol=0.015, steps=6):
         """Per-layer sparsities (a dict for the Sparsifier or SparsifyCallback with method 'local') that meet `budget`
         at the least summed damage: from the dense model, the group whose next ratio costs the least damage per unit
         of cost saved moves up, until the budget is met (the last one only as far as needed). A `Latency` budget is
@@ -58,7 +58,7 @@ class Sensitivity:
         if not isinstance(budget, Latency): return self._plan(costs, budget, budget.ratio)
         timed, best = [], None
         for _ in range(steps):
-            modelled = modelled_for(timed, budget.ratio)
+            modelled = _next_guess(timed, budget.ratio)
             plan = self._plan(costs, budget, modelled)
             got = sp.measure(budget, sp.plan_masks(plan))
             timed.append((modelled, got))

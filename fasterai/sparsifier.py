@@ -9,7 +9,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from .budget import Budget, CostModel, check_budget, plan_drops, reached
+from .budget import Budget, CostModel, check_budget, modelled_for, plan_drops, reached
 from .criteria import resolve_criterion
 from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
 from .masks import MaskSet
@@ -237,24 +237,32 @@ class Sparsifier(SparsityReport):
         return reached(budget, self.model, pruned, self.example_input if self.example_input is not None else
                        self.graph.input_shape)
 
-    def calibrate(self, budget, tol=0.015, steps=4):
+    def calibrate(self, budget, tol=0.015, steps=6, fresh=False):
         """Time pruned copies planned for a `Latency` budget until one is within `tol` of its ratio (at most `steps`),
-        so that later plans for it (and for other ratios, interpolated) meet what is measured, not only what is
-        modelled. The masks are left as they were. Returns the last measured ratio."""
+        so that later plans meet what is measured, not only what is modelled: the plan that came closest is pinned for
+        this ratio, and other ratios are interpolated through the timed ones. `fresh`: forget earlier timings (the
+        weights, hence the plans, have changed since). The masks are left as they were. Returns the closest ratio
+        timed."""
         budget = self.check_sparsity(budget)
         costs, ms = self.cost_model(budget), self.maskset
+        if fresh: costs.measured, costs.pinned = [], {}
+        costs.pinned.pop(budget.ratio, None)
         saved = (self.counts, list(ms.by_target), dict(ms.masks), dict(ms.drops))
+        best = None
         try:
             for _ in range(steps):
-                modelled = costs.modelled_for(budget.ratio)
+                modelled = _next_guess(costs.measured, budget.ratio)
+                costs.pinned[budget.ratio] = modelled
                 self.counts = None
                 self._rescore(budget)
                 got = self.measure(budget)
                 costs.measured.append((modelled, got))
+                if best is None or abs(got - budget.ratio) < abs(best[1] - budget.ratio): best = (modelled, got)
                 if abs(got - budget.ratio) <= tol: break
         finally:
             self.counts, ms.by_target, ms.masks, ms.drops = saved
-        return got
+        costs.pinned[budget.ratio] = best[0]
+        return best[1]
 
     @torch.no_grad()
     def sparsify(self, sparsity):
@@ -332,6 +340,20 @@ class Sparsifier(SparsityReport):
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)
         self.apply_masks()
+
+
+def _next_guess(timed, ratio):
+    """The modelled ratio to time next for a measured `ratio`: interpolated through the `timed` (modelled, measured)
+    points, but kept within the middle half of the closest pair that brackets it (latency falls in steps where
+    widths cross the multiples the kernels prefer, and interpolating across a step creeps towards it)."""
+    guess = modelled_for(timed, ratio)
+    below = [p for p in timed if p[1] <= ratio]
+    above = [p for p in (*timed, (1., 1.)) if p[1] > ratio]
+    if below and above:
+        lo, hi = max(below, key=lambda p: p[1])[0], min(above, key=lambda p: p[1])[0]
+        a, b = sorted((lo, hi))
+        guess = min(max(guess, a + (b - a) / 4), b - (b - a) / 4)
+    return guess
 
 
 class _Drops(tuple):
