@@ -178,7 +178,7 @@ class CostModel:
         """The modelled ratio to plan for so that the measured one is `ratio`: the model itself until plans were
         measured, then interpolated (linearly, extrapolated from the nearest two) through the dense model (1, 1)
         and the measured plans."""
-        if ratio in self.pinned: return self.pinned[ratio]
+        if round(ratio, 9) in self.pinned: return self.pinned[round(ratio, 9)]
         return modelled_for(self.measured, ratio)
 
 
@@ -256,7 +256,10 @@ def _global_prefix(costs, scores, savings, ratio):
     "Units per target of the shortest prefix, in one ranking over all targets, that meets the ratio."
     ranked = []
     for s, save in zip(scores, savings):
-        s = s.double() / s[torch.isfinite(s)].abs().mean().clamp_min(1e-300) if torch.isfinite(s).any() else s.double()
+        s, finite = s.double(), torch.isfinite(s)
+        if finite.any():   # scores made >= 0 (a criterion may score below 0), then over their mean
+            s = s - min(float(s[finite].min()), 0.)
+            s = s / s[finite].abs().mean().clamp_min(1e-300)
         s = s / save.clamp_min(1e-300)
         s[torch.argmax(torch.where(torch.isneginf(s), -math.inf, s))] = math.inf   # each target keeps its best unit
         ranked.append(s)
@@ -279,5 +282,5 @@ def _reachable(costs, ks, ratio):
     r = costs.ratio(ks)
     if r > ratio + 1e-12:
         raise ValueError(f'{costs.budget.at(ratio)!r} cannot be reached: with every targeted layer down to one unit the '
-                         f'{costs.budget.metric} are {r:.3f} of the dense model\'s (the rest is in layers no target '
+                         f'{costs.budget.metric} come to {r:.3f} of the dense model\'s (the rest is in layers no target '
                          'changes: the input and output, frozen or excluded groups, other layer types)')

@@ -78,8 +78,8 @@ class SparsifyCallback(Callback):
             if resolve_granularity(granularity) not in STRUCTURAL:
                 raise ValueError(f"a budget chooses whole channels: it needs granularity='filter' (or 'row', 'head'), "
                                  f'got {granularity!r}')
-            if prune_every is not None or round_to is not None:
-                raise ValueError('a budget does not combine with prune_every or round_to yet')
+            if prune_every is not None or round_to is not None or start_sparsity:
+                raise ValueError('a budget does not combine with prune_every, round_to or start_sparsity yet')
         self.sparsity = None if sparsity is None else check_sparsities(sparsity, check_method(method))   # target %
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple
@@ -107,7 +107,8 @@ class SparsifyCallback(Callback):
         end = self.end_epoch if self.end_epoch is not None else n_epoch
         pos = min(max((epoch - self.start_epoch) / max(end - self.start_epoch, 1e-12), 0.), 1.)
         start = self._start
-        if self.target is not None:   # the cost ramps from the dense model's to the budget
+        if self.target is not None:   # the cost ramps from the dense model's to the budget (reached: the budget itself)
+            if pos >= 1: return self.target
             return self.target.at(1 - self.sched_func(0., 100 * (1 - self.target.ratio), pos) / 100)
         if isinstance(self.sparsity, dict):
             return {k: self.sched_func(min(start, v), v, pos) for k, v in self.sparsity.items()}
@@ -154,10 +155,15 @@ class SparsifyCallback(Callback):
         if self.sparsifier is None:
             xb = tuple(x[:8].detach().clone() for x in self.xb) if self.prune_every else tuple(self.xb)
             self._build(xb[0] if len(xb) == 1 else xb)
-            if isinstance(self.target, Latency) and not self._frozen:
+        if self.target is not None and not self._frozen:
+            if isinstance(self.target, Latency) and not self.sparsifier.cost_model(self.target).measured:
                 got = self.sparsifier.calibrate(self.target)
                 print(f'Latency budget: {len(self.sparsifier.cost_model(self.target).measured)} pruned copies timed '
-                      f'(the last at {got:.3f} of the dense model)')
+                      f'(the closest at {got:.3f} of the dense model)')
+                if got > self.target.ratio + 0.03:
+                    print(f'Latency budget {self.target.ratio:g} looks out of reach: the closest plan timed at '
+                          f'{got:.3f} of the dense model; the schedule goes as far as the targeted layers can')
+            self.sparsifier._budget_drops(self.target)   # an unreachable budget raises now, not epochs later
         state = self.learn.__dict__.pop('_sparsify_resume', None)   # left by learn.load (see below)
         if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on

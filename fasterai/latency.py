@@ -42,8 +42,8 @@ def warm_allocator(model, args):
     its activations, every forward pass page-faults its activations in, and a small CNN at batch 64 runs about twice
     as slowly (a fresh process or one that only ran inference) as after one backward pass. Timings taken before and
     after training would not compare; warmed, they do."""
-    from .pruner import copy_modules
-    probe = copy_modules(model, {})
+    from .pruner import _computed, copy_modules
+    probe = copy_modules(model, _computed(model))
     with torch.enable_grad(), training_mode(probe, False):
         out = probe(*[a.detach().clone() for a in args])
         leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
@@ -119,7 +119,7 @@ def _fit(m, args, roles, threads, min_run_time):
                 shrink(probe, {r: keep})
                 x = _cut(m, x, r, keep)
         key = (repr(m), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), str(args[0].dtype),
-               threads, pick)
+               str(args[0].device), threads, pick)
         if key not in _TABLE:
             with training_mode(probe, False), torch.inference_mode():
                 _TABLE[key] = _median_time(lambda: probe(*x), threads, min_run_time)
@@ -127,6 +127,11 @@ def _fit(m, args, roles, threads, min_run_time):
                        for inc in itertools.product((False, True), repeat=len(sides))])
         times.append(_TABLE[key])
     coef = torch.linalg.solve(torch.tensor(points, dtype=torch.float64), torch.tensor(times, dtype=torch.float64))
+    # noisy or stepped timings can fit a term below zero (a layer timed faster at full width than at half): kept at
+    # zero and the rest scaled to the full-width time, so that the model never costs more for fewer channels
+    full = float(coef.sum())
+    coef = coef.clamp_min(0)
+    if coef.sum() > 0: coef = coef * (full / float(coef.sum()))
     return [(float(c), tuple(r for (r, _, _), i in zip(sides, inc) if i))
             for c, inc in zip(coef, itertools.product((False, True), repeat=len(sides)))]
 
@@ -145,9 +150,9 @@ def latency_terms(model, roles, budget, example, min_run_time=0.05):
             m = model.get_submodule(n)
             if n not in inputs: continue   # never called: no time
             if 'heads' in mine:   # attention: its own time (its layers' aside) scales with its heads
-                inner = sum(_median_time(lambda c=c, k=k: c(*inputs[f'{n}.{k}']), threads, min_run_time)
-                            for k, c in m.named_modules() if k and f'{n}.{k}' in inputs)
                 with torch.inference_mode():
+                    inner = sum(_median_time(lambda c=c, k=k: c(*inputs[f'{n}.{k}']), threads, min_run_time)
+                                for k, c in m.named_modules() if k and f'{n}.{k}' in inputs)
                     own = max(_median_time(lambda: m(*inputs[n]), threads, min_run_time) - inner, 0.)
                 terms.append((own, (mine['heads'],)))
                 timed += own

@@ -100,7 +100,7 @@ def compare_models(dense, pruned, example_input, latency_input=None, extra=(), m
     if budget is not None:
         from .budget import reached
         got = {'MACs': m1 / m0, 'parameters': p1 / p0}.get(budget.metric)
-        if got is None: got = ratio if _batch(lat_in) == budget.batch_size else reached(budget, dense, pruned, lat_in)
+        if got is None: got = reached(budget, dense, pruned, lat_in)
         rows.append((f'budget {budget!r}', 'asked', f'{budget.ratio:g}', f'reached {got:.3f}'))
     s0, s1 = layer_shapes(dense), layer_shapes(pruned)
     layers = [('layer', 'before', 'after', 'params after')]

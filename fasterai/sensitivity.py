@@ -115,7 +115,7 @@ def _batches(learn, data, n):
 
 @torch.no_grad()
 def sensitivity(learn_or_model, ratios=(0.25, 0.5, 0.75), data=None, metric=None, lower_is_better=True,
-                n_batches=4, layer_type=(nn.Conv2d, nn.Linear), criteria='l1', exclude=(), leaf_modules=()):
+                n_batches=4, layer_type=nn.Conv2d, criteria='l1', exclude=(), leaf_modules=()):
     """Zero each channel group's lowest-scored `ratios` of its units alone (whole coupled groups, as pruning would
     remove them) and measure `metric` on a few batches in eval mode; returns a `Sensitivity`.
 

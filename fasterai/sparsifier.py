@@ -3,13 +3,14 @@
 `from fasterai.sparsifier import *` gives `Sparsifier`, `SparsifyCallback` (fastai, imported on first use)
 and the schedules.
 """
+import dataclasses
 import math
 import numbers
 
 import torch
 import torch.nn as nn
 
-from .budget import Budget, CostModel, check_budget, modelled_for, plan_drops, reached
+from .budget import Budget, CostModel, Latency, check_budget, modelled_for, plan_drops, reached
 from .criteria import resolve_criterion
 from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
 from .masks import MaskSet
@@ -215,7 +216,7 @@ class Sparsifier(SparsityReport):
         scores = [self._scores(i) for i in range(len(self.targets))]
         count = lambda p: [max(t.count(p), 0 if h is None else int(h.sum())) for t, h in zip(self.targets, self.held)]
         ratio = costs.modelled_for(budget.ratio)
-        if costs.measured:   # a calibrated ratio past what the model can reach: as far as it goes
+        if isinstance(budget, Latency):   # a ratio past what the model can reach: as far as it goes (timing tells)
             ratio = max(ratio, costs.cost_of(costs.dropped([torch.arange(1, t.units) for t in self.targets])) /
                         costs.dense + 1e-9)
         return _Drops(plan_drops(costs, scores, ratio, self.method, count))
@@ -230,10 +231,15 @@ class Sparsifier(SparsityReport):
     @torch.no_grad()
     def measure(self, budget, masks=None):
         """The cost ratio of `budget`'s kind (MACs and parameters counted, latency timed) of the model pruned as
-        `masks` (default: the current masks) would prune it, over the dense model's."""
-        from .pruner import _pruned_copy, plan
+        `masks` (default: the current masks) drop, over the dense model's."""
+        from .pruner import _computed, _pruned_copy, copy_modules, plan
         masks = self.masks if masks is None else masks
-        pruned = _pruned_copy(self.model, plan(self.graph, masks), masks)
+        # on a copy whose zero weights are made non-zero: only the masks decide what goes (the model may hold the
+        # zeros of an earlier plan, which pruning it now would also remove)
+        probe = copy_modules(self.model, _computed(self.model))
+        for p in probe.parameters(): p.data.masked_fill_(p.data == 0, 1.)
+        keep = plan(dataclasses.replace(self.graph, model=probe), masks)
+        pruned = _pruned_copy(probe, keep, masks)
         return reached(budget, self.model, pruned, self.example_input if self.example_input is not None else
                        self.graph.input_shape)
 
@@ -246,13 +252,16 @@ class Sparsifier(SparsityReport):
         budget = self.check_sparsity(budget)
         costs, ms = self.cost_model(budget), self.maskset
         if fresh: costs.measured, costs.pinned = [], {}
-        costs.pinned.pop(budget.ratio, None)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f'steps must be a positive int, got {steps!r}')
+        key = round(budget.ratio, 9)
+        costs.pinned.pop(key, None)
         saved = (self.counts, list(ms.by_target), dict(ms.masks), dict(ms.drops))
         best = None
         try:
             for _ in range(steps):
                 modelled = _next_guess(costs.measured, budget.ratio)
-                costs.pinned[budget.ratio] = modelled
+                costs.pinned[key] = modelled
                 self.counts = None
                 self._rescore(budget)
                 got = self.measure(budget)
@@ -261,7 +270,8 @@ class Sparsifier(SparsityReport):
                 if abs(got - budget.ratio) <= tol: break
         finally:
             self.counts, ms.by_target, ms.masks, ms.drops = saved
-        costs.pinned[budget.ratio] = best[0]
+            costs.pinned.pop(key, None)
+        costs.pinned[key] = best[0]
         return best[1]
 
     @torch.no_grad()
@@ -302,11 +312,14 @@ class Sparsifier(SparsityReport):
         "New masks for the targets whose count changed ('local'; every target for 'global'), then combined."
         ms = self.maskset
         if isinstance(counts, _Drops):
-            for i, (t, d) in enumerate(zip(self.targets, counts)): ms.set(i, t.masks(d))
+            old = self.counts if isinstance(self.counts, _Drops) else (None,) * len(counts)
+            rescored = [i for i, d in enumerate(counts) if old[i] is None or not _Drops.same(d, old[i])
+                        or ms.by_target[i] is None]
+            for i in rescored: ms.set(i, self.targets[i].masks(counts[i]))
             ms.combine()
-            return self.targets
+            return [self.targets[i] for i in rescored]
         if self.method == 'local':
-            old = self.counts or (None,) * len(counts)
+            old = self.counts if self.counts and not isinstance(self.counts, _Drops) else (None,) * len(counts)
             rescored = [i for i, k in enumerate(counts) if k != old[i] or ms.by_target[i] is None]
             for i in rescored:
                 t = self.targets[i]
@@ -335,7 +348,9 @@ class Sparsifier(SparsityReport):
         if len(held) != len(self.targets) or any(h is not None and h.numel() != t.units
                                                  for h, t in zip(held, self.targets)):
             raise ValueError(unfit + 'the held units do not match the targets')
-        self.counts = None if state['counts'] is None else tuple(state['counts'])
+        counts = state['counts']
+        self.counts = None if counts is None else (_Drops(counts) if counts and isinstance(counts[0], torch.Tensor)
+                                                   else tuple(counts))
         self.held = [None if h is None else h.cpu() for h in held]
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)
@@ -358,9 +373,11 @@ def _next_guess(timed, ratio):
 
 class _Drops(tuple):
     "The units each target drops, chosen for a budget; equal when the same units drop."
+    @staticmethod
+    def same(a, b): return len(a) == len(b) and bool((a.sort().values == b.sort().values).all())
+
     def __eq__(self, other):
-        return isinstance(other, _Drops) and len(other) == len(self) and all(
-            len(a) == len(b) and bool((a.sort().values == b.sort().values).all()) for a, b in zip(self, other))
+        return isinstance(other, _Drops) and len(other) == len(self) and all(map(_Drops.same, self, other))
     __hash__ = tuple.__hash__
 
 

@@ -82,7 +82,7 @@ def test_budget_keeps_a_unit_per_group_held_units_and_exclude():
     sp.sparsify(MACs(1))   # a budget the dense model meets: the held units still go
     assert not sp.masks['layer2.0.conv1.weight'].flatten()[:5].any()   # masked: training cannot regrow them
     assert all(not n.startswith('layer4') for t in sp.targets for n in t.layers)
-    with pytest.raises(ValueError, match=r'MACs\(0.01\) cannot be reached: .* are 0\.\d+ of the dense'):
+    with pytest.raises(ValueError, match=r'MACs\(0.01\) cannot be reached: .* come to 0\.\d+ of the dense'):
         sp.sparsify(MACs(0.01))
     sp.sparsify(MACs(0.2))
     assert all(not z.all() for z in (t.zero_units() for t in sp.targets))   # every group keeps a unit
@@ -208,3 +208,41 @@ def test_latency_budget_end_to_end_on_the_seed_net():
     pruned = pr.prune_model(model)
     assert 0.3 < pr.reached < 0.9   # timed: a loose bound (bench/budget.py measures how close it comes)
     assert count_params(pruned) < count_params(model)   # (and verify=True found it computes what the sparse one did)
+
+
+def test_budget_then_percentage_state_and_measure_by_masks_alone():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    shape = (2, 3, 32, 32)
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=shape)
+    sp.sparsify(MACs(0.3))   # applied: the model now holds these zeros
+    assert abs(sp.measure(MACs(1), sp.plan_masks(MACs(0.8))) - 0.8) < 0.03   # timed as its masks drop, not its zeros
+    state = sp.state_dict()
+    sp.sparsify(30)   # a percentage after a budget
+    assert sp.sparsity() > 0
+    sp.load_state_dict(state)   # the drops of a budget come back as drops
+    sp.sparsify(40)   # and a percentage after them still plans
+    assert sp.sparsity() > 0
+
+
+def test_the_schedule_ends_on_the_budget_itself_and_unreachable_budgets_fail_at_once():
+    from fastai.learner import Learner
+    from fasterai.examples import fashion_mnist_dls
+    from fasterai.sparsifier import SparsifyCallback
+    cb = SparsifyCallback(target=Params(0.3))
+    assert cb.planned(3., 3) == Params(0.3) and cb.planned(3., 3).ratio == 0.3   # 1 - 0.7 would be 0.30000000000000004
+    dls = fashion_mnist_dls(n_train=128, n_valid=64, bs=64)
+    learn = Learner(dls, Net(in_channels=1))
+    cb = SparsifyCallback(target=MACs(0.001), method='global', layer_type=LAYERS)
+    with pytest.raises(Exception, match=r'MACs\(0.001\) cannot be reached'), learn.no_bar(), learn.no_logging():
+        with contextlib.redirect_stdout(io.StringIO()): learn.fit(1, cbs=cb)
+    assert cb.history == []   # before any batch trained
+
+
+def test_global_budget_with_a_criterion_that_scores_below_zero():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    shape = (2, 3, 32, 32)
+    sp = Sparsifier(model, 'filter', 'global', 'small_final', LAYERS, example_input=shape)
+    sp.sparsify(MACs(0.5))
+    assert 0.47 <= sp.cost_ratio(MACs(0.5)) <= 0.5
