@@ -59,7 +59,7 @@ class Sensitivity:
         timed, best = [], None
         for _ in range(steps):
             modelled = _next_guess(timed, budget.ratio)
-            plan = self._plan(costs, budget, modelled)
+            plan = self._plan(costs, budget, modelled, strict=False)
             got = sp.measure(budget, sp.plan_masks(plan))
             timed.append((modelled, got))
             if best is None or abs(got - budget.ratio) < best[0]: best = (abs(got - budget.ratio), plan)
@@ -67,8 +67,9 @@ class Sensitivity:
         sp.counts = None   # (the masks planned for timing are never applied)
         return best[1]
 
-    def _plan(self, costs, budget, ratio):
-        "The greedy plan of `sparsities` for a modelled `ratio`."
+    def _plan(self, costs, budget, ratio, strict=True):
+        """The greedy plan of `sparsities` for a modelled `ratio`; when every group is at its largest ratio, a
+        ValueError (`strict`) or that plan (a modelled latency: the timing says how far it comes)."""
         sp, levels = self.sparsifier, [0., *self.ratios]
         level = [0] * len(sp.targets)
         damage = [self.damage(t.name) for t in sp.targets]
@@ -84,6 +85,7 @@ class Sensitivity:
                 if saved <= 0: continue
                 per = max(damage[i][up[i]] - damage[i][level[i]], 0.) / saved
                 if best is None or per < best[0]: best = (per, i)
+            if best is None and not strict: return {n: p for t, p in zip(sp.targets, pct(level)) for n in t.layers}
             if best is None:
                 raise ValueError(f'{budget!r} cannot be reached with at most {100 * self.ratios[-1]:g}% of each group: '
                                  f'the lowest is {costs.ratio(ks(pct(level))):.3f}; measure larger ratios')
