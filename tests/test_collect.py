@@ -47,7 +47,12 @@ def test_headlines_quote_the_worst_cells():
     assert len(lines) == len(collect.HEADLINES) and all(l.startswith('- ') for l in lines)
     memory = collect.read_table(collect.RESULTS / 'memory.md', 1, ['model', 'growth / weights'])
     worst = max(memory.rows, key=lambda r: float(r['growth / weights']))
-    assert f"{worst['growth / weights']}x ({worst['model']}," in lines[-1]
+    assert f"{worst['growth / weights']}x ({worst['model']}," in lines[collect.HEADLINES.index(collect.memory)]
+    budget = collect.read_table(collect.RESULTS / 'budget.md', 1, ['model', 'budget', 'reached (asked)'])
+    late = max((r for r in budget.rows if r['budget'].startswith('Latency')),
+               key=lambda r: float(r['reached (asked)'].split()[0]))
+    ratio = float(late['reached (asked)'].split()[0]) / float(late['reached (asked)'].split('(')[1].rstrip(')'))
+    assert f"to {ratio:.2f} ({late['model']} Latency(0.5)" in lines[-1]
     tp = collect.read_table(collect.RESULTS / 'prune_time.md', 1, ['model', 'fasterai / TP'])
     slowest = max(tp.rows, key=lambda r: float(r['fasterai / TP']))
     assert f"{slowest['fasterai / TP']}x ({slowest['model']})" in lines[2]
