@@ -115,6 +115,8 @@ class CostModel:
         self.channels = torch.tensor(self.n + [1], dtype=torch.float64)
         self.dense = self.cost_of(torch.zeros(len(self.n)))
         self.orders = None
+        self.floor = self.cost_of(self.dropped([torch.arange(1, t.units) for t in targets])) / self.dense
+        # (the modelled ratio with every target down to one unit)
         self.measured = []   # (modelled ratio, measured ratio) of plans timed on pruned copies (`Sparsifier.calibrate`)
         self.pinned = {}     # ratio asked -> the modelled ratio whose plan timed closest to it
 
@@ -188,6 +190,20 @@ def modelled_for(measured, ratio):
     pts = sorted({(1., 1.), *measured}, key=lambda p: p[1])
     if len(pts) < 2: return ratio
     return min(max(_interpolate([p[1] for p in pts], [p[0] for p in pts], ratio), 1e-6), 1.)
+
+
+def next_guess(timed, ratio):
+    """The modelled ratio to time next for a measured `ratio`: interpolated through the `timed` (modelled, measured)
+    points, but kept within the middle half of the closest pair that brackets it (latency falls in steps where
+    widths cross the multiples the kernels prefer, and interpolating across a step creeps towards it)."""
+    guess = modelled_for(timed, ratio)
+    below = [p for p in timed if p[1] <= ratio]
+    above = [p for p in (*timed, (1., 1.)) if p[1] > ratio]
+    if below and above:
+        lo, hi = max(below, key=lambda p: p[1])[0], min(above, key=lambda p: p[1])[0]
+        a, b = sorted((lo, hi))
+        guess = min(max(guess, a + (b - a) / 4), b - (b - a) / 4)
+    return guess
 
 
 def _interpolate(xs, ys, x):

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .budget import Latency, check_budget
-from .sparsifier import Sparsifier, _next_guess
+from .budget import Latency, check_budget, next_guess
+from .sparsifier import Sparsifier
 from .tracing import training_mode, unwrap
 
 __all__ = ['sensitivity', 'Sensitivity']
@@ -58,7 +58,7 @@ class Sensitivity:
         if not isinstance(budget, Latency): return self._plan(costs, budget, budget.ratio)
         timed, best = [], None
         for _ in range(steps):
-            modelled = _next_guess(timed, budget.ratio)
+            modelled = next_guess(timed, budget.ratio)
             plan = self._plan(costs, budget, modelled, strict=False)
             got = sp.measure(budget, sp.plan_masks(plan))
             timed.append((modelled, got))
@@ -73,7 +73,7 @@ class Sensitivity:
         sp, levels = self.sparsifier, [0., *self.ratios]
         level = [0] * len(sp.targets)
         damage = [self.damage(t.name) for t in sp.targets]
-        ks = lambda pct: [min(t.count(p), t.units - 1) for t, p in zip(sp.targets, pct)]
+        ks = lambda pct: [t.count(p) for t, p in zip(sp.targets, pct)]   # (a group keeps a unit)
         pct = lambda lv: [100 * levels[l] for l in lv]
         last = None
         while costs.ratio(ks(pct(level))) > ratio:
@@ -148,7 +148,7 @@ def sensitivity(learn_or_model, ratios=(0.25, 0.5, 0.75), data=None, metric=None
     for t in sp.targets:
         scores = t.scores(sp.scores)
         for r in ratios:
-            k = min(t.count(100 * r), t.units - 1)
+            k = t.count(100 * r)   # (a group keeps a unit)
             with _masked(model, t.masks(t.drop(scores, k))): v = value()
             rows.append(dict(group=t.name, layers=list(t.layers), units=t.units, ratio=r, dropped=k, value=v,
                              damage=(v - base) if lower_is_better else (base - v)))

@@ -10,7 +10,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from .budget import Budget, CostModel, Latency, check_budget, modelled_for, plan_drops, reached
+from .budget import Budget, CostModel, Latency, check_budget, next_guess, plan_drops, reached
 from .criteria import resolve_criterion
 from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
 from .masks import MaskSet
@@ -217,8 +217,7 @@ class Sparsifier(SparsityReport):
         count = lambda p: [max(t.count(p), 0 if h is None else int(h.sum())) for t, h in zip(self.targets, self.held)]
         ratio = costs.modelled_for(budget.ratio)
         if isinstance(budget, Latency):   # a ratio past what the model can reach: as far as it goes (timing tells)
-            ratio = max(ratio, costs.cost_of(costs.dropped([torch.arange(1, t.units) for t in self.targets])) /
-                        costs.dense + 1e-9)
+            ratio = max(ratio, costs.floor + 1e-9)
         return _Drops(plan_drops(costs, scores, ratio, self.method, count))
 
     def cost_ratio(self, budget):
@@ -260,7 +259,7 @@ class Sparsifier(SparsityReport):
         best = None
         try:
             for _ in range(steps):
-                modelled = _next_guess(costs.measured, budget.ratio)
+                modelled = next_guess(costs.measured, budget.ratio)
                 costs.pinned[key] = modelled
                 self.counts = None
                 self._rescore(budget)
@@ -355,20 +354,6 @@ class Sparsifier(SparsityReport):
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)
         self.apply_masks()
-
-
-def _next_guess(timed, ratio):
-    """The modelled ratio to time next for a measured `ratio`: interpolated through the `timed` (modelled, measured)
-    points, but kept within the middle half of the closest pair that brackets it (latency falls in steps where
-    widths cross the multiples the kernels prefer, and interpolating across a step creeps towards it)."""
-    guess = modelled_for(timed, ratio)
-    below = [p for p in timed if p[1] <= ratio]
-    above = [p for p in (*timed, (1., 1.)) if p[1] > ratio]
-    if below and above:
-        lo, hi = max(below, key=lambda p: p[1])[0], min(above, key=lambda p: p[1])[0]
-        a, b = sorted((lo, hi))
-        guess = min(max(guess, a + (b - a) / 4), b - (b - a) / 4)
-    return guess
 
 
 class _Drops(tuple):

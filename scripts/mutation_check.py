@@ -30,7 +30,7 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/sensitivity.py', '            with _masked(model, t.masks(t.drop(scores, k))): v = value()',
         '            with _masked(model, dict(list(t.masks(t.drop(scores, k)).items())[:1])): v = value()'),
     'budget: calibration ignored': (
-        'fasterai/budget.py', '        if len(pts) < 2: return ratio', '        return ratio'),
+        'fasterai/budget.py', '    if len(pts) < 2: return ratio', '    return ratio'),
     'verify never raises': (
         'fasterai/verify.py', "        raise PruningError(f'the pruned {name} does not compute",
         "        if False: raise PruningError(f'the pruned {name} does not compute"),
