@@ -14,7 +14,9 @@ the budget from the dense cost, cosine, reached at 2/3 of training) and pruned (
 Each pruned model is measured: MACs and parameters counted; latency timed at batch 64 on 2 threads, as the median
 ratio to the dense model of 7 interleaved timings in one process. "Reached" is the ratio of the budget's own cost.
 The recovery table runs the seed net at half the latency on the longer budget (--long-n-train, --long-epochs), with
-and without distillation. fasterai 0.4.1 has no budgets; its `to_layer_targets` and KD callback are not run here.
+and without distillation; its row 'uniform + KD of fasterai 0.4.1' trains as 'uniform + KD' with fasterai 0.4.1's
+`KnowledgeDistillationCallback` (its `SoftTarget` loss at T = 4, weight 0.5) in place of ours. fasterai 0.4.1 has no
+budgets, and the `to_layer_targets` the issue names is not in its 0.4.1 wheel, so no other row of it runs.
 
 Run: `.venv/bin/python bench/budget.py [--n-train 10000] [--epochs 3] [--seeds 0] [--long-n-train 30000]
 [--long-epochs 6] [--out bench/results/budget.md]`
@@ -22,6 +24,7 @@ Run: `.venv/bin/python bench/budget.py [--n-train 10000] [--epochs 3] [--seeds 0
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import sys
@@ -36,12 +39,30 @@ from common import examples, run_child, write_result  # noqa: E402
 BUDGETS = [('MACs', 'uniform'), ('MACs', 'global'), ('Latency', 'uniform'), ('Latency', 'global'),
            ('Latency', 'sensitivity'), ('Latency', 'global + KD'), ('Params', 'uniform'), ('Params', 'global')]
 RATIO = {'MACs': 0.5, 'Latency': 0.5, 'Params': 0.3}
-LONG = [('Latency', 'global'), ('Latency', 'global + KD'), ('Latency', 'uniform + KD')]
+PEER_KD = 'uniform + KD of fasterai 0.4.1'
+LONG = [('Latency', 'global'), ('Latency', 'global + KD'), ('Latency', 'uniform'), ('Latency', 'uniform + KD'),
+        ('Latency', PEER_KD)]
 
 
 def budget_of(name):
     from fasterai.budget import Latency, MACs, Params
     return {'MACs': MACs(0.5), 'Latency': Latency(0.5, batch_size=64, threads=2), 'Params': Params(0.3)}[name]
+
+
+def peer_kd():
+    """fasterai 0.4.1's KnowledgeDistillationCallback and SoftTarget loss, imported from bench/.peer as package
+    `fasterai_peer` (this process's `fasterai` is ours: the sparsifying, pruning and timing stay the same)."""
+    import importlib.util
+    from common import PEER
+    if not (PEER / 'fasterai').is_dir(): raise SystemExit(f'{PEER} holds no fasterai 0.4.1: make bench-setup installs it')
+    if 'fasterai_peer' not in sys.modules:
+        spec = importlib.util.spec_from_file_location('fasterai_peer', PEER / 'fasterai' / '__init__.py',
+                                                      submodule_search_locations=[str(PEER / 'fasterai')])
+        sys.modules['fasterai_peer'] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    from fasterai_peer.distill.distillation_callback import KnowledgeDistillationCallback
+    from fasterai_peer.distill.losses import SoftTarget
+    return KnowledgeDistillationCallback, SoftTarget
 
 
 def child(arch, n_train, epochs, seed, runs):
@@ -85,6 +106,9 @@ def child(arch, n_train, epochs, seed, runs):
             cb = SparsifyCallback(target=budget, method='local' if method.startswith('uniform') else 'global',
                                   layer_type=layers, end_epoch=2 * epochs / 3)
         cbs = [cb] + ([KnowledgeDistillationCallback(teacher.model)] if method.endswith('KD') else [])
+        if method == PEER_KD:   # the peer's callback, its soft-target loss at our temperature and weight
+            PeerKD, PeerSoftTarget = peer_kd()
+            cbs.append(PeerKD(teacher.model, loss=functools.partial(PeerSoftTarget, T=4.), weight=0.5))
         a, b, c = quiet(learn)
         with a, b, c:
             learn.fit_one_cycle(epochs, 1e-3, cbs=cbs)

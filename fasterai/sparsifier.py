@@ -140,6 +140,7 @@ class Sparsifier(SparsityReport):
         self.scores = Scores(self.criterion, {n: m for t in self.targets for n, m in t.scored().items()})
         self.maskset = MaskSet(dict(model.named_parameters(remove_duplicate=False)), len(self.targets))
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
+        self.planned = None  # the budget those masks were planned for (None: a sparsity): kept until it changes
         self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
         self.example_input, self.costs = example_input, {}   # the cost models of budgets, by budget (ratio aside)
 
@@ -255,7 +256,7 @@ class Sparsifier(SparsityReport):
             raise ValueError(f'steps must be a positive int, got {steps!r}')
         key = round(budget.ratio, 9)
         costs.pinned.pop(key, None)
-        saved = (self.counts, list(ms.by_target), dict(ms.masks), dict(ms.drops))
+        saved = (self.counts, self.planned, list(ms.by_target), dict(ms.masks), dict(ms.drops))
         best = None
         try:
             for _ in range(steps):
@@ -268,7 +269,7 @@ class Sparsifier(SparsityReport):
                 if best is None or abs(got - budget.ratio) < abs(best[1] - budget.ratio): best = (modelled, got)
                 if abs(got - budget.ratio) <= tol: break
         finally:
-            self.counts, ms.by_target, ms.masks, ms.drops = saved
+            self.counts, self.planned, ms.by_target, ms.masks, ms.drops = saved
             costs.pinned.pop(key, None)
         costs.pinned[key] = best[0]
         return best[1]
@@ -300,8 +301,13 @@ class Sparsifier(SparsityReport):
         return self.maskset.hold()
 
     def _rescore(self, sparsity):
-        "New masks where the counts changed: the targets re-scored (a list), or None when nothing changed."
-        counts = self._plan(self.check_sparsity(sparsity))
+        """New masks where the counts changed: the targets re-scored (a list), or None when nothing changed. A budget
+        is planned once: asked again (the schedule holding it), its plan stays, as a percentage's counts do, so that
+        the plan timed or counted for it is the one pruned."""
+        sparsity = self.check_sparsity(sparsity)
+        if self.counts is not None and isinstance(sparsity, Budget) and sparsity == self.planned: return None
+        counts = self._plan(sparsity)
+        self.planned = sparsity if isinstance(sparsity, Budget) else None
         if counts == self.counts: return None
         rescored = self._update_masks(counts)
         self.counts = counts
@@ -335,7 +341,8 @@ class Sparsifier(SparsityReport):
         "Each target's masks, the zero counts they were made for, and the criterion's state: what resuming needs."
         return {'counts': None if self.counts is None else list(self.counts),
                 'target_masks': list(self.maskset.by_target), 'ref': dict(self.ref), 'acc': dict(self.acc),
-                'held': list(self.held)}
+                'held': list(self.held),
+                'planned': None if self.planned is None else (type(self.planned).__name__, dict(vars(self.planned)))}
 
     @torch.no_grad()
     def load_state_dict(self, state):
@@ -351,9 +358,19 @@ class Sparsifier(SparsityReport):
         self.counts = None if counts is None else (_Drops(counts) if counts and isinstance(counts[0], torch.Tensor)
                                                    else tuple(counts))
         self.held = [None if h is None else h.cpu() for h in held]
+        self.planned = _budget_from(state.get('planned'))
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)
         self.apply_masks()
+
+
+def _budget_from(saved):
+    "The budget `state_dict` saved as (class name, attributes), or None."
+    if saved is None: return None
+    cls = {c.__name__: c for c in BUDGETS.values()}[saved[0]]
+    budget = cls.__new__(cls)
+    vars(budget).update(saved[1])
+    return budget
 
 
 class _Drops(tuple):

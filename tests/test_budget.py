@@ -246,3 +246,23 @@ def test_global_budget_with_a_criterion_that_scores_below_zero():
     sp = Sparsifier(model, 'filter', 'global', 'small_final', LAYERS, example_input=shape)
     sp.sparsify(MACs(0.5))
     assert 0.47 <= sp.cost_ratio(MACs(0.5)) <= 0.5
+
+
+def test_a_budget_held_by_the_schedule_keeps_its_plan():
+    """Asked again for the same budget (the schedule holding it while the weights train), the plan stays: the plan
+    timed or counted for it is the one pruned. Another ratio plans anew; the plan held survives a save and load."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    sp = Sparsifier(model, 'filter', 'global', 'l1', LAYERS, example_input=(2, 3, 32, 32))
+    assert sp.sparsify(MACs(0.5))
+    before, state = {k: v.clone() for k, v in sp.masks.items()}, sp.state_dict()
+    with torch.no_grad():   # training moves the weights: a fresh plan would now keep other channels
+        for p in model.parameters():
+            if p.dim() > 1: p.mul_(torch.rand(p.shape[0], *[1] * (p.dim() - 1)) * 10)
+    fresh = sp.plan_masks(MACs(0.499999))
+    assert any(not torch.equal(fresh[k], before[k]) for k in before)
+    for s in (sp, Sparsifier(model, 'filter', 'global', 'l1', LAYERS, example_input=(2, 3, 32, 32))):
+        s.load_state_dict(state)
+        assert not s.sparsify(MACs(0.5))
+        assert all(torch.equal(s.masks[k], before[k]) for k in before)
+    assert sp.sparsify(MACs(0.45)) and any(not torch.equal(sp.masks[k], before[k]) for k in before)
