@@ -127,6 +127,20 @@ class _Spaces:
         self.run_space(a, self.width[b], 'are united with channels that go in runs')
         return a
 
+    def unite_prefix(self, a, b):
+        """Make whole space `a`'s channels the first channels of the larger space `b` (the first of the parts of a
+        space tied in parts: channel t of `a` lives or dies with channel t of each part)."""
+        a, b = self.find(a), self.find(b)
+        if a == b: return a
+        if not self.size[a] < self.size[b]: raise AssertionError('a prefix must be smaller than its space')
+        self.parent[a] = b
+        self.slices[b] += self.slices[a]; self.frozen[b] += self.frozen[a]
+        if self.tie[a] != 1:   # a's channels t and t + its block are one unit: b's blocks must divide that distance
+            step = self.size[a] // self.tie[a]
+            self.tie_space(b, self.size[b] // math.gcd(self.size[b], step), 'are united with channels tied in other blocks')
+        self.run_space(b, self.width[a], 'are united with channels that go in runs')
+        return b
+
     def tie_space(self, space, blocks, why):
         "Tie the space's channels in `blocks` equal blocks (channel u of each block goes with u of the others)."
         self._unit(space, math.lcm(self.tie[self.find(space)], blocks), self.width[self.find(space)], why)
@@ -320,6 +334,12 @@ class _Context:
         shape = node.meta.get('shape')
         return shape if isinstance(shape, torch.Size) else None
     def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]
+    def tied(self, p, q):
+        "Whether pieces `p` and `q` (equal lengths) are ranges of one space whose channels t are tied (same unit)."
+        r = self.spaces.find(p.space)
+        if r != self.spaces.find(q.space): return False
+        block = self.spaces.size[r] // self.spaces.tie[r]   # channels u, u + block, u + 2 block ... are one unit
+        return (q.start - p.start) % block == 0
 
     def new_layout(self, n, dim):
         "A new channel space of `n` channels along `dim`."

@@ -11,6 +11,7 @@ non-zero piece freezes its group: removing those channels would change what it c
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass, replace
@@ -67,8 +68,10 @@ class SizeOf(NamedTuple):
 
 class Count(NamedTuple):
     """A traced tensor's channel count read as a number (`b, c, h, w = x.size()`): pruning changes it, so it
-    may only size the channel dim of a reshape or expand of tensors whose channels become the same ones."""
+    may only size the channel dim of a reshape or expand of tensors whose channels become the same ones. `div`:
+    the count divided by that (`c // groups`), which may only size the channels of a reshape into `div` parts."""
     layout: Layout
+    div: int = 1
 
 
 # ---------------------------------------------------------------- helpers
@@ -168,6 +171,32 @@ def layernorm(ctx, node):
     if lay.dim >= len(ctx.shape(node)) - len(ctx.module(node).normalized_shape):
         raise Unhandled('LayerNorm computes its statistics across the channels')
     return lay.marked(node.name)
+
+
+def _over_last(what, keeps_zero):
+    """The rule of a norm over the last dims (F.layer_norm, F.rms_norm, nn.RMSNorm): over the channels it computes
+    statistics across them (unhandled); over other dims a zero channel stays zero where `keeps_zero(ctx, node)`
+    (no shift added), else it is marked non-zero."""
+    def rule(ctx, node):
+        lay = keep(ctx, node)
+        if lay is None: return None
+        shape = ctx.module(node).normalized_shape if node.op == 'call_module' else _arg(node, 1, 'normalized_shape')
+        if lay.dim >= len(ctx.shape(node)) - (1 if isinstance(shape, int) else len(shape)):
+            raise Unhandled(f'{what} computes its statistics across the channels')
+        return lay if keeps_zero(ctx, node) else lay.marked(node.name)
+    rule.__name__ = what.replace(' ', '_')
+    return rule
+
+
+layer_norm = _over_last('layer_norm', lambda ctx, node: _arg(node, 3, 'bias') is None)
+rms_norm = _over_last('RMS norm', lambda ctx, node: True)   # x / sqrt(mean(x^2) + eps) * weight: 0 stays 0
+
+
+def power(ctx, node):
+    "x ** p (pow): zeros stay zero for a positive exponent; any other exponent makes them non-zero (or infinite)."
+    p = _arg(node, 1, 'exponent')
+    if isinstance(p, fx.Node): raise Unhandled('raises the channels to a tensor power')
+    return keep(ctx, node) if isinstance(p, (int, float)) and p > 0 else moves_zero(ctx, node)
 
 
 def hardtanh(ctx, node):
@@ -297,6 +326,7 @@ def _sized(ctx, lay, d, sizes, counts):
     """Check the size given for output channel dim `d`: computed from a tensor, not hard-coded; a channel
     count read from another tensor (`counts`, by position) makes both tensors' channels the same ones (united)."""
     if set(counts) - {d}: raise Unhandled('uses a channel count to size another dim')
+    if d in counts and counts[d].div != 1: raise Unhandled('sizes the channel dim with a divided channel count')
     if d in counts:
         _unite(ctx, counts[d].layout, lay, lambda x, y: x)
     elif len(sizes) > d and sizes[d] != -1:
@@ -333,11 +363,36 @@ def reshape(ctx, node):
     if e >= 0 and out[e:] == src[d:] and math.prod(out[:e]) == math.prod(src[:d]):
         _sized(ctx, lay, e, sizes, counts)
         return lay.moved(e)
+    if (len(out) == len(src) + 1 and out[:d] == src[:d] and out[d + 2:] == src[d + 1:] and out[d] > 1
+            and out[d] * out[d + 1] == src[d]):
+        return _into_parts(ctx, lay, d, out[d], sizes, counts)
     if counts: raise Unhandled('uses a channel count in a reshape that flattens the channels')
     _sized(ctx, lay, d, sizes, counts)
     if len(out) == d + 1 and out[:d] == src[:d] and out[d] == math.prod(src[d:]):
         return replace(lay, block=lay.block * math.prod(src[d + 1:]))
     raise Unhandled(f'reshapes {src} -> {out} across the channel dim {d}')
+
+
+def _into_parts(ctx, lay, d, parts, sizes, counts):
+    """A reshape of channel dim `d` into (`parts`, channels // parts) (SKNet's per-path attention, a channel shuffle's
+    first step): channel t of each part lives or dies with channel t of the first (tied, as chunk ties them), so
+    the parts keep equal counts and positions; the channels are then part 0's, along the inner dim."""
+    if lay.block != 1 or lay.channels % parts: raise Unhandled(f'reshapes {lay.channels} channels into {parts} parts')
+    if sizes:   # the number of parts is a plain number; the part size -1, or the channel count // parts
+        if set(counts) - {d + 1} or (len(sizes) > d and sizes[d] != parts):
+            raise Unhandled('reshapes the channels into parts sized by a channel count')
+        if d + 1 in counts:
+            c = counts[d + 1]
+            if c.div != parts or [(ctx.spaces.find(p.space), p.start, p.stop) for p in c.layout.pieces] != \
+                    [(ctx.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]:
+                raise Unhandled('sizes the parts of the channels by another channel count')
+        elif len(sizes) > d + 1 and sizes[d + 1] != -1:
+            raise Unhandled(f'hard-codes size {sizes[d + 1]} for the parts of the channels, which pruning changes; '
+                            'use -1 or the channel count // parts')
+    c = lay.channels
+    cut = [_cut(lay.pieces, i * c // parts, (i + 1) * c // parts) for i in range(parts)]
+    for other in cut[1:]: _tie_parts(ctx, cut[0], other)
+    return replace(lay, dim=d + 1, pieces=tuple(cut[0]))
 
 
 def expand(ctx, node):
@@ -395,6 +450,19 @@ def reduce(ctx, node):
     return lay if keepdim else lay.moved(lay.dim - sum(d < lay.dim for d in dims))
 
 
+def floordiv(ctx, node):
+    "A channel count divided by a number of parts (`c // groups`), or tracked channels floor-divided by a constant."
+    a, b = node.args[0], node.args[1]
+    v = ctx.env.get(a) if isinstance(a, fx.Node) else None
+    if isinstance(b, fx.Node) and ctx.env.get(b) is not None: raise Unhandled('divides by a channel count or channels')
+    if isinstance(v, Count):
+        if not isinstance(b, int) or b < 1: raise Unhandled('divides a channel count by something else than a number of parts')
+        return v._replace(div=v.div * b)
+    if v is None: return None
+    if isinstance(b, fx.Node) or not b: raise Unhandled('floor-divides the channels by a tensor or by zero')
+    return keep(ctx, node)   # 0 // b == 0
+
+
 def getattr_rule(ctx, node):
     "x.shape is a size whose channel entry pruning changes; x.dtype, x.device carry no channels."
     lay = ctx.layout(node)
@@ -444,9 +512,11 @@ def _unite(ctx, a, b, combine):
         raise Unhandled('merges channels laid out differently')
     pieces = []
     for p, q in zip(a.pieces, b.pieces):
-        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)):
-            raise Unhandled('merges parts of different channel spaces')
-        space = ctx.spaces.unite(p.space, q.space)
+        if (p.space, p.start) == (q.space, q.start) or (ctx.whole(p) and ctx.whole(q)): space = ctx.spaces.unite(p.space, q.space)
+        elif ctx.tied(p, q): space = ctx.spaces.find(p.space)
+        elif p.start == q.start == 0 and (ctx.whole(p) or ctx.whole(q)):   # a whole space and the first part of another
+            space = ctx.spaces.unite_prefix(*((p.space, q.space) if ctx.whole(p) else (q.space, p.space)))
+        else: raise Unhandled('merges parts of different channel spaces')
         pieces.append(Piece(space, p.start, p.stop, combine(p.nonzero, q.nonzero)))
     return replace(a, pieces=tuple(pieces))
 
@@ -507,15 +577,70 @@ def cat(ctx, node):
     return out
 
 
+def stack(ctx, node):
+    "torch.stack: a new dim; the operands' channels unite (paths stacked to be weighed and summed, as in SKNet)."
+    tensors = list(_arg(node, 0, 'tensors'))
+    lays = [ctx.env.get(t) if isinstance(t, fx.Node) else None for t in tensors]
+    if all(l is None for l in lays): return None
+    if any(l is None or isinstance(l, (tuple, SizeOf, Count)) for l in lays):
+        raise Unhandled('stacks tracked channels with an untracked tensor')
+    if len({(len(ctx.shape(t)) - l.dim, l.block) for t, l in zip(tensors, lays)}) != 1:
+        raise Unhandled('stacks tensors whose channels sit in different dims')
+    out = lays[0]
+    for l in lays[1:]: out = _unite(ctx, out, l, lambda x, y: x or y)
+    new = _dim(_arg(node, 1, 'dim', 0), len(ctx.shape(node)))
+    return out.moved(out.dim + 1) if new <= out.dim else out
+
+
 def split(ctx, node):
-    "split / chunk / unbind along another dim: every output carries the same channels."
+    """split / chunk / unbind along another dim: every output carries the same channels. chunk(n) along the
+    channels: part i's channel t lives or dies with part 0's channel t (tied: same unit), so that every part keeps
+    as many channels and chunk(n) of the pruned tensor cuts it where the parts now end (a packed gate and value,
+    GLU)."""
     lay = _only_first(ctx, node)
     if lay is None: return None
     n = len(ctx.shape(node.args[0]))
     dim = _dim(_arg(node, 1 if node.target in ('unbind', torch.unbind) else 2, 'dim', 0), n)
-    if dim == lay.dim: raise Unhandled('splits the channels into parts whose sizes pruning would change')
+    if dim == lay.dim:
+        if node.target not in ('chunk', torch.chunk):
+            raise Unhandled('splits the channels into parts whose sizes pruning would change (sizes given as numbers; '
+                            'chunk(n) is followed)')
+        parts, c = _arg(node, 1, 'chunks'), lay.channels
+        if lay.block != 1 or not isinstance(parts, int) or c % parts:
+            raise Unhandled(f'chunks {c} channels into {parts} parts of unequal sizes')
+        cut = [_cut(lay.pieces, i * c // parts, (i + 1) * c // parts) for i in range(parts)]
+        for other in cut[1:]: _tie_parts(ctx, cut[0], other)
+        return tuple(replace(lay, pieces=tuple(p)) for p in cut)
     if node.target in ('unbind', torch.unbind) and dim < lay.dim: lay = lay.moved(lay.dim - 1)
     return tuple(lay for _ in node.meta['shape'])
+
+
+def _cut(pieces, lo, hi):
+    "The pieces that cover channels [lo, hi) of a layout, cut where the range ends."
+    out, at = [], 0
+    for p in pieces:
+        a, b = max(lo, at), min(hi, at + p.stop - p.start)
+        if a < b: out.append(p._replace(start=p.start + a - at, stop=p.start + b - at))
+        at += p.stop - p.start
+    return out
+
+
+def _tie_parts(ctx, first, other):
+    """Make channel t of the pieces `other` live or die with channel t of `first` (equal lengths): two whole spaces
+    are united; two ranges of one space are tied (the space in blocks whose size divides their distance)."""
+    bounds = sorted({0, *itertools.accumulate(p.stop - p.start for p in first),
+                     *itertools.accumulate(q.stop - q.start for q in other)})
+    for lo, hi in zip(bounds, bounds[1:]):
+        (p,), (q,) = _cut(first, lo, hi), _cut(other, lo, hi)
+        a, b = ctx.spaces.find(p.space), ctx.spaces.find(q.space)
+        if a != b:
+            if not (ctx.whole(p) and ctx.whole(q) and p.stop == q.stop):
+                raise Unhandled('chunks channels whose parts come from parts of different channel spaces')
+            ctx.spaces.unite(a, b)
+        elif p.start != q.start:
+            size = ctx.spaces.size[a]
+            ctx.spaces.tie_space(a, size // math.gcd(size, abs(q.start - p.start)),
+                                 f"'chunk' ties the channels of its parts")
 
 
 def setitem(ctx, node):
@@ -556,7 +681,7 @@ ZERO_MOVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.AlphaD
 "Module types that map zero to a non-zero value (AlphaDropout: in training)."
 
 MODULE_RULES = {   # the layers with channels of their own are in `layers.LAYERS`
-    nn.LayerNorm: layernorm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
+    nn.LayerNorm: layernorm, nn.RMSNorm: rms_norm, nn.PReLU: prelu, nn.Flatten: reshape, nn.Hardtanh: hardtanh,
     nn.Softmax: softmax, nn.LogSoftmax: softmax, nn.Upsample: resize,
     **{t: pool1d for t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
     **{t: pool2d for t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)},
@@ -571,12 +696,14 @@ FUNCTION_RULES = {
     **{f: pool1d for f in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)},
     **{f: pool2d for f in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)},
     **{f: pool3d for f in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)},
-    F.interpolate: resize,
+    F.interpolate: resize, F.layer_norm: layer_norm, F.rms_norm: rms_norm,
+    **{f: power for f in (torch.pow, operator.pow)},
     F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
     **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.alpha_dropout)},
     **{f: softmax for f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)},
     **{f: arith for f in ADDITIVE | MULTIPLICATIVE | DIVIDING if not isinstance(f, str)},
     **{f: reduce for f in (torch.mean, torch.sum, torch.amax, torch.amin)},
+    operator.floordiv: floordiv, torch.stack: stack,
     torch.flatten: reshape, torch.reshape: reshape, torch.permute: permute, torch.transpose: permute,
     torch.swapaxes: permute, torch.unsqueeze: unsqueeze, torch.cat: cat, torch.concat: cat,
     torch.concatenate: cat, torch.split: split, torch.chunk: split, torch.unbind: split, F.pad: pad,
@@ -593,12 +720,12 @@ METHOD_RULES = {
     **{m: reshape for m in ('view', 'reshape', 'flatten')},
     **{m: permute for m in ('permute', 'transpose', 'swapaxes')},
     **{m: split for m in ('split', 'chunk', 'unbind')},
-    'unsqueeze': unsqueeze, 'roll': roll, 'expand': expand, 'expand_as': expand, 'reshape_as': expand,
+    'pow': power, 'unsqueeze': unsqueeze, 'roll': roll, 'expand': expand, 'expand_as': expand, 'reshape_as': expand,
     'view_as': expand,
     'size': size, 'dim': no_tensor,
 }
 
-COUNT_RULES = {reshape, expand}
+COUNT_RULES = {reshape, expand, floordiv}
 "The rules that accept a `Count` among their arguments; any other use of one is unhandled."
 
 INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem, F.relu_, torch.relu_,

@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
          'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py',
-         'tests/test_timm.py', 'tests/test_budget.py', 'tests/test_sensitivity.py']
+         'tests/test_timm.py', 'tests/test_budget.py', 'tests/test_sensitivity.py', 'tests/test_architectures.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: a weight\'s inputs not costed': (
         'fasterai/budget.py', "    if role == 'in': return pname == kind.weight", "    if role == 'in': return False"),
@@ -32,6 +32,18 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: the plan held for a budget re-planned every batch': (
         'fasterai/sparsifier.py', 'isinstance(sparsity, Budget) and sparsity == self.planned: return None',
         'isinstance(sparsity, Budget) and False: return None'),
+    'chunk: parts not tied': (
+        'fasterai/ops.py', '            ctx.spaces.tie_space(a, size // math.gcd(size, abs(q.start - p.start)),',
+        '            (lambda *a: None)(a, size // math.gcd(size, abs(q.start - p.start)),'),
+    'chunk: tied halves not merged': (
+        'fasterai/ops.py', '        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)) and not ctx.tied(p, q):',
+        '        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)):'),
+    'reshape into parts: parts not tied': (
+        'fasterai/ops.py', '    for other in cut[1:]: _tie_parts(ctx, cut[0], other)\n    return replace(lay, dim=d + 1',
+        '    return replace(lay, dim=d + 1'),
+    'a whole space merged with the first part of another: not united': (
+        'fasterai/ops.py', '            space = ctx.spaces.unite_prefix(*((p.space, q.space) if ctx.whole(p) else (q.space, p.space)))',
+        '            space = ctx.spaces.find(p.space)'),
     'budget: calibration ignored': (
         'fasterai/budget.py', '    if len(pts) < 2: return ratio', '    return ratio'),
     'verify never raises': (

@@ -75,7 +75,7 @@ class MBConv(nn.Module):
 
 
 class Split(nn.Module):
-    "A conv's output split in two halves (chunk): pruning would change the halves' sizes, so it is frozen."
+    "A conv's output split in two halves (chunk): channel t of each half goes with channel t of the other (tied)."
     def __init__(self):
         super().__init__()
         self.a, self.b, self.c = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
@@ -84,6 +84,50 @@ class Split(nn.Module):
     def forward(self, x):
         p, q = self.a(x).chunk(2, dim=1)
         return self.head(F.relu(torch.cat([self.b(F.relu(p)), self.c(q)], dim=1)))
+
+
+class ChunkCat(nn.Module):
+    "chunk(2) of a concatenation of two equal halves gives them back: their channels are united."
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        p, q = torch.cat([self.a(x), self.b(x)], 1).chunk(2, dim=1)
+        return self.head(F.relu(p) + q)
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet: paths stacked (torch.stack), weighed per path and channel by a softmax over the paths of one conv's
+    output reshaped into (paths, channels // paths), and summed."""
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.paths = nn.ModuleList([cbr(8, 16, 3), cbr(8, 16, 5)])
+        self.fc_reduce, self.fc_select = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 32, 1)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.stack([p(x) for p in self.paths], dim=1)
+        a = self.fc_select(F.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c, h, w = a.shape
+        a = torch.softmax(a.view(b, 2, c // 2, h, w), dim=1)
+        return self.head((x * a).sum(1)).mean((2, 3))
+
+
+class GLU(nn.Module):
+    "A packed gated MLP (timm's GluMlp, SwiGLU): one Linear writes gate and value, chunk(2), silu(gate) * value."
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 2 * 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        x = x + self.fc2(F.silu(gate) * value)
+        return self.head(x.mean(1))
 
 
 class Block(nn.Module):
@@ -174,7 +218,10 @@ CASES = {  # model, input shape, expected out_channels (or features) after 50% l
     'residual': (Residual, (2, 3, 16, 16), {'stem.0': 8, 'b1.1': 8, 'b2.1': 16, 'down.0': 16, 'b2.0.0': 12}),
     'dense': (Dense, (2, 3, 8, 8), {'stem': 4, 'l1': 3, 'l2': 3}),
     'mbconv': (MBConv, (2, 3, 16, 16), {'expand.0': 24, 'dw.0': 24, 'se.reduce': 4, 'se.expand': 24, 'project.0': 8}),
-    'split': (Split, (2, 3, 8, 8), {'a': 12, 'b': 2, 'c': 2}),
+    'split': (Split, (2, 3, 8, 8), {'a': 6, 'b': 2, 'c': 2}),
+    'glu': (GLU, (2, 5, 12), {'fc1': 24, 'embed': 8, 'fc2': 8}),
+    'chunk_cat': (ChunkCat, (2, 3, 8, 8), {'a': 4, 'b': 4}),
+    'selective_kernel': (SelectiveKernel, (2, 3, 8, 8), {'paths.0.0': 8, 'paths.1.0': 8, 'fc_select': 16, 'fc_reduce': 4}),
     'convnext': (ConvNeXtish, (2, 3, 16, 16), {'blocks.0.fc1': 32, 'blocks.1.fc1': 32, 'stem': 16}),
     'attention': (Attention, (2, 5, 12), {'mlp.0': 32, 'embed': 16}),
     'resnext': (ResNeXtish, (2, 3, 8, 8), {'stem.0': 8, 'c1.0': 16, 'c2.0': 32, 'c3.0': 8}),
@@ -224,8 +271,33 @@ def test_concat_offsets_and_split_freezes():
     g = trace(Dense(), (2, 3, 8, 8))
     (l2,) = groups_with(g, 'l2')
     assert sorted((s.module, s.role, s.offset) for s in l2.slices) == [('bn', 'norm', 14), ('head', 'in', 14), ('l2', 'out', 0)]
-    (a,) = groups_with(trace(Split(), (2, 3, 8, 8)), 'a')
-    assert a.frozen == ["method '.chunk()' at 'chunk' splits the channels into parts whose sizes pruning would change"]
+    (a,) = groups_with(trace(Split(), (2, 3, 8, 8)), 'a')   # chunk(2): each half keeps the same positions
+    assert a.prunable and a.tie == 2 and a.units == 6
+    assert sorted((s.module, s.role, s.offset, s.start) for s in a.slices if s.role == 'in') == [('b', 'in', 0, 0), ('c', 'in', 0, 6)]
+    (h,) = groups_with(trace(GLU(), (2, 5, 12)), 'fc1')   # gate t * value t: one unit
+    assert h.prunable and h.tie == 2 and {(s.module, s.role) for s in h.slices} == {('fc1', 'out'), ('fc2', 'in')}
+    class Sizes(Split):   # sizes given as numbers stay what they are when the channels shrink: frozen
+        def forward(self, x):
+            p, q = self.a(x).split(6, dim=1)
+            return self.head(torch.cat([self.b(p), self.c(q)], dim=1))
+    (a,) = groups_with(trace(Sizes(), (2, 3, 8, 8)), 'a')
+    assert a.frozen and 'splits the channels into parts whose sizes pruning would change' in a.frozen[0]
+
+
+def test_selective_kernel_ties_the_paths_weights_to_the_paths():
+    g = trace(SelectiveKernel(), (2, 3, 8, 8))
+    (paths,) = groups_with(g, 'paths.0.0')
+    assert paths.prunable and paths.size == 32 and paths.tie == 2   # fc_select's rows: the paths' 16 twice
+    assert {(s.module, s.role, s.start) for s in paths.by_role('out')} == {('paths.0.0', 'out', 0), ('paths.1.0', 'out', 0), ('fc_select', 'out', 0)}
+    class Fixed(SelectiveKernel):   # the part size hard-coded: it would not shrink with the channels
+        def forward(self, x):
+            x = self.stem(x)
+            x = torch.stack([p(x) for p in self.paths], dim=1)
+            a = self.fc_select(F.relu(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+            a = torch.softmax(a.view(a.shape[0], 2, 16, 1, 1), dim=1)
+            return self.head((x * a).sum(1)).mean((2, 3))
+    (sel,) = groups_with(trace(Fixed(), (2, 3, 8, 8)), 'fc_select')
+    assert any('hard-codes size 16 for the parts of the channels' in r for r in sel.frozen)
 
 
 def test_squeeze_excitation_couples_gate_and_stream():
@@ -241,6 +313,36 @@ def test_layernorm_freezes_the_stream_but_not_the_mlp():
     assert any('LayerNorm' in r for r in stream.frozen)
     (hidden,) = groups_with(g, 'blocks.0.fc1')
     assert hidden.prunable and [s.module for s in hidden.by_role('in')] == ['blocks.0.fc2']
+
+
+class RMSMixer(nn.Module):
+    """RMS norms: nn.RMSNorm and F.rms_norm over the channels (statistics across them: the stream is frozen), F.rms_norm
+    and F.layer_norm over the tokens (a zero channel stays zero: the hidden width prunes), a squared activation."""
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(12, 16), nn.RMSNorm(16)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = F.rms_norm(self.fc1(self.norm(x)).transpose(1, 2), (x.shape[1],)).transpose(1, 2)
+        h = F.layer_norm(F.relu(h).pow(2).transpose(1, 2), (x.shape[1],)).transpose(1, 2)
+        x = x + self.fc2(h)
+        return self.head(F.rms_norm(x, (16,)).mean(1))
+
+
+def test_rms_and_layer_norms_over_channels_freeze_over_tokens_pass():
+    g = trace(RMSMixer(), (2, 5, 12))
+    (stream,) = groups_with(g, 'embed')
+    assert any('RMSNorm' in r and 'statistics across the channels' in r for r in stream.frozen)
+    (hidden,) = groups_with(g, 'fc1')
+    assert hidden.prunable and [s.module for s in hidden.by_role('in')] == ['fc2']
+    torch.manual_seed(0)
+    model = RMSMixer().eval()
+    Sparsifier(model, 'filter', 'local', 'l1', nn.Linear, example_input=(2, 5, 12)).sparsify(50)
+    pruned = Pruner(example_input=(2, 5, 12)).prune_model(model)
+    x = torch.randn(2, 5, 12)
+    assert pruned.fc1.out_features == 16 and max_rel_diff(model(x), pruned(x)) < 1e-5
 
 
 def test_attention_is_frozen_with_its_reason():
