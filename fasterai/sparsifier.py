@@ -101,6 +101,10 @@ def check_sparsities(sparsity, method, layers=None):
     return {k: check_sparsity(v) for k, v in sparsity.items()}
 
 
+NEAR_ZERO = 1e-12
+"Weights below this magnitude are timed as the masks' zeros (see `Sparsifier.measure`)."
+
+
 class Sparsifier(SparsityReport):
     """Zeroes the least important parts of a model's layers and keeps masks to hold them at zero.
 
@@ -235,12 +239,17 @@ class Sparsifier(SparsityReport):
         from .pruner import _computed, _pruned_copy, copy_modules, plan
         masks = self.masks if masks is None else masks
         # on a copy whose zero weights are made non-zero: only the masks decide what goes (the model may hold the
-        # zeros of an earlier plan, which pruning it now would also remove)
+        # zeros of an earlier plan, which pruning it now would also remove). Weights near zero are made 1 as well: a
+        # weight the masks hold at zero is moved by the optimizer's decaying momentum between a step and the masks'
+        # re-application (to 1e-30 and below), and its products underflow to denormals, which x86 multiplies tens of
+        # times more slowly (a small ResNet mid-training: 13.4 ms instead of 8.7): the copy, also the dense
+        # reference, is timed for its architecture, not for that moment
         probe = copy_modules(self.model, _computed(self.model))
-        for p in probe.parameters(): p.data.masked_fill_(p.data == 0, 1.)
+        for p in probe.parameters():
+            if p.is_floating_point(): p.data.masked_fill_(p.data.abs() < NEAR_ZERO, 1.)
         keep = plan(dataclasses.replace(self.graph, model=probe), masks)
         pruned = _pruned_copy(probe, keep, masks)
-        return reached(budget, self.model, pruned, self.example_input if self.example_input is not None else
+        return reached(budget, probe, pruned, self.example_input if self.example_input is not None else
                        self.graph.input_shape)
 
     def calibrate(self, budget, tol=0.015, steps=6, fresh=False):

@@ -44,6 +44,12 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'a whole space merged with the first part of another: not united': (
         'fasterai/ops.py', '            space = ctx.spaces.unite_prefix(*((p.space, q.space) if ctx.whole(p) else (q.space, p.space)))',
         '            space = ctx.spaces.find(p.space)'),
+    'latency: denormal weights timed as they are': (
+        'fasterai/latency.py', '    if not any(_denormal(t) for t in itertools.chain(model.parameters(), model.buffers())): return model',
+        '    return model'),
+    'latency: a plan timed against the live model (its near-zero weights)': (
+        'fasterai/sparsifier.py', '        return reached(budget, probe, pruned, self.example_input',
+        '        return reached(budget, self.model, pruned, self.example_input'),
     'budget: calibration ignored': (
         'fasterai/budget.py', '    if len(pts) < 2: return ratio', '    return ratio'),
     'verify never raises': (

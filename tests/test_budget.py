@@ -64,7 +64,7 @@ def test_cost_model_is_the_pruned_models_cost(name, make, shape, method, budget)
     assert round(predicted) == real   # the model's cost is the pruned model's, to the MAC and the parameter
     # a unit of a tiny net is a large share of its cost ('local' moves every group by one percentage): within 3% on
     # the larger ones
-    slack = 0.03 if name in ('seed_net', 'mobilenet_v3', 'residual') else 0.12
+    slack = 0.03 if name in ('seed_net', 'mobilenet_v3', 'residual') else 0.15
     assert real <= budget.ratio * dense + 1e-6 and real >= (budget.ratio - slack) * dense, (real / dense)
     x = torch.randn(shape)
     assert max_rel_diff(model(x), pruned(x)) < 1e-5
@@ -266,3 +266,37 @@ def test_a_budget_held_by_the_schedule_keeps_its_plan():
         assert not s.sparsify(MACs(0.5))
         assert all(torch.equal(s.masks[k], before[k]) for k in before)
     assert sp.sparsify(MACs(0.45)) and any(not torch.equal(sp.masks[k], before[k]) for k in before)
+
+
+def test_denormal_weights_are_timed_as_zeros():
+    """A weight the masks hold at zero turns denormal after an optimizer step (decaying momentum); timed as it is, a
+    conv with denormal rows runs tens of times slower on x86 and a latency ratio would measure that moment."""
+    import copy
+    from fasterai.latency import latency_ratio, without_denormals
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    slow = copy.deepcopy(net)
+    with torch.no_grad(): slow[0].weight[:12] = 1e-40; slow[2].weight[:, :4] = 1e-40
+    assert without_denormals(net) is net
+    clean = without_denormals(slow)
+    assert bool((clean[0].weight[:12] == 0).all()) and bool((slow[0].weight[:12] != 0).all())   # a copy; the model kept
+    assert torch.equal(clean[0].weight[12:], slow[0].weight[12:])
+    assert latency_ratio(slow, net, torch.randn(16, 8, 16, 16), threads=1, rounds=3, min_run_time=0.05) < 2
+
+
+def test_a_latency_measured_mid_training_ignores_the_optimizers_near_zeros():
+    """Between a step and the masks' re-application, masked weights hold the optimizer's decaying momentum (1e-37 and
+    the like): their products are denormals, slow on x86. `measure` times copies whose near-zero weights are made 1,
+    the dense reference too, so the ratio is the architecture's whatever that moment holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 8, 1)).eval()
+    sp = Sparsifier(model, 'filter', 'local', 'l1', nn.Conv2d, example_input=(16, 8, 16, 16))
+    sp.sparsify(50)
+    budget = Latency(0.5, batch_size=16, threads=1)
+    clean = sp.measure(budget)
+    with torch.no_grad():
+        for name, keep in sp.masks.items():
+            p = model.get_parameter(name)
+            p[~keep.expand_as(p)] = 1e-37
+    assert abs(sp.measure(budget) - clean) < 0.25 * clean
