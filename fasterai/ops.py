@@ -389,10 +389,7 @@ def _into_parts(ctx, lay, d, parts, sizes, counts):
         elif len(sizes) > d + 1 and sizes[d + 1] != -1:
             raise Unhandled(f'hard-codes size {sizes[d + 1]} for the parts of the channels, which pruning changes; '
                             'use -1 or the channel count // parts')
-    c = lay.channels
-    cut = [_cut(lay.pieces, i * c // parts, (i + 1) * c // parts) for i in range(parts)]
-    for other in cut[1:]: _tie_parts(ctx, cut[0], other)
-    return replace(lay, dim=d + 1, pieces=tuple(cut[0]))
+    return replace(lay, dim=d + 1, pieces=tuple(_tied_parts(ctx, lay, parts)[0]))
 
 
 def expand(ctx, node):
@@ -608,9 +605,7 @@ def split(ctx, node):
         parts, c = _arg(node, 1, 'chunks'), lay.channels
         if lay.block != 1 or not isinstance(parts, int) or c % parts:
             raise Unhandled(f'chunks {c} channels into {parts} parts of unequal sizes')
-        cut = [_cut(lay.pieces, i * c // parts, (i + 1) * c // parts) for i in range(parts)]
-        for other in cut[1:]: _tie_parts(ctx, cut[0], other)
-        return tuple(replace(lay, pieces=tuple(p)) for p in cut)
+        return tuple(replace(lay, pieces=tuple(p)) for p in _tied_parts(ctx, lay, parts))
     if node.target in ('unbind', torch.unbind) and dim < lay.dim: lay = lay.moved(lay.dim - 1)
     return tuple(lay for _ in node.meta['shape'])
 
@@ -623,6 +618,14 @@ def _cut(pieces, lo, hi):
         if a < b: out.append(p._replace(start=p.start + a - at, stop=p.start + b - at))
         at += p.stop - p.start
     return out
+
+
+def _tied_parts(ctx, lay, parts):
+    "`lay`'s pieces cut into `parts` equal parts, channel t of each tied to channel t of the first (chunk, reshape)."
+    c = lay.channels
+    cut = [_cut(lay.pieces, i * c // parts, (i + 1) * c // parts) for i in range(parts)]
+    for other in cut[1:]: _tie_parts(ctx, cut[0], other)
+    return cut
 
 
 def _tie_parts(ctx, first, other):

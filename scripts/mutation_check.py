@@ -38,9 +38,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'chunk: tied halves not merged': (
         'fasterai/ops.py', '        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)) and not ctx.tied(p, q):',
         '        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)):'),
-    'reshape into parts: parts not tied': (
-        'fasterai/ops.py', '    for other in cut[1:]: _tie_parts(ctx, cut[0], other)\n    return replace(lay, dim=d + 1',
-        '    return replace(lay, dim=d + 1'),
+    'chunk and reshape into parts: parts not tied': (
+        'fasterai/ops.py', '    for other in cut[1:]: _tie_parts(ctx, cut[0], other)\n    return cut',
+        '    return cut'),
     'a whole space merged with the first part of another: not united': (
         'fasterai/ops.py', '            space = ctx.spaces.unite_prefix(*((p.space, q.space) if ctx.whole(p) else (q.space, p.space)))',
         '            space = ctx.spaces.find(p.space)'),
