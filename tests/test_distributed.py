@@ -59,9 +59,17 @@ def test_fastai_distrib_ctx_under_torchrun_gives_the_same_masks(tmp_path):
     import sys
     from pathlib import Path
     worker = Path(__file__).with_name('fastai_distrib_worker.py')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
-           str(worker), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=worker.parent.parent)
+    def launch():
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+               str(worker), str(tmp_path)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=worker.parent.parent)
+    done = launch()
+    # gloo's start-up on a loaded machine rarely aborts a rank in C++ ('terminate called without an active exception',
+    # SIGABRT, no Python traceback, well before the fit ends; 1 run in CI, 0 in 46 here). That is the launcher's
+    # start, not our code: a Python error in the worker prints a traceback and is not retried. One fresh start only.
+    if done.returncode and 'terminate called without an active exception' in done.stderr \
+            and f'File "{worker}", line' not in done.stderr:
+        done = launch()
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert a['world'] == 2 and a['wrapper'] == 'DistributedDataParallel' and a['norms'] == ['BatchNorm2d']
