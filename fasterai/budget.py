@@ -119,6 +119,8 @@ class CostModel:
         # (the modelled ratio with every target down to one unit)
         self.measured = []   # (modelled ratio, measured ratio) of plans timed on pruned copies (`Sparsifier.calibrate`)
         self.pinned = {}     # ratio asked -> the modelled ratio whose plan timed closest to it
+        self.plans = {}      # ratio asked -> the drops of a finer plan that timed closer still (`calibrate(fine=)`)
+        self.timed = 0       # plans the last calibration timed
 
     def _col(self, module, role, model):
         key = (module, role)

@@ -158,7 +158,7 @@ class SparsifyCallback(Callback):
         if self.target is not None and not self._frozen:
             if isinstance(self.target, Latency) and not self.sparsifier.cost_model(self.target).measured:
                 got = self.sparsifier.calibrate(self.target)
-                print(f'Latency budget: {len(self.sparsifier.cost_model(self.target).measured)} pruned copies timed '
+                print(f'Latency budget: {self.sparsifier.cost_model(self.target).timed} pruned copies timed '
                       f'(the closest at {got:.3f} of the dense model)')
                 if got > self.target.ratio + 0.03:
                     print(f'Latency budget {self.target.ratio:g} looks out of reach: the closest plan timed at '
@@ -212,7 +212,8 @@ class SparsifyCallback(Callback):
         if isinstance(self.target, Latency) and not self._frozen and planned == self.target and not self._retimed:
             self._retimed = True   # the schedule reached the budget: time the plans of the trained weights
             got = self.sparsifier.calibrate(self.target, fresh=True)
-            print(f'Latency budget reached by the schedule: plans timed again, the closest at {got:.3f} of the dense model')
+            print(f'Latency budget reached by the schedule: {self.sparsifier.cost_model(self.target).timed} plans timed '
+                  f'again, the closest at {got:.3f} of the dense model')
         if self.sparsifier.sparsify(planned):
             if self.lth and self._rewind is not None: self._rewind_weights()
             self._measured = self.measured() if self.target is None else self.sparsifier.cost_ratio(self.target)

@@ -145,6 +145,7 @@ class Sparsifier(SparsityReport):
         self.maskset = MaskSet(dict(model.named_parameters(remove_duplicate=False)), len(self.targets))
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
         self.planned = None  # the budget those masks were planned for (None: a sparsity): kept until it changes
+        self._refill = None  # the weights when `measure` first timed the model: what it refills masked zeros with
         self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
         self.example_input, self.costs = example_input, {}   # the cost models of budgets, by budget (ratio aside)
 
@@ -220,6 +221,7 @@ class Sparsifier(SparsityReport):
         costs = self.cost_model(budget)
         scores = [self._scores(i) for i in range(len(self.targets))]
         count = lambda p: [max(t.count(p), 0 if h is None else int(h.sum())) for t, h in zip(self.targets, self.held)]
+        if round(budget.ratio, 9) in costs.plans: return costs.plans[round(budget.ratio, 9)]   # timed (calibrate)
         ratio = costs.modelled_for(budget.ratio)
         if isinstance(budget, Latency):   # a ratio past what the model can reach: as far as it goes (timing tells)
             ratio = max(ratio, costs.floor + 1e-9)
@@ -236,52 +238,114 @@ class Sparsifier(SparsityReport):
     def measure(self, budget, masks=None):
         """The cost ratio of `budget`'s kind (MACs and parameters counted, latency timed) of the model pruned as
         `masks` (default: the current masks) drop, over the dense model's."""
-        from .pruner import _computed, _pruned_copy, copy_modules, plan
+        from .pruner import _pruned_copy, plan
         masks = self.masks if masks is None else masks
         # on a copy whose zero weights are made non-zero: only the masks decide what goes (the model may hold the
-        # zeros of an earlier plan, which pruning it now would also remove). Weights near zero are made 1 as well: a
+        # zeros of an earlier plan, which pruning it now would also remove). Weights near zero are refilled as well: a
         # weight the masks hold at zero is moved by the optimizer's decaying momentum between a step and the masks'
         # re-application (to 1e-30 and below), and its products underflow to denormals, which x86 multiplies tens of
         # times more slowly (a small ResNet mid-training: 13.4 ms instead of 8.7): the copy, also the dense
-        # reference, is timed for its architecture, not for that moment
-        probe = copy_modules(self.model, _computed(self.model))
-        for p in probe.parameters():
-            if p.is_floating_point(): p.data.masked_fill_(p.data.abs() < NEAR_ZERO, 1.)
+        # reference, is timed for its architecture, not for that moment. They are refilled with the values they had
+        # when this Sparsifier first timed the model (1 where those were zero too), not with a constant: CPU max
+        # pooling branches on its values, and channels of a constant weight pool a third faster than live ones (the
+        # seed net's dense reference with its masked filters made 1 timed 5% faster than the dense model: every plan
+        # calibrated against it went 5% too far)
+        probe = self._probe()
         keep = plan(dataclasses.replace(self.graph, model=probe), masks)
         pruned = _pruned_copy(probe, keep, masks)
         return reached(budget, probe, pruned, self.example_input if self.example_input is not None else
                        self.graph.input_shape)
 
-    def calibrate(self, budget, tol=0.015, steps=6, fresh=False):
+    @torch.no_grad()
+    def _probe(self):
+        "A copy of the model to time, its weights near zero refilled (see `measure`)."
+        from .pruner import _computed, copy_modules
+        if self._refill is None:
+            self._refill = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.is_floating_point()}
+        probe = copy_modules(self.model, _computed(self.model))
+        for n, p in probe.named_parameters():
+            if not p.is_floating_point(): continue
+            near = p.data.abs() < NEAR_ZERO
+            if not near.any(): continue
+            old = self._refill.get(n)
+            if old is not None and old.shape == p.shape: p.data[near] = old.to(p.device, p.dtype)[near]
+            p.data.masked_fill_(p.data.abs() < NEAR_ZERO, 1.)
+        return probe
+
+    def calibrate(self, budget, tol=0.015, steps=6, fresh=False, fine=5):
         """Time pruned copies planned for a `Latency` budget until one is within `tol` of its ratio (at most `steps`),
         so that later plans meet what is measured, not only what is modelled: the plan that came closest is pinned for
-        this ratio, and other ratios are interpolated through the timed ones. `fresh`: forget earlier timings (the
+        this ratio, and other ratios are interpolated through the timed ones. When none came within `tol` (latency
+        falls in steps, and one percentage more or less for every layer, 'local', can step over the ratio), up to
+        `fine` more copies are timed between the closest plans above and below it, a few units at a time (see
+        `_between`), and the closest of all is the plan this ratio prunes. `fresh`: forget earlier timings (the
         weights, hence the plans, have changed since). The masks are left as they were. Returns the closest ratio
         timed."""
         budget = self.check_sparsity(budget)
         costs, ms = self.cost_model(budget), self.maskset
-        if fresh: costs.measured, costs.pinned = [], {}
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f'steps must be a positive int, got {steps!r}')
-        key = round(budget.ratio, 9)
+        if fresh: costs.measured, costs.pinned, costs.plans = [], {}, {}
+        for name, v in (('steps', steps), ('fine', fine)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == 'steps' else 0):
+                raise ValueError(f'{name} must be a {"positive" if name == "steps" else "non-negative"} int, got {v!r}')
+        key, ratio = round(budget.ratio, 9), budget.ratio
         costs.pinned.pop(key, None)
+        costs.plans.pop(key, None)
         saved = (self.counts, self.planned, list(ms.by_target), dict(ms.masks), dict(ms.drops))
-        best = None
+        best, timed = None, []   # timed: (measured ratio, drops) of every plan timed
         try:
             for _ in range(steps):
-                modelled = next_guess(costs.measured, budget.ratio)
+                modelled = next_guess(costs.measured, ratio)
                 costs.pinned[key] = modelled
                 self.counts = None
                 self._rescore(budget)
                 got = self.measure(budget)
                 costs.measured.append((modelled, got))
-                if best is None or abs(got - budget.ratio) < abs(best[1] - budget.ratio): best = (modelled, got)
-                if abs(got - budget.ratio) <= tol: break
+                timed.append((got, self.counts))
+                if best is None or abs(got - ratio) < abs(best[1] - ratio): best = (modelled, got)
+                if abs(got - ratio) <= tol: break
+            above = [p for p in timed if p[0] > ratio]
+            below = [p for p in timed if p[0] <= ratio]
+            closest = min(timed, key=lambda p: abs(p[0] - ratio))
+            if abs(closest[0] - ratio) > tol and above and below and fine:
+                base, extra = self._between(min(above, key=lambda p: p[0])[1], max(below, key=lambda p: p[0])[1])
+                lo, hi = 0, len(extra)   # lo: its plan times above the ratio; hi: at or below
+                for _ in range(fine):
+                    m = (lo + hi) // 2
+                    if m in (lo, hi): break
+                    drops = _Drops(torch.cat([b, *(e for j, e in extra[:m] if j == i)]).sort().values
+                                   for i, b in enumerate(base))
+                    self._update_masks(drops)
+                    self.counts = drops
+                    got = self.measure(budget)
+                    timed.append((got, drops))
+                    if abs(got - ratio) < abs(closest[0] - ratio): closest = (got, drops)
+                    if abs(got - ratio) <= tol: break
+                    lo, hi = (m, hi) if got > ratio else (lo, m)
         finally:
             self.counts, self.planned, ms.by_target, ms.masks, ms.drops = saved
             costs.pinned.pop(key, None)
-        costs.pinned[key] = best[0]
-        return best[1]
+        costs.pinned[key], costs.timed = best[0], len(timed)
+        if abs(closest[0] - ratio) < abs(best[1] - ratio): costs.plans[key] = closest[1]
+        return closest[0]
+
+    def _between(self, above, below):
+        """The units two plans (drops per target) share, and the ones only one of them drops, in the order to add
+        them going from the one that times above the ratio to the one below: within a target by score (lowest
+        first), and across targets each by its share of its own (so that halfway drops half of every target's).
+        Each target keeps a unit."""
+        base, extra = [], []
+        for i, (a, b) in enumerate(zip(above, below)):
+            dev, a, b = a.device, a.flatten().cpu(), b.flatten().cpu()
+            both = a[torch.isin(a, b)]
+            either = torch.unique(torch.cat([a, b]))
+            rest = either[~torch.isin(either, both)]
+            scores = self._scores(i).detach().flatten().cpu().double()
+            rest = rest[torch.sort(scores[rest], stable=True).indices]
+            if len(either) >= self.targets[i].units: rest = rest[:-1]   # never all of a target's units
+            base.append(both.sort().values.to(dev))
+            extra += [((j + 0.5) / len(rest), i, u) for j, u in enumerate(rest.view(-1, 1).to(dev))]
+        extra.sort(key=lambda e: (e[0], e[1]))
+        return base, [(i, u) for _, i, u in extra]
 
     @torch.no_grad()
     def sparsify(self, sparsity):

@@ -32,6 +32,14 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: the plan held for a budget re-planned every batch': (
         'fasterai/sparsifier.py', 'isinstance(sparsity, Budget) and sparsity == self.planned: return None',
         'isinstance(sparsity, Budget) and False: return None'),
+    'budget: calibrate times no finer plan between the closest two': (
+        'fasterai/sparsifier.py', '                    if m in (lo, hi): break', '                    break'),
+    'budget: the finer plan timed is not the plan pruned': (
+        'fasterai/sparsifier.py', '        if round(budget.ratio, 9) in costs.plans: return costs.plans[round(budget.ratio, 9)]',
+        '        if False: return costs.plans[round(budget.ratio, 9)]'),
+    'budget: masked zeros of the timed copy made 1, not refilled with the values first timed': (
+        'fasterai/sparsifier.py', '            if old is not None and old.shape == p.shape: p.data[near] = old.to(p.device, p.dtype)[near]',
+        '            pass'),
     'chunk: parts not tied': (
         'fasterai/ops.py', '            ctx.spaces.tie_space(a, size // math.gcd(size, abs(q.start - p.start)),',
         '            (lambda *a: None)(a, size // math.gcd(size, abs(q.start - p.start)),'),

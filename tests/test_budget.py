@@ -286,7 +286,7 @@ def test_denormal_weights_are_timed_as_zeros():
 
 def test_a_latency_measured_mid_training_ignores_the_optimizers_near_zeros():
     """Between a step and the masks' re-application, masked weights hold the optimizer's decaying momentum (1e-37 and
-    the like): their products are denormals, slow on x86. `measure` times copies whose near-zero weights are made 1,
+    the like): their products are denormals, slow on x86. `measure` times copies whose near-zero weights are refilled,
     the dense reference too, so the ratio is the architecture's whatever that moment holds."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
@@ -300,3 +300,43 @@ def test_a_latency_measured_mid_training_ignores_the_optimizers_near_zeros():
             p = model.get_parameter(name)
             p[~keep.expand_as(p)] = 1e-37
     assert abs(sp.measure(budget) - clean) < 0.25 * clean
+
+
+def test_latency_calibration_times_finer_plans_between_the_closest_two(monkeypatch):
+    """When no plan of the guesses times within tol (one percentage more or less for every layer steps over the
+    ratio), plans between the closest above and below are timed, and the one closest to the ratio is what it prunes."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    shape = (2, 3, 32, 32)
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=shape)
+    macs = CostModel(model, sp.targets, MACs(1), shape)
+    monkeypatch.setattr('fasterai.budget.CostModel.__init__', _as_macs(CostModel.__init__))
+    # a stand-in timing in steps of 0.005 (the square root of the MACs ratio, rounded): 3 guesses alone land no closer
+    # than 0.015 to 0.52
+    monkeypatch.setattr(Sparsifier, 'measure', lambda self, budget, masks=None:
+                        round(_ratio_of(self, self.masks, macs) ** 0.5 * 200) / 200)
+    coarse = sp.calibrate(Latency(0.52), tol=0.004, steps=3, fine=0)
+    fine = sp.calibrate(Latency(0.52), tol=0.004, steps=3, fresh=True)
+    assert abs(fine - 0.52) <= 0.004 < abs(coarse - 0.52)
+    assert sp.masks == {}
+    sp.sparsify(Latency(0.52))   # the plan pruned is the finer plan timed
+    assert sp.measure(Latency(0.52)) == fine
+    with pytest.raises(ValueError, match='fine must be a non-negative int'): sp.calibrate(Latency(0.5), fine=-1)
+
+
+def test_the_timed_copy_refills_masked_zeros_with_the_values_first_timed():
+    """CPU max pooling branches on its values, and channels of a constant weight pool faster than live ones: a dense
+    reference whose masked filters were made 1 timed 5% faster than the dense model, and every plan calibrated
+    against it went too far. `measure` refills them with the values the model had when it was first timed."""
+    torch.manual_seed(0)
+    model = Net(in_channels=1).eval()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
+    sp._probe()   # first timed while dense
+    sp.sparsify(50)
+    assert sp.sparsity() > 40
+    probe = sp._probe()
+    for n, p in probe.named_parameters():
+        live = dense[n].abs() >= 1e-12
+        assert torch.equal(p[live], dense[n][live]), n   # masked or not, the values first timed
+        assert (p[~live] == 1).all(), n                  # what was zero then too (a fresh BatchNorm's bias) is made 1
