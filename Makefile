@@ -35,6 +35,8 @@ bench: bench-setup data   ## every benchmark table and plot in bench/results (BE
 	$(BIN)/python bench/shortcuts.py --out bench/results/shortcuts.md
 	$(BIN)/python bench/callback_overhead.py --out bench/results/callback_overhead.md
 	$(BIN)/python bench/latency.py --out bench/results/latency.md
+	$(BIN)/python bench/timed_values.py --out bench/results/timed_values.md
+	$(BIN)/python bench/width_steps.py --out bench/results/width_steps.md
 	$(BIN)/python bench/accuracy.py --out bench/results/accuracy.md
 	$(BIN)/python bench/collect.py
 

@@ -203,7 +203,6 @@ class Sparsifier(SparsityReport):
         if isinstance(sparsity, Budget):
             if self.graph is None: raise ValueError(f'a budget ({sparsity!r}) chooses whole channels: it needs '
                                                     f"granularity='filter' (or 'row', 'head'), got {self.granularity!r}")
-            if self.round_to is not None: raise ValueError('a budget does not combine with round_to')
             return sparsity
         return check_sparsities(sparsity, self.method, self.layers)
 
@@ -306,7 +305,8 @@ class Sparsifier(SparsityReport):
             above = [p for p in timed if p[0] > ratio]
             below = [p for p in timed if p[0] <= ratio]
             closest = min(timed, key=lambda p: abs(p[0] - ratio))
-            if abs(closest[0] - ratio) > tol and above and below and fine:
+            if abs(closest[0] - ratio) > tol and above and below and fine and self.round_to is None:   # (units
+                # added one by one would break the multiples of round_to)
                 base, extra = self._between(min(above, key=lambda p: p[0])[1], max(below, key=lambda p: p[0])[1])
                 lo, hi = 0, len(extra)   # lo: its plan times above the ratio; hi: at or below
                 for _ in range(fine):

@@ -340,3 +340,18 @@ def test_the_timed_copy_refills_masked_zeros_with_the_values_first_timed():
         live = dense[n].abs() >= 1e-12
         assert torch.equal(p[live], dense[n][live]), n   # masked or not, the values first timed
         assert (p[~live] == 1).all(), n                  # what was zero then too (a fresh BatchNorm's bias) is made 1
+
+
+def test_a_budget_with_round_to_keeps_every_group_a_multiple_and_meets_the_budget():
+    "round_to with a budget ('local'): one percentage, the kept channels of each group rounded, the lowest that meets it."
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    shape = (2, 3, 32, 32)
+    dense = count_macs(model, shape)
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=shape, round_to=8)
+    sp.sparsify(MACs(0.5))
+    kept = [(t.units - int(t.zero_units().sum())) * t.group.tie * t.group.width for t in sp.targets]
+    assert all(k % 8 == 0 for k in kept), kept
+    pruned = Pruner(example_input=shape).prune_model(model)
+    assert 0.4 < count_macs(pruned, shape) / dense <= 0.5
+    assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
