@@ -78,8 +78,8 @@ class SparsifyCallback(Callback):
             if resolve_granularity(granularity) not in STRUCTURAL:
                 raise ValueError(f"a budget chooses whole channels: it needs granularity='filter' (or 'row', 'head'), "
                                  f'got {granularity!r}')
-            if prune_every is not None or round_to is not None or start_sparsity:
-                raise ValueError('a budget does not combine with prune_every, round_to or start_sparsity yet')
+            if prune_every is not None or start_sparsity:
+                raise ValueError('a budget does not combine with prune_every or start_sparsity yet')
         self.sparsity = None if sparsity is None else check_sparsities(sparsity, check_method(method))   # target %
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple

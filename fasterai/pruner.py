@@ -104,7 +104,8 @@ class Pruner:
     `leaf_modules`: names or types of modules the tracer keeps whole (see `graph.trace`).
     `verify`: run the sparse and pruned models in eval and in train mode (dropout off, random draws seeded, the
     BatchNorm statistics put back) and raise PruningError if any output differs (see `verify.check_same_function`).
-    `round_to`: with `sparsity`, each group keeps a multiple of this many channels (see `Sparsifier`).
+    `round_to`: with `sparsity` or `target`, each group keeps a multiple of this many channels ('auto': see
+    `Sparsifier`).
     `target`: instead of `sparsity`, a budget (`MACs(0.5)`, `Params(0.3)`, `Latency(0.5, batch_size=64)`) the one-shot
     pruning meets: with method 'local' one percentage for every group, with 'global' the channels least important per
     unit of cost saved. After `prune_model`, `reached` holds the pruned model's ratio (latency: timed).
@@ -114,7 +115,6 @@ class Pruner:
         if sparsity is not None and target is not None: raise ValueError('give sparsity or target, not both')
         self.sparsity = None if sparsity is None else check_sparsity(sparsity)   # percent of filters, or None
         self.target = None if target is None else check_budget(target)         # a budget instead of a percentage
-        if target is not None and round_to is not None: raise ValueError('a budget does not combine with round_to')
         self.reached = None   # after prune_model with a target: the pruned model's ratio
         self.criteria, self.method = resolve_criterion(criteria), check_method(method)
         if (sparsity is not None or target is not None) and (self.criteria.needs_ref or self.criteria.accumulate is not None):
@@ -124,8 +124,8 @@ class Pruner:
         self.layer_type = check_layer_type(layer_type)   # what one-shot pruning scores
         if not isinstance(verify, bool): raise ValueError(f'verify must be True or False, got {verify!r}')
         self.example_input, self.leaf_modules, self.verify = example_input, leaf_modules, verify
-        if round_to is not None and sparsity is None:
-            raise ValueError('round_to applies when the Pruner chooses the channels itself: pass sparsity too')
+        if round_to is not None and sparsity is None and target is None:
+            raise ValueError('round_to applies when the Pruner chooses the channels itself: pass sparsity or target too')
         self.round_to = check_round_to(round_to)   # kept channels of each group a multiple of it (see Sparsifier)
 
     def prune_model(self, model):

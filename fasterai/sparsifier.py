@@ -50,10 +50,16 @@ def check_layer_type(layer_type):
     return types
 
 
+AUTO_ROUND = 8
+"`round_to='auto'` tries kept channels rounded to a multiple of this (see `Sparsifier.calibrate`)."
+
+
 def check_round_to(round_to):
-    "`round_to` if it is None or a positive int, or a ValueError."
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f'round_to must be a positive int (kept channels a multiple of it) or None, got {round_to!r}')
+    "`round_to` if it is None, a positive int or 'auto' (a Latency budget tries rounding), or a ValueError."
+    if round_to is not None and round_to != 'auto' and (isinstance(round_to, bool) or not isinstance(round_to, int)
+                                                       or round_to < 1):
+        raise ValueError('round_to must be a positive int (kept channels a multiple of it), None, or \'auto\' (with '
+                         f'a Latency budget: rounded where the timing says it pays), got {round_to!r}')
     return round_to
 
 
@@ -119,7 +125,8 @@ class Sparsifier(SparsityReport):
     `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
     `exclude`: qualified names of modules (or the modules) whose layers are left dense.
     `round_to`: at 'filter' and 'local', round each group's kept channels to a multiple of it (8 or 16 suit
-    vectorised kernels; a group smaller than it is left whole).
+    vectorised kernels; a group smaller than it is left whole). 'auto': with a `Latency` budget, plans rounded to
+    multiples of `AUTO_ROUND` are timed too, and pruned where they pay (see `calibrate`); otherwise no rounding.
     A model wrapped in DataParallel or DistributedDataParallel is sparsified through its `module`; under DDP
     every process computes the same masks (the weights, and the gradients after backward, agree).
     """
@@ -140,7 +147,8 @@ class Sparsifier(SparsityReport):
         self.excluded = _excluded(model, exclude)
         # the units to zero, the channel graph at 'filter' (else None) and why a layer cannot be sparsified there
         self.targets, self.graph, self.frozen = make_targets(model, self.granularity, self.layers, self.excluded,
-                                                             round_to, example_input, leaf_modules)
+                                                             None if round_to == 'auto' else round_to, example_input,
+                                                             leaf_modules)
         self.scores = Scores(self.criterion, {n: m for t in self.targets for n, m in t.scored().items()})
         self.maskset = MaskSet(dict(model.named_parameters(remove_duplicate=False)), len(self.targets))
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
@@ -277,9 +285,11 @@ class Sparsifier(SparsityReport):
         this ratio, and other ratios are interpolated through the timed ones. When none came within `tol` (latency
         falls in steps, and one percentage more or less for every layer, 'local', can step over the ratio), up to
         `fine` more copies are timed between the closest plans above and below it, a few units at a time (see
-        `_between`), and the closest of all is the plan this ratio prunes. `fresh`: forget earlier timings (the
-        weights, hence the plans, have changed since). The masks are left as they were. Returns the closest ratio
-        timed."""
+        `_between`), and the closest of all is the plan this ratio prunes. With `round_to='auto'` the plans are
+        searched again with every group's kept channels a multiple of `AUTO_ROUND`, and the rounded plan is the one
+        pruned when it pays: it comes within `tol` and keeps more MACs than the other (or, neither within `tol`, it
+        comes closer). `fresh`: forget earlier timings (the weights, hence the plans, have changed since). The masks
+        are left as they were. Returns the closest ratio timed."""
         budget = self.check_sparsity(budget)
         costs, ms = self.cost_model(budget), self.maskset
         if fresh: costs.measured, costs.pinned, costs.plans = [], {}, {}
@@ -290,43 +300,70 @@ class Sparsifier(SparsityReport):
         costs.pinned.pop(key, None)
         costs.plans.pop(key, None)
         saved = (self.counts, self.planned, list(ms.by_target), dict(ms.masks), dict(ms.drops))
-        best, timed = None, []   # timed: (measured ratio, drops) of every plan timed
-        try:
-            for _ in range(steps):
-                modelled = next_guess(costs.measured, ratio)
-                costs.pinned[key] = modelled
-                self.counts = None
-                self._rescore(budget)
-                got = self.measure(budget)
-                costs.measured.append((modelled, got))
-                timed.append((got, self.counts))
-                if best is None or abs(got - ratio) < abs(best[1] - ratio): best = (modelled, got)
-                if abs(got - ratio) <= tol: break
-            above = [p for p in timed if p[0] > ratio]
-            below = [p for p in timed if p[0] <= ratio]
-            closest = min(timed, key=lambda p: abs(p[0] - ratio))
-            if abs(closest[0] - ratio) > tol and above and below and fine and self.round_to is None:   # (units
-                # added one by one would break the multiples of round_to)
-                base, extra = self._between(min(above, key=lambda p: p[0])[1], max(below, key=lambda p: p[0])[1])
-                lo, hi = 0, len(extra)   # lo: its plan times above the ratio; hi: at or below
-                for _ in range(fine):
-                    m = (lo + hi) // 2
-                    if m in (lo, hi): break
-                    drops = _Drops(torch.cat([b, *(e for j, e in extra[:m] if j == i)]).sort().values
-                                   for i, b in enumerate(base))
-                    self._update_masks(drops)
-                    self.counts = drops
-                    got = self.measure(budget)
-                    timed.append((got, drops))
-                    if abs(got - ratio) < abs(closest[0] - ratio): closest = (got, drops)
-                    if abs(got - ratio) <= tol: break
-                    lo, hi = (m, hi) if got > ratio else (lo, m)
+        rounded = None
+        try:   # (units added one by one would break the multiples of round_to: no finer plans then)
+            best, closest, n = self._search(budget, costs.measured, tol, steps, fine if self.round_to in (None, 'auto')
+                                            else 0)
+            if self.round_to == 'auto' and isinstance(budget, Latency):
+                for t in self.targets: t.round_to = AUTO_ROUND
+                try: rounded = self._search(budget, [], tol, steps, 0)
+                finally:
+                    for t in self.targets: t.round_to = None
         finally:
             self.counts, self.planned, ms.by_target, ms.masks, ms.drops = saved
             costs.pinned.pop(key, None)
-        costs.pinned[key], costs.timed = best[0], len(timed)
+        costs.pinned[key], costs.timed = best[0], n + (0 if rounded is None else rounded[2])
         if abs(closest[0] - ratio) < abs(best[1] - ratio): costs.plans[key] = closest[1]
+        if rounded is not None and self._pays(rounded[1], closest, ratio, tol):
+            closest = rounded[1]
+            costs.plans[key] = closest[1]
         return closest[0]
+
+    def _search(self, budget, measured, tol, steps, fine):
+        """`calibrate`'s timings with the targets' rounding as it is: (the modelled ratio whose plan timed closest,
+        that timing), (the closest timing of all, its drops), and how many plans were timed. `measured` gains the
+        (modelled, measured) pairs."""
+        costs, key, ratio = self.cost_model(budget), round(budget.ratio, 9), budget.ratio
+        best, timed = None, []   # timed: (measured ratio, drops) of every plan timed
+        for _ in range(steps):
+            modelled = next_guess(measured, ratio)
+            costs.pinned[key] = modelled
+            self.counts = None
+            self._rescore(budget)
+            got = self.measure(budget)
+            measured.append((modelled, got))
+            timed.append((got, self.counts))
+            if best is None or abs(got - ratio) < abs(best[1] - ratio): best = (modelled, got)
+            if abs(got - ratio) <= tol: break
+        above = [p for p in timed if p[0] > ratio]
+        below = [p for p in timed if p[0] <= ratio]
+        closest = min(timed, key=lambda p: abs(p[0] - ratio))
+        if abs(closest[0] - ratio) > tol and above and below and fine:
+            base, extra = self._between(min(above, key=lambda p: p[0])[1], max(below, key=lambda p: p[0])[1])
+            lo, hi = 0, len(extra)   # lo: its plan times above the ratio; hi: at or below
+            for _ in range(fine):
+                m = (lo + hi) // 2
+                if m in (lo, hi): break
+                drops = _Drops(torch.cat([b, *(e for j, e in extra[:m] if j == i)]).sort().values
+                               for i, b in enumerate(base))
+                self._update_masks(drops)
+                self.counts = drops
+                got = self.measure(budget)
+                timed.append((got, drops))
+                if abs(got - ratio) < abs(closest[0] - ratio): closest = (got, drops)
+                if abs(got - ratio) <= tol: break
+                lo, hi = (m, hi) if got > ratio else (lo, m)
+        return best, closest, len(timed)
+
+    def _pays(self, rounded, other, ratio, tol):
+        """Whether the rounded plan's timing (ratio, drops) beats the other's: within `tol` where the other is not,
+        or both within and it keeps more MACs (more of the model's work, at the same time), or neither within and
+        closer."""
+        inside = abs(rounded[0] - ratio) <= tol, abs(other[0] - ratio) <= tol
+        if inside[0] != inside[1]: return inside[0]
+        if not inside[0]: return abs(rounded[0] - ratio) < abs(other[0] - ratio)
+        macs = self.cost_model(MACs(1))
+        return macs.cost_of(macs.dropped(rounded[1])) > macs.cost_of(macs.dropped(other[1]))
 
     def _between(self, above, below):
         """The units two plans (drops per target) share, and the ones only one of them drops, in the order to add

@@ -40,6 +40,12 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: masked zeros of the timed copy made 1, not refilled with the values first timed': (
         'fasterai/sparsifier.py', '            if old is not None and old.shape == p.shape: p.data[near] = old.to(p.device, p.dtype)[near]',
         '            pass'),
+    "budget: round_to='auto' never prunes the rounded plan": (
+        'fasterai/sparsifier.py', '        if rounded is not None and self._pays(rounded[1], closest, ratio, tol):',
+        '        if False:'),
+    "budget: round_to='auto' prefers the plan keeping fewer MACs": (
+        'fasterai/sparsifier.py', '        return macs.cost_of(macs.dropped(rounded[1])) > macs.cost_of(macs.dropped(other[1]))',
+        '        return macs.cost_of(macs.dropped(rounded[1])) < macs.cost_of(macs.dropped(other[1]))'),
     'chunk: parts not tied': (
         'fasterai/ops.py', '            ctx.spaces.tie_space(a, size // math.gcd(size, abs(q.start - p.start)),',
         '            (lambda *a: None)(a, size // math.gcd(size, abs(q.start - p.start)),'),

@@ -116,7 +116,8 @@ def test_global_budget_removes_the_costliest_of_equally_important_channels():
     (dict(target=MACs(0.5), sparsity=30), 'not both'), (dict(), 'not neither'),
     (dict(target='macs'), r'a budget must be one of MACs\(ratio\), Params\(ratio\), Latency\(ratio\)'),
     (dict(target=MACs(0.5), granularity='weight'), "needs granularity='filter'"),
-    (dict(target=MACs(0.5), round_to=8), 'does not combine'),
+    (dict(target=MACs(0.5), prune_every=1), 'does not combine with prune_every'),
+    (dict(target=MACs(0.5), round_to='8'), "round_to must be a positive int.*'auto'"),
 ])
 def test_callback_refuses_bad_budgets(bad, match):
     from fasterai.sparsifier import SparsifyCallback
@@ -355,3 +356,41 @@ def test_a_budget_with_round_to_keeps_every_group_a_multiple_and_meets_the_budge
     pruned = Pruner(example_input=shape).prune_model(model)
     assert 0.4 < count_macs(pruned, shape) / dense <= 0.5
     assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
+
+
+def _kept_of(sp, masks):
+    "The channels each target keeps as `masks` drop."
+    out = []
+    for t in sp.targets:
+        keep = torch.ones(t.group.size, dtype=torch.bool)
+        s = t.group.by_role('out')[0]
+        m = masks.get(f'{s.module}.weight')
+        if m is not None: keep[s.start:s.start + s.length] = m.flatten()[s.offset:s.offset + s.length].cpu()
+        out.append(int(t.units - t.group.per_unit(~keep, 'all').sum()) * t.group.tie * t.group.width)
+    return out
+
+
+def test_round_to_auto_prunes_the_rounded_plan_where_the_timing_says_it_pays(monkeypatch):
+    """A stand-in timing where a width off a multiple of 8 costs 8 channels more (as vectorised kernels do): with
+    round_to='auto' the plan pruned keeps multiples of 8, meets the budget, and keeps more MACs than the plan
+    without rounding at the same timing."""
+    shape = (2, 3, 32, 32)
+    def cost(w): return w if w % 8 == 0 else w + 8
+    plans = {}
+    for round_to in (None, 'auto'):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10).eval()
+        sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=shape, round_to=round_to)
+        full = [t.units * t.group.tie * t.group.width for t in sp.targets]
+        macs = CostModel(model, sp.targets, MACs(1), shape)
+        monkeypatch.setattr('fasterai.budget.CostModel.__init__', _as_macs(CostModel.__init__))
+        monkeypatch.setattr(Sparsifier, 'measure', lambda self, budget, masks=None: sum(map(cost, _kept_of(
+            self, self.masks))) / sum(map(cost, full)))
+        got = sp.calibrate(Latency(0.5), tol=0.02, fine=0)
+        sp.sparsify(Latency(0.5))
+        assert abs(got - 0.5) <= 0.02 and sp.measure(Latency(0.5)) == got
+        plans[round_to] = (_kept_of(sp, sp.masks), _ratio_of(sp, sp.masks, macs))
+        monkeypatch.undo()
+    (plain, plain_macs), (auto, auto_macs) = plans[None], plans['auto']
+    assert all(k % 8 == 0 for k in auto) and not all(k % 8 == 0 for k in plain), (auto, plain)
+    assert auto_macs > plain_macs
