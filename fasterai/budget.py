@@ -120,6 +120,7 @@ class CostModel:
         self.measured = []   # (modelled ratio, measured ratio) of plans timed on pruned copies (`Sparsifier.calibrate`)
         self.pinned = {}     # ratio asked -> the modelled ratio whose plan timed closest to it
         self.plans = {}      # ratio asked -> the drops of a finer plan that timed closer still (`calibrate(fine=)`)
+        self.plan_ratio = {}  # ratio asked -> what that finer plan timed
         self.timed = 0       # plans the last calibration timed
 
     def _col(self, module, role, model):

@@ -236,9 +236,13 @@ class Sparsifier(SparsityReport):
 
     def cost_ratio(self, budget):
         """The modelled cost ratio of `budget`'s kind without the units that are zero now (exact for MACs and
-        parameters; for latency, the table's, calibrated)."""
+        parameters; for latency, the table's, calibrated; the plan `calibrate` timed and pinned: that timing)."""
         drops = [t.zero_units() for t in self.targets]   # what a pruning now would remove
         costs = self.cost_model(budget)
+        key = round(budget.ratio, 9)
+        if key in costs.plans and self.counts == costs.plans[key] and self.planned is not None \
+                and round(self.planned.ratio, 9) == key:
+            return costs.plan_ratio[key]
         return costs.measured_for(costs.cost_of(costs.dropped(drops)) / costs.dense)
 
     @torch.no_grad()
@@ -292,7 +296,7 @@ class Sparsifier(SparsityReport):
         are left as they were. Returns the closest ratio timed."""
         budget = self.check_sparsity(budget)
         costs, ms = self.cost_model(budget), self.maskset
-        if fresh: costs.measured, costs.pinned, costs.plans = [], {}, {}
+        if fresh: costs.measured, costs.pinned, costs.plans, costs.plan_ratio = [], {}, {}, {}
         for name, v in (('steps', steps), ('fine', fine)):
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == 'steps' else 0):
                 raise ValueError(f'{name} must be a {"positive" if name == "steps" else "non-negative"} int, got {v!r}')
@@ -313,10 +317,9 @@ class Sparsifier(SparsityReport):
             self.counts, self.planned, ms.by_target, ms.masks, ms.drops = saved
             costs.pinned.pop(key, None)
         costs.pinned[key], costs.timed = best[0], n + (0 if rounded is None else rounded[2])
-        if abs(closest[0] - ratio) < abs(best[1] - ratio): costs.plans[key] = closest[1]
-        if rounded is not None and self._pays(rounded[1], closest, ratio, tol):
-            closest = rounded[1]
-            costs.plans[key] = closest[1]
+        if rounded is not None and self._pays(rounded[1], closest, ratio, tol): closest = rounded[1]
+        if abs(closest[0] - ratio) < abs(best[1] - ratio) or (rounded is not None and closest is rounded[1]):
+            costs.plans[key], costs.plan_ratio[key] = closest[1], closest[0]
         return closest[0]
 
     def _search(self, budget, measured, tol, steps, fine):

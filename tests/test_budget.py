@@ -389,6 +389,7 @@ def test_round_to_auto_prunes_the_rounded_plan_where_the_timing_says_it_pays(mon
         got = sp.calibrate(Latency(0.5), tol=0.02, fine=0)
         sp.sparsify(Latency(0.5))
         assert abs(got - 0.5) <= 0.02 and sp.measure(Latency(0.5)) == got
+        if round_to == 'auto': assert sp.cost_ratio(Latency(0.5)) == got   # what SparsifyCallback reports
         plans[round_to] = (_kept_of(sp, sp.masks), _ratio_of(sp, sp.masks, macs))
         monkeypatch.undo()
     (plain, plain_macs), (auto, auto_macs) = plans[None], plans['auto']
