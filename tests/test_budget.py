@@ -118,6 +118,7 @@ def test_global_budget_removes_the_costliest_of_equally_important_channels():
     (dict(target=MACs(0.5), granularity='weight'), "needs granularity='filter'"),
     (dict(target=MACs(0.5), prune_every=1), 'does not combine with prune_every'),
     (dict(target=MACs(0.5), round_to='8'), "round_to must be a positive int.*'auto'"),
+    (dict(target=Latency(0.5), method='global', round_to='auto'), "round_to .* needs method='local', got 'global'"),
 ])
 def test_callback_refuses_bad_budgets(bad, match):
     from fasterai.sparsifier import SparsifyCallback
