@@ -189,8 +189,8 @@ def _as_macs(init):
     return patched
 
 
-def _ratio_of(sp, masks, macs):
-    "The MACs ratio of the model pruned as `masks` drop."
+def _drops_of(sp, masks):
+    "Per target, a bool per unit: `masks` drop it."
     drops = []
     for t in sp.targets:
         keep = torch.ones(t.group.size, dtype=torch.bool)
@@ -198,6 +198,12 @@ def _ratio_of(sp, masks, macs):
         m = masks.get(f'{s.module}.weight')
         if m is not None: keep[s.start:s.start + s.length] = m.flatten()[s.offset:s.offset + s.length].cpu()
         drops.append(t.group.per_unit(~keep, 'all'))
+    return drops
+
+
+def _ratio_of(sp, masks, macs):
+    "The MACs ratio of the model pruned as `masks` drop."
+    drops = _drops_of(sp, masks)
     return macs.cost_of(macs.dropped(drops)) / macs.dense
 
 
@@ -361,14 +367,7 @@ def test_a_budget_with_round_to_keeps_every_group_a_multiple_and_meets_the_budge
 
 def _kept_of(sp, masks):
     "The channels each target keeps as `masks` drop."
-    out = []
-    for t in sp.targets:
-        keep = torch.ones(t.group.size, dtype=torch.bool)
-        s = t.group.by_role('out')[0]
-        m = masks.get(f'{s.module}.weight')
-        if m is not None: keep[s.start:s.start + s.length] = m.flatten()[s.offset:s.offset + s.length].cpu()
-        out.append(int(t.units - t.group.per_unit(~keep, 'all').sum()) * t.group.tie * t.group.width)
-    return out
+    return [int(t.units - d.sum()) * t.group.tie * t.group.width for t, d in zip(sp.targets, _drops_of(sp, masks))]
 
 
 def test_round_to_auto_prunes_the_rounded_plan_where_the_timing_says_it_pays(monkeypatch):
