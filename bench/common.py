@@ -61,3 +61,15 @@ def model_args(doc, models, repeats):
     ap.add_argument('--repeats', type=int, default=repeats)
     ap.add_argument('--out', default=None)
     return ap.parse_args()
+
+
+def threads_args(doc):
+    """The options of a script timed at several thread counts (`--threads`, default 1 and 2; `--out`), parsed, with
+    warnings off; `doc` is the script's docstring."""
+    import argparse
+    import warnings
+    warnings.filterwarnings('ignore')
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument('--threads', type=int, nargs='*', default=[1, 2])
+    ap.add_argument('--out', default=None)
+    return ap.parse_args()

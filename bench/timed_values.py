@@ -11,10 +11,8 @@ filters made 1 against the dense model itself. Medians of `torch.utils.benchmark
 
 Run: `.venv/bin/python bench/timed_values.py [--threads 1 2] [--out bench/results/timed_values.md]`
 """
-import argparse
 import copy
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import threads_args, write_result  # noqa: E402
 
 from fasterai.examples import Net  # noqa: E402
 from fasterai.latency import batch_of, latency_ratio  # noqa: E402
@@ -69,11 +67,7 @@ def net_row(threads):
 
 
 def main():
-    warnings.filterwarnings('ignore')
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--threads', type=int, nargs='*', default=[1, 2])
-    ap.add_argument('--out', default=None)
-    args = ap.parse_args()
+    args = threads_args(__doc__)
     lines = ['| threads | operation | random input, us | half the channels constant, us | ratio |', '|---|---|---|---|---|']
     for t in args.threads: lines += op_rows(t)
     lines += ['', '| threads | plan timed before its masks | after, zeros refilled as first timed | after, zeros made 1 '

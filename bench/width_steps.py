@@ -9,26 +9,20 @@ automatic yet) or a plan that is not uniform lands in the step.
 
 Run: `.venv/bin/python bench/width_steps.py [--threads 1 2] [--out bench/results/width_steps.md]`
 """
-import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import threads_args, write_result  # noqa: E402
 
 from fasterai.examples import Net  # noqa: E402
 from fasterai.sparsifier import Latency, Sparsifier  # noqa: E402
 
 
 def main():
-    warnings.filterwarnings('ignore')
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--threads', type=int, nargs='*', default=[1, 2])
-    ap.add_argument('--out', default=None)
-    args = ap.parse_args()
+    args = threads_args(__doc__)
     torch.manual_seed(0)
     model = Net(in_channels=1).eval()
     sp = Sparsifier(model, 'filter', 'local', 'l1', (torch.nn.Conv2d, torch.nn.Linear), example_input=(2, 1, 28, 28))
