@@ -261,24 +261,25 @@ class Sparsifier(SparsityReport):
         # pooling branches on its values, and channels of a constant weight pool a third faster than live ones (the
         # seed net's dense reference with its masked filters made 1 timed 5% faster than the dense model: every plan
         # calibrated against it went 5% too far)
-        probe = self._probe()
+        probe = self._probe(isinstance(budget, Latency))
         keep = plan(dataclasses.replace(self.graph, model=probe), masks)
         pruned = _pruned_copy(probe, keep, masks)
         return reached(budget, probe, pruned, self.example_input if self.example_input is not None else
                        self.graph.input_shape)
 
     @torch.no_grad()
-    def _probe(self):
-        "A copy of the model to time, its weights near zero refilled (see `measure`)."
+    def _probe(self, timed=True):
+        """A copy of the model to time, its weights near zero refilled (see `measure`); not `timed` (a count of MACs
+        or parameters), the values do not matter and no weights are kept to refill from."""
         from .pruner import _computed, copy_modules
-        if self._refill is None:
+        if self._refill is None and timed:
             self._refill = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.is_floating_point()}
         probe = copy_modules(self.model, _computed(self.model))
         for n, p in probe.named_parameters():
             if not p.is_floating_point(): continue
             near = p.data.abs() < NEAR_ZERO
             if not near.any(): continue
-            old = self._refill.get(n)
+            old = (self._refill or {}).get(n)
             if old is not None and old.shape == p.shape: p.data[near] = old.to(p.device, p.dtype)[near]
             p.data.masked_fill_(p.data.abs() < NEAR_ZERO, 1.)
         return probe
