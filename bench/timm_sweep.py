@@ -15,7 +15,12 @@ MetaPruner on the same model (30%, L1 magnitude, its dependency graph, the class
 process): whether its model runs to the same output shape, its parameter ratio and time (it does not keep the
 function: it removes live channels). Torch-Pruning is installed only where the benchmark runs.
 
-Run: `.venv/bin/python bench/timm_sweep.py [--families resnet vit ...] [--timeout 300] [--peer] [--out bench/results/timm.md]`
+With --peer-from FILE, Torch-Pruning's columns are read from an earlier results file of this script (they do not
+depend on fasterai's code: the same model, seed and caps), once every family's fasterai run is done, and it runs
+only for the families that file lacks.
+
+Run: `.venv/bin/python bench/timm_sweep.py [--families resnet vit ...] [--timeout 300] [--peer | --peer-from FILE]
+[--out bench/results/timm.md]`
 """
 import argparse
 import collections
@@ -175,6 +180,22 @@ def fmt(family, r, peer=None):
             f"{tp} {note.replace('|', '/')} |")
 
 
+def peers_from(path):
+    """Family -> Torch-Pruning's result (outcome, params, s) as a results file of this script records it, and
+    the file's machine line."""
+    said = {'over the time cap': 'time', 'over the memory cap': 'memory'}
+    out, machine = {}, ''
+    for line in Path(path).read_text().splitlines():
+        if line.startswith('Machine:'): machine = line.removeprefix('Machine:').strip()
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if not line.startswith('| ') or len(cells) != 13 or cells[0] == 'family': continue
+        p = {'outcome': said.get(cells[9], cells[9])}
+        if cells[10]: p['params'] = float(cells[10])
+        if cells[11]: p['s'] = float(cells[11])
+        out[cells[0]] = p
+    return out, machine
+
+
 def main():
     if sys.argv[1:2] == ['--child']: return child(sys.argv[2])
     if sys.argv[1:2] == ['--peer-child']: return peer_child(sys.argv[2])
@@ -186,19 +207,22 @@ def main():
     ap.add_argument('--timeout', type=int, default=300)
     ap.add_argument('--out', default=None)
     ap.add_argument('--peer', action='store_true', help='also run Torch-Pruning 1.6.1 on each model, same caps')
+    ap.add_argument('--peer-from', default=None, help="Torch-Pruning's columns from an earlier results file")
     args = ap.parse_args()
+    args.peer = args.peer or bool(args.peer_from)
     families = args.families or timm.list_modules()
     peer_cols = 'Torch-Pruning | TP params ratio | TP time s | ' if args.peer else ''
     lines = ['| family | model | kind | outcome | params ratio | MACs ratio | max rel. diff | groups pruned/frozen | '
              f'time s | {peer_cols}frozen reasons, or why |', '|' + '---|' * (13 if args.peer else 10)]
-    rows, peers = [], []
+    rows, names = [], []
     for fam in families:
-        name = pick(fam)
-        r = isolated(name, args.timeout)
-        p = isolated(name, args.timeout, '--peer-child') if args.peer else None
-        rows.append(r); peers.append(p)
-        lines.append(fmt(fam, r, p))
-        print(lines[-1], flush=True)
+        names.append(pick(fam))
+        rows.append(isolated(names[-1], args.timeout))
+        print(fmt(fam, rows[-1]), flush=True)
+    earlier, peer_machine = peers_from(args.peer_from) if args.peer_from else ({}, '')   # (read when they are needed)
+    peers = [(earlier.get(fam) or isolated(name, args.timeout, '--peer-child')) if args.peer else None
+             for fam, name in zip(families, names)]
+    lines += [fmt(fam, r, p) for fam, r, p in zip(families, rows, peers)]
     good = lambda rs: [r for r in rs if r['outcome'] == 'exact' and r['params'] <= 0.9]
     cnn = [r for r in rows if r.get('kind') == 'cnn']
     count = collections.Counter(r['outcome'] for r in rows)
@@ -211,18 +235,21 @@ def main():
         worst = max((p['params'] for p in runs), default=float('nan'))
         summary.insert(1, f"Torch-Pruning 1.6.1 gives a model that runs to the same output shape on {len(runs)} of "
                           f"{len(peers)} families (parameters at most {worst:.3f}x; its outputs are not the sparse "
-                          f"model's: it removes live channels); the others: "
-                          + ', '.join(f'{k} {v}' for k, v in collections.Counter(
-                              re.sub(r':.*', '', p.get('outcome', '')) for p in peers if p not in runs).most_common())
-                          + '.')
+                          f"model's: it removes live channels)" + ('; the others: ' + ', '.join(
+                              f'{k} {v}' for k, v in collections.Counter(re.sub(r':.*', '', p.get('outcome', ''))
+                                                                         for p in peers if p not in runs).most_common())
+                              if len(runs) < len(peers) else '') + '.')
     print(summary[0])
     if args.out:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from common import write_result
         import subprocess as sp
         commit = sp.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
+        taken = sum(fam in earlier for fam in families)
+        source = (f'; Torch-Pruning columns of {taken} families from {args.peer_from}'
+                  + (f' ({peer_machine})' if peer_machine else '') if taken else '')
         write_result(args.out, 'Every timm family: 30% of filters, pruned and checked', __doc__, lines,
-                     f', timm {timm.__version__}, commit {commit}', '\n'.join(summary) + '\n')
+                     f', timm {timm.__version__}, commit {commit}{source}', '\n'.join(summary) + '\n')
 
 
 if __name__ == '__main__':

@@ -222,7 +222,15 @@ def _terms(model, cols, budget, example):
     for (m, r), c in cols.items(): roles.setdefault(m, {})[r] = c
     if isinstance(budget, MACs):
         from .report import macs_by_module
-        return [(v, tuple(roles.get(n, {}).values())) for n, v in macs_by_module(model, example).items()]
+        proj = _projection_macs(model, example, [n for n, r in roles.items() if 'heads' in r and 'out' in r])
+        out = []
+        for n, v in macs_by_module(model, example).items():
+            mine = roles.get(n, {})
+            if n not in proj: out.append((v, tuple(mine.values()))); continue
+            # a module that projects its own heads (nn.MultiheadAttention): the projection scales with its inputs
+            # and rows, the attention itself with its heads
+            out += [(proj[n], tuple(c for r, c in mine.items() if r != 'heads')), (v - proj[n], (mine['heads'],))]
+        return out
     if isinstance(budget, Params):
         out, seen = [], set()
         for n, m in model.named_modules():
@@ -234,6 +242,26 @@ def _terms(model, cols, budget, example):
         return out
     from .latency import latency_terms
     return latency_terms(model, roles, budget, example)
+
+
+def _projection_macs(model, example, names):
+    """Module name -> the MACs of its own weight's projection in one forward pass, for the modules `names` (each
+    holds an in-projection `kind.weight` applied to every token of its one input, as nn.MultiheadAttention's
+    self-attention does): tokens x the weight's entries."""
+    if not names: return {}
+    from .report import count_macs
+    tokens, handles = {}, []
+    for n in names:
+        m = model.get_submodule(n)
+        def hook(mod, args, kwargs, n=n):
+            q = args[0] if args else kwargs['query']
+            tokens[n] = tokens.get(n, 0) + q.numel() // q.shape[-1]
+        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    try: count_macs(model, example)
+    finally:
+        for h in handles: h.remove()
+    return {n: tokens.get(n, 0) * getattr(model.get_submodule(n), kind_of(model.get_submodule(n)).weight).numel()
+            for n in names}
 
 
 def _scales(kind, role, pname):

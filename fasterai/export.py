@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from .layers import kind_of
+from .third_party import load_for
 
 __all__ = ['pruned_config', 'rebuild_pruned']
 
@@ -16,6 +17,7 @@ def pruned_config(model):
     """Qualified name -> {'attrs': size attributes, 'shapes': parameter and buffer shapes} for every layer the
     Pruner can resize; plain ints and lists, so it saves with `torch.save` and loads with `weights_only=True`."""
     out = {}
+    load_for(model)   # (the layer kinds of timm's and torchvision's modules)
     for name, m in model.named_modules():
         kind = kind_of(m)
         if kind is None: continue
@@ -28,20 +30,24 @@ def pruned_config(model):
 @torch.no_grad()
 def rebuild_pruned(model, config):
     """Resize the layers of `model` (a fresh instance of the original class) in place to the sizes `config`
-    records (see `pruned_config`), ready for `load_state_dict`; returns `model`. The new tensors are
-    uninitialised: load the pruned weights next."""
+    records (see `pruned_config`), ready for `load_state_dict`; returns `model`. Resized tensors are new and
+    uninitialised (load the pruned weights next); those the config keeps at their size keep their values (a buffer
+    left out of the state dict, such as TinyViT's bias index, stays right)."""
+    load_for(model)
     modules = dict(model.named_modules())
     missing = [n for n in config if n not in modules]
     if missing: raise ValueError(f'{type(model).__name__} has no layer {missing[0]!r} that the config records: '
                                  'rebuild from an instance of the class the pruned model came from')
     for name, rec in config.items():
-        m = modules[name]
-        if kind_of(m) is None:
+        m, kind = modules[name], kind_of(modules[name])
+        if kind is None:
             raise ValueError(f"layer {name!r} is a {type(m).__name__}, not one the Pruner resizes")
         for a, v in rec['attrs'].items(): setattr(m, a, v)
         for k, shape in rec['shapes'].items():
             old = getattr(m, k)
+            if old is not None and list(old.shape) == shape: continue   # unchanged: a buffer not saved keeps its values
             new = torch.empty(shape, dtype=old.dtype, device=old.device)
             if isinstance(old, nn.Parameter): setattr(m, k, nn.Parameter(new, requires_grad=old.requires_grad))
             else: setattr(m, k, new)
+        if kind.rebuilt is not None: kind.rebuilt(m)
     return model

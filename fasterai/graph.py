@@ -255,7 +255,7 @@ class _Context:
     def visit(self, node):
         if node.op == 'placeholder': return None
         if node.op == 'get_attr':   # a layer's parameter used directly: that layer keeps all its channels
-            self.poisoned.add(node.target.rpartition('.')[0])
+            if node.users: self.poisoned.add(node.target.rpartition('.')[0])   # (read and unused: no matter)
             return None
         tracked = self.tracked((node.args, node.kwargs))
         if node.op == 'output':
@@ -324,6 +324,12 @@ class _Context:
 
     # helpers for rules
     def module(self, node): return self.modules[node.target]
+    def tensor_attr(self, node):
+        "The model's tensor a get_attr `node` reads (a buffer or parameter), or None for any other node."
+        if node.op != 'get_attr': return None
+        owner, _, name = node.target.rpartition('.')
+        t = getattr(self.modules.get(owner), name, None)
+        return t if isinstance(t, torch.Tensor) else None
     def kind(self, node): return kind_of(self.modules[node.target])
     def layout(self, node, i=0):
         v = self.env.get(node.args[i]) if len(node.args) > i and isinstance(node.args[i], fx.Node) else None

@@ -21,8 +21,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .ops import FUNCTION_RULES, METHOD_RULES, batchnorm, conv, groupnorm, linear
-from .surgery import shrink_conv, shrink_groupnorm, shrink_sliced
+from .mha import PrunedMultiheadAttention, rebuilt
+from .ops import FUNCTION_RULES, METHOD_RULES, batchnorm, conv, groupnorm, linear, mha
+from .surgery import shrink_conv, shrink_groupnorm, shrink_mha, shrink_sliced
 
 __all__ = ['LayerKind', 'LAYERS', 'kind_of', 'register_layer', 'register_op', 'known_base', 'shrink', 'param_dim']
 
@@ -32,6 +33,7 @@ class LayerKind:
     """What the library knows of one layer type (see the module docstring)."""
     rule: Callable                  # the channel-graph rule of a call: `ops.conv`, `ops.linear`, `ops.batchnorm`...
     sizes: dict                     # role ('out', 'in', 'norm') -> the attribute that counts its channels
+                                    # (or a function of the module that counts them)
     weight: Optional[str] = 'weight'   # the parameter whose rows are output channels (None: a norm)
     out_dim: int = 0                # the dim of `weight` holding the output channels (1: transposed convolutions)
     vectors: tuple = ('bias',)      # per-channel parameters that go with a channel (a norm's scale and shift)
@@ -40,6 +42,10 @@ class LayerKind:
     inputs: bool = True             # removing a zero input channel leaves its output unchanged (False:
                                     # weight standardisation normalises each row over all its inputs)
     shrink: Callable = shrink_sliced   # (module, kind, **{role: kept indices}): keep those channels, in place
+    rebuilt: Optional[Callable] = None   # (module): make a module given recorded sizes compute with them (export)
+    heads_of: Optional[Callable] = None   # (module) -> (heads, channels per head) of an attention module, read
+                                          # from what pruning its children leaves alone
+    per_head: tuple = ()            # (parameter name, dim) of an attention module's tensors with an entry per head
 
     @property
     def in_dim(self):
@@ -47,7 +53,8 @@ class LayerKind:
         return 1 - self.out_dim
 
     def rows(self, role):
-        "(parameter name, dim) of every parameter holding the channels of `role` ('out', 'dw' or 'norm')."
+        "(parameter name, dim) of every parameter holding the channels of `role` ('out', 'dw' or 'norm'; 'heads': none)."
+        if role == 'heads': return []
         own = [(self.weight, self.out_dim)] if self.weight and role != 'norm' else []
         return own + [(v, 0) for v in self.vectors]
 
@@ -60,14 +67,20 @@ class LayerKind:
 
     def channels(self, module, role):
         "How many channels `module` has on the side of `role`."
-        return getattr(module, self.sizes['out' if role == 'dw' else role])
+        size = self.sizes['out' if role == 'dw' else role]
+        return size(module) if callable(size) else getattr(module, size)
 
     def size_attrs(self):
         "The attributes a shrink may change (what export records)."
-        return tuple(dict.fromkeys((*self.sizes.values(), 'groups', 'num_groups', 'num_heads')))
+        named = (a for a in self.sizes.values() if isinstance(a, str))
+        return tuple(dict.fromkeys((*named, 'groups', 'num_groups', 'num_heads', 'n_heads', 'head_dim', 'kdim',
+                                    'vdim')))   # (head counts: torchvision's MaxViT names its n_heads)
 
 
 _CONV = LayerKind(conv, {'out': 'out_channels', 'in': 'in_channels'}, shrink=shrink_conv)
+_MHA = LayerKind(mha, {'in': 'embed_dim', 'out': lambda m: m.in_proj_weight.shape[0],
+                       'heads': lambda m: m.num_heads * m.head_dim},
+                 weight='in_proj_weight', vectors=('in_proj_bias',), shrink=shrink_mha, rebuilt=rebuilt)
 _NORM = LayerKind(batchnorm, {'norm': 'num_features'}, weight=None, vectors=('weight', 'bias'),
                   buffers=('running_mean', 'running_var'), same_shape=True)
 
@@ -79,6 +92,7 @@ LAYERS = {
     nn.BatchNorm1d: _NORM, nn.BatchNorm2d: _NORM, nn.BatchNorm3d: _NORM,
     nn.InstanceNorm1d: _NORM, nn.InstanceNorm2d: _NORM, nn.InstanceNorm3d: _NORM,
     nn.SyncBatchNorm: _NORM,   # fastai's distrib_ctx converts BatchNorms to it: per channel, as they are
+    nn.MultiheadAttention: _MHA, PrunedMultiheadAttention: _MHA,   # self-attention: whole heads go
     nn.GroupNorm: replace(_NORM, rule=groupnorm, sizes={'norm': 'num_channels'}, buffers=(), shrink=shrink_groupnorm),
 }
 "Exact layer type -> its LayerKind. Extend it with `register_layer`."

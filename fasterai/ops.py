@@ -11,6 +11,7 @@ non-zero piece freezes its group: removing those channels would change what it c
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import operator
@@ -206,6 +207,19 @@ def hardtanh(ctx, node):
     return keep(ctx, node) if lo <= 0 <= hi else moves_zero(ctx, node)
 
 
+def clamp(ctx, node):
+    """clamp/clip keeps zeros when 0 lies between its bounds: numbers, or one-value tensors a module holds (read at
+    trace time: Gemma 4's clippable Linear); bounds per channel are not followed."""
+    def value(b):
+        if isinstance(b, fx.Node):
+            t = ctx.tensor_attr(b)
+            if t is None or t.numel() != 1: raise Unhandled('clamps the channels to bounds computed in the forward or per channel')
+            return float(t)
+        return b
+    lo, hi = (value(_arg(node, i, k)) for i, k in ((1, 'min'), (2, 'max')))
+    return keep(ctx, node) if (lo is None or lo <= 0) and (hi is None or hi >= 0) else moves_zero(ctx, node)
+
+
 def prelu(ctx, node):
     "PReLU keeps zeros; one slope per channel is not sliced yet."
     if ctx.module(node).num_parameters != 1: raise Unhandled('PReLU with one slope per channel')
@@ -271,15 +285,21 @@ class _Call(NamedTuple):
     name: str
 
 
-def attention(heads_of, why_not=lambda m: None, qkv='qkv', proj='proj'):
+def attention(heads_of, why_not=lambda m: None, qkv='qkv', proj='proj', masks=False, parts_of=None, norm=None):
     """The rule of a self-attention module kept whole: for x (..., C), Linear `qkv` writes 3 * H * D features, a
     q, k and v third each made of H heads of D; each head attends with its own q, k, v; Linear `proj` reads the
     heads joined (H * D). Its units are whole heads: head h is rows [h*D, (h+1)*D) of each third of `qkv` and those
     columns of `proj`. A head whose v rows are zero adds zero whatever its q and k, so removing it is exact.
-    `heads_of(m)`: (H, D); `why_not(m)`: why this module computes anything else (a norm across the heads), or None."""
+    `heads_of(m)`: (H, D); `why_not(m)`: why this module computes anything else (a norm across the heads), or None;
+    `masks`: its other arguments are masks added to every head's scores alike (Swin's shifted windows), allowed
+    when they carry no tracked channels. `parts_of(m)`: (q, k, v widths) of a head when `qkv` writes each head's
+    q, k and v together, head after head (TinyViT), instead of all q, then all k, then all v; D is then v's width.
+    `norm`: the name of a norm it applies to its input across the channels first (its input channels stay)."""
     def rule(ctx, node):
         m = ctx.module(node)
-        if any(a is not None and a is not False for a in (*node.args[1:], *node.kwargs.values())):
+        if masks:
+            if ctx.tracked((node.args[1:], node.kwargs)): raise Unhandled('is called with tracked channels as a mask')
+        elif any(a is not None and a is not False for a in (*node.args[1:], *node.kwargs.values())):
             raise Unhandled('is called with a mask or other arguments')   # (attn_mask=None is_causal=False are none)
         reason = why_not(m)
         if reason: raise Unhandled(reason)
@@ -288,26 +308,92 @@ def attention(heads_of, why_not=lambda m: None, qkv='qkv', proj='proj'):
         q, p, (h, d) = m.get_submodule(qkv), m.get_submodule(proj), heads_of(m)
         if not all(getattr(ctx.kind(_Call(f'{node.target}.{r}', '')), 'rule', None) is linear for r in (qkv, proj)):
             raise Unhandled(f'has {qkv} and {proj} that are not Linear layers')
-        if q.out_features != 3 * h * d or p.in_features != h * d:
-            raise Unhandled(f'has {q.out_features} qkv features and {p.in_features} proj inputs, not 3 and 1 x {h} heads of {d}')
+        parts = parts_of(m) if parts_of else None
+        rows = h * sum(parts) if parts else 3 * h * d
+        if q.out_features != rows or p.in_features != h * d:
+            raise Unhandled(f'has {q.out_features} qkv features and {p.in_features} proj inputs, not {rows} and '
+                            f'{h} heads of {d}')
         if lay is not None and (lay.dim != n - 1 or lay.block != 1 or lay.channels != q.in_features):
             raise Unhandled('does not read the tracked channels as its features')
         names = {r: f'{node.target}.{r}' for r in (qkv, proj)}
         hooked = [n for n, x in m.named_modules() if x._forward_hooks or x._forward_pre_hooks]
         if hooked: raise Unhandled(f"has forward hooks on '{hooked[0]}' inside, which the rule would not run")
-        _inputs(ctx, _Call(names[qkv], node.name), lay)
-        if (node.target, 'heads') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
-            inner = ctx.new_layout(3 * h * d, n - 1)
-            ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")
-            ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")
-            ctx.record(inner, _Call(names[qkv], node.name), 'out')
-            v = Layout(n - 1, (Piece(inner.pieces[0].space, 2 * h * d, 3 * h * d),))
-            ctx.record(v, _Call(names[proj], node.name), 'in')
-            ctx.record(v, node, 'heads')
-        out = ctx.new_layout(p.out_features, len(ctx.shape(node)) - 1)
-        ctx.record(out, _Call(names[proj], node.name), 'out')
-        return out
+        if norm is not None and lay is not None:
+            ctx.freeze(lay, f"'{node.target}' normalises its input across the channels ({type(m.get_submodule(norm)).__name__})")
+        elif norm is None:
+            _inputs(ctx, _Call(names[qkv], node.name), lay)
+        return _heads(ctx, node, (h, d), _Call(names[qkv], node.name), _Call(names[proj], node.name), p, n - 1, parts)
     return rule
+
+
+def _heads(ctx, node, hd, qkv, proj, p, dim, parts=None):
+    """Record the heads of the attention module called at `node`: `hd` = (H, D); `qkv` writes their q, k and v
+    rows (tied in three blocks, in runs of D; with `parts`, the (q, k, v) widths of a head, each head's rows
+    together, in runs of their sum), `proj` (the Linear `p`) reads their v part joined and writes the output,
+    along `dim`; the module's 'heads' role follows the v part. Returns the output layout."""
+    h, d = hd
+    if (node.target, 'heads') not in ctx.owner and parts:   # head after head: q, k, v of one head together
+        w = sum(parts)
+        inner = ctx.new_layout(h * w, dim)
+        space = inner.pieces[0].space
+        ctx.spaces.run_space(space, w, f"'{node.target}' keeps whole heads")
+        ctx.record(inner, qkv, 'out')
+        v = Layout(dim, tuple(Piece(space, i * w + w - parts[-1], (i + 1) * w) for i in range(h)))
+        ctx.record(v, proj, 'in')
+        ctx.record(v, node, 'heads')
+    elif (node.target, 'heads') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
+        inner = ctx.new_layout(3 * h * d, dim)
+        ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")
+        ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")
+        ctx.record(inner, qkv, 'out')
+        v = Layout(dim, (Piece(inner.pieces[0].space, 2 * h * d, 3 * h * d),))
+        ctx.record(v, proj, 'in')
+        ctx.record(v, node, 'heads')
+    out = ctx.new_layout(p.out_features, dim)
+    ctx.record(out, proj, 'out')
+    return out
+
+
+_MHA_CALL = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def mha(ctx, node):
+    """nn.MultiheadAttention as self-attention (query, key and value the same tensor, no mask): its packed
+    in-projection writes H heads of D for each of q, k and v; `out_proj` reads the heads joined. Units are whole
+    heads, as for `attention`; the Pruner makes the module a `mha.PrunedMultiheadAttention`, which runs with
+    fewer heads. It returns (output, weights): weights averaged over the heads change when heads go, so a call
+    that needs them is frozen unless nothing reads them."""
+    m = ctx.module(node)
+    try: call = _MHA_CALL.bind(m, *node.args, **node.kwargs).arguments
+    except TypeError as e: raise Unhandled(f'is called with arguments nn.MultiheadAttention does not take ({e})')
+    if not (call['query'] is call['key'] is call['value']):
+        raise Unhandled('attends to a key or value other than its query: only self-attention is followed')
+    if call.get('key_padding_mask') is not None or call.get('attn_mask') is not None:
+        raise Unhandled('is called with a mask')
+    if m.in_proj_weight is None or m.bias_k is not None or m.add_zero_attn:
+        raise Unhandled('has separate q, k, v projections, bias_k/bias_v or add_zero_attn, which are not pruned')
+    weights = [u for u in node.users if not (u.target is operator.getitem and u.args[1] == 0 or
+                                             u.target is operator.getitem and not u.users)]
+    if call.get('need_weights', True) is not False and weights:
+        raise Unhandled('returns attention weights averaged over its heads, which are read (need_weights=False '
+                        'lets its heads go)')
+    hooked = [n for n, x in m.named_modules() if n and (x._forward_hooks or x._forward_pre_hooks)]
+    if hooked: raise Unhandled(f"has forward hooks on '{hooked[0]}' inside, which the rule would not run")
+    q = call['query']
+    lay = ctx.env.get(q) if isinstance(q, fx.Node) else None
+    if isinstance(lay, (tuple, SizeOf, Count)): raise Unhandled('reads a tuple of tensors or sizes')
+    n = len(ctx.shape(q))
+    h, d = m.num_heads, m.head_dim
+    if m.in_proj_weight.shape[0] != 3 * h * d:
+        raise Unhandled(f'has {m.in_proj_weight.shape[0]} in-projection rows, not 3 x {h} heads of {d}')
+    if lay is not None and (lay.dim != n - 1 or lay.block != 1 or lay.channels != m.in_proj_weight.shape[1]):
+        raise Unhandled('does not read the tracked channels as its features')
+    if not getattr(ctx.kind(_Call(f'{node.target}.out_proj', '')), 'rule', None) is linear:
+        raise Unhandled('has an out_proj that is not a Linear layer')
+    _inputs(ctx, node, lay)
+    out = _heads(ctx, node, (h, d), node,
+                 _Call(f'{node.target}.out_proj', node.name), m.out_proj, n - 1)
+    return out, None
 
 
 # ---------------------------------------------------------------- shapes
@@ -461,9 +547,9 @@ def floordiv(ctx, node):
 
 
 def getattr_rule(ctx, node):
-    "x.shape is a size whose channel entry pruning changes; x.dtype, x.device carry no channels."
+    "x.shape is a size whose channel entry pruning changes; x.dtype, x.device, x.is_nested carry no channels."
     lay = ctx.layout(node)
-    if lay is None or node.args[1] in ('dtype', 'device', 'ndim', 'is_cuda'): return None
+    if lay is None or node.args[1] in ('dtype', 'device', 'ndim', 'is_cuda', 'is_nested'): return None
     if node.args[1] == 'shape': return SizeOf(lay, len(ctx.shape(node.args[0])))
     raise Unhandled(f"reads attribute '{node.args[1]}'")
 
@@ -701,7 +787,7 @@ FUNCTION_RULES = {
     **{f: pool3d for f in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)},
     F.interpolate: resize, F.layer_norm: layer_norm, F.rms_norm: rms_norm,
     **{f: power for f in (torch.pow, operator.pow)},
-    F.hardtanh: hardtanh, F.hardtanh_: hardtanh,
+    F.hardtanh: hardtanh, F.hardtanh_: hardtanh, **{f: clamp for f in (torch.clamp, torch.clip)},
     **{f: moves_zero for f in (F.sigmoid, torch.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, F.alpha_dropout)},
     **{f: softmax for f in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)},
     **{f: arith for f in ADDITIVE | MULTIPLICATIVE | DIVIDING if not isinstance(f, str)},
@@ -723,6 +809,7 @@ METHOD_RULES = {
     **{m: reshape for m in ('view', 'reshape', 'flatten')},
     **{m: permute for m in ('permute', 'transpose', 'swapaxes')},
     **{m: split for m in ('split', 'chunk', 'unbind')},
+    **{m: clamp for m in ('clamp', 'clip', 'clamp_', 'clip_')},
     'pow': power, 'unsqueeze': unsqueeze, 'roll': roll, 'expand': expand, 'expand_as': expand, 'reshape_as': expand,
     'view_as': expand,
     'size': size, 'dim': no_tensor,

@@ -286,7 +286,9 @@ def _pruned_copy(model, keep, masks=None):
     the rows `masks` drop that the copy still holds are zeroed in it (the user's model keeps its values)."""
     original = {id(t): t for t in (*model.parameters(), *model.buffers())}
     pruned = copy_modules(model, {**_computed(model), **original})
-    for name, k in keep.items(): shrink(pruned.get_submodule(name), k)
+    order = {n: i for i, (n, _) in enumerate(pruned.named_modules())}
+    for name in sorted(keep, key=order.get):   # parents first: an attention module reads its head size from its layers
+        shrink(pruned.get_submodule(name), keep[name])
     clones = {}
     for m in pruned.modules():
         for store in (m._parameters, m._buffers):

@@ -73,7 +73,9 @@ def find_layers(model, layer_type, exclude=()):
     (qualified names or the modules themselves), or a ValueError."""
     types = check_layer_type(layer_type)
     skip = _excluded(model, exclude)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, types) and n not in skip}
+    mha = nn.Linear in types   # an nn.MultiheadAttention's packed in-projection is a Linear layer's weight
+    layers = {n: m for n, m in model.named_modules() if n not in skip and (isinstance(m, types) or mha and
+              isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)}
     if not layers:
         raise ValueError(f'{type(model).__name__} has no layer of layer_type '
                          f'{", ".join(t.__name__ for t in types)} to sparsify' + (' outside exclude' if skip else ''))

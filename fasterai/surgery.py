@@ -6,11 +6,13 @@ them) and the kept indices per role; `layers.shrink` picks the function of a mod
 import torch
 import torch.nn as nn
 
-__all__ = ['shrink_sliced', 'shrink_conv', 'shrink_groupnorm', 'shrink_heads']
+__all__ = ['shrink_sliced', 'shrink_conv', 'shrink_groupnorm', 'shrink_heads', 'shrink_mha']
 
 
 def _take(module, pname, dim, idx):
-    "Replace parameter or buffer `pname` by its entries `idx` along `dim`."
+    "Replace parameter or buffer `pname` (of a submodule: 'mlp.2.weight') by its entries `idx` along `dim`."
+    owner, _, pname = pname.rpartition('.')
+    if owner: module = module.get_submodule(owner)
     t = getattr(module, pname, None)
     if t is None: return
     new = t.detach().index_select(dim, idx.to(t.device))
@@ -55,11 +57,32 @@ def shrink_groupnorm(m, kind, norm=None):
     m.num_groups = len(norm)
 
 
-def shrink_heads(m, kind, heads=None):
+def shrink_heads(m, kind, heads=None, count='num_heads'):
     """A self-attention module whose qkv and proj layers lost whole heads (they are shrunk as Linear layers): keep
-    the channels `heads` of its joined heads, so that its head count and width attributes say so."""
-    d = m.head_dim
+    the channels `heads` of its joined heads, so that its head count (attribute `count`) and width attributes say
+    so, and the entries of the kept heads in its per-head tensors (`kind.per_head`: a relative-position bias
+    table's columns)."""
+    d = kind.heads_of(m)[1]
+    setattr(m, count, _whole_heads(heads, d))
+    for pname, dim in kind.per_head: _take(m, pname, dim, heads[::d] // d)
+    if isinstance(kind.sizes['heads'], str): setattr(m, kind.sizes['heads'], len(heads))
+
+
+def _whole_heads(heads, d):
     if len(heads) % d or not (heads.view(-1, d) - heads.view(-1, d)[:, :1] == torch.arange(d)).all():
         raise ValueError(f'an attention module loses whole heads of {d} channels, got {heads.tolist()}')
-    m.num_heads = len(heads) // d
-    setattr(m, kind.sizes['heads'], len(heads))
+    return len(heads) // d
+
+
+def shrink_mha(m, kind, out=None, inp=None, heads=None):
+    """An nn.MultiheadAttention: keep the in-projection rows `out` (q, k and v of the heads kept), the input
+    features `inp` (its columns), and set the head count from the joined heads kept (`heads`); it becomes a
+    `mha.PrunedMultiheadAttention`, whose forward runs with heads of `head_dim` whatever `embed_dim` is."""
+    from .mha import as_pruned
+    as_pruned(m)
+    if heads is not None: m.num_heads = _whole_heads(heads, m.head_dim)
+    if out is not None: _keep_rows(m, kind, 'out', out)
+    if inp is not None:
+        _take(m, kind.weight, kind.in_dim, inp)
+        m.embed_dim = m.kdim = m.vdim = len(inp)
+

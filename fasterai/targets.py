@@ -39,6 +39,8 @@ def weights_of(module):
     """The names of `module`'s weights: 'weight', or for a layer without one its own parameters named weight*
     (an LSTM's weight_ih_l0 and weight_hh_l0, fastai's WeightDropout's weight_hh_l0_raw)."""
     if isinstance(getattr(module, 'weight', None), torch.Tensor): return ('weight',)
+    kind = kind_of(module)
+    if kind is not None and isinstance(getattr(module, kind.weight or '', None), torch.Tensor): return (kind.weight,)
     return tuple(n for n, _ in module.named_parameters(recurse=False) if n.startswith('weight'))
 
 
@@ -137,7 +139,14 @@ class GroupTarget:
         kept = max(step, step * round_half_up((self.units - drop) / step))
         return max(self.units - kept, 0)
 
-    def scored(self): return {s.module: self.modules[s.module] for s in self.group.by_role('out')}
+    def scored(self):
+        "Producer name -> what the scoring reads as its `.weight` (the module, or a view of its kind's weight)."
+        out = {}
+        for s in self.group.by_role('out'):
+            m = self.modules[s.module]
+            w = kind_of(m).weight
+            out[s.module] = m if w == 'weight' else WeightView(m, w)
+        return out
 
     def scores(self, sp):
         """Each unit's score: the sum over the group's producers of their row scores, each divided by its mean

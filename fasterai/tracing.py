@@ -127,6 +127,13 @@ def hooks_taken_out(model):
     return _Hooks(model)
 
 
+TRACED_THROUGH = {nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder, nn.TransformerDecoder,
+                  nn.Transformer}
+"""torch.nn modules the tracer follows inside: their code calls layers the graph knows (nn.MultiheadAttention,
+Linear, LayerNorm); their fused inference paths test `has_torch_function`, which a traced tensor has, so the
+traced code is the plain one."""
+
+
 class _Tracer(fx.Tracer):
     """fx's tracer, keeping `leaves` whole, running the forward hooks of `hooks` (a `_Hooks`, entered) where PyTorch
     would, and remembering which module it was inside when tracing failed."""
@@ -210,7 +217,9 @@ class _Tracer(fx.Tracer):
         return None if isinstance(value, (torch.Tensor, fx.Proxy)) else value
 
     def is_leaf_module(self, m, qualname):
-        "Kept whole: what the user names, every layer kind and module with a rule, and unregistered subclasses of them."
+        """Kept whole: what the user names, every layer kind and module with a rule, and unregistered subclasses of
+        them; torch.nn's transformer blocks are followed inside (fx keeps every torch.nn module whole)."""
+        if type(m) in TRACED_THROUGH and not self.leaves.covers(qualname, m): return False
         return (self.leaves.covers(qualname, m) or kind_of(m) is not None or known_base(m) is not None or
                 type(m) in MODULE_RULES or super().is_leaf_module(m, qualname))
 
@@ -328,9 +337,9 @@ def _only_places(node):
 
 
 def _reads_shape(node):
-    "Whether `node` reads a tensor's shape, number of dims or elements, or dtype (what meta tensors hold exactly)."
+    "Whether `node` reads a tensor's shape, number of dims or elements, dtype, or whether it is nested (what meta tensors hold exactly)."
     if node.op == 'call_method': return node.target in ('size', 'dim', 'ndimension', 'numel')
-    return node.op == 'call_function' and node.target is getattr and node.args[1] in ('shape', 'ndim', 'dtype')
+    return node.op == 'call_function' and node.target is getattr and node.args[1] in ('shape', 'ndim', 'dtype', 'is_nested')
 
 
 _unpatched = getattr(fx._symbolic_trace, '_maybe_revert_all_patches', None)

@@ -28,6 +28,9 @@ class _NoDropout(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:   # its dropout draws per head: off, as dropout is
             if len(args) > 4: args = (*args[:4], 0.0, *args[5:])
             else: kwargs = {**kwargs, 'dropout_p': 0.0}
+        if func is F.multi_head_attention_forward:   # nn.MultiheadAttention: its dropout runs inside, unseen by a mode
+            if len(args) > 13: args = (*args[:13], False, *args[14:])
+            else: kwargs = {**kwargs, 'training': False}   # (training only turns its dropout on)
         return func(*args, **kwargs)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
          'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py',
-         'tests/test_timm.py', 'tests/test_budget.py', 'tests/test_sensitivity.py', 'tests/test_architectures.py']
+         'tests/test_timm.py', 'tests/test_budget.py', 'tests/test_sensitivity.py', 'tests/test_architectures.py',
+         'tests/test_attention.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: a weight\'s inputs not costed': (
         'fasterai/budget.py', "    if role == 'in': return pname == kind.weight", "    if role == 'in': return False"),
@@ -124,11 +125,11 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '            if reads and not _holds_tensor(env[n]) and not (_reads_shape(n) or _reads_device(n) or _writes(n)):',
         '            if False:'),
     "heads' q, k and v not tied": (
-        'fasterai/ops.py', '''            ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")''',
-        '            pass'),
+        'fasterai/ops.py', '''        ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")''',
+        '        pass'),
     'heads not kept whole': (
-        'fasterai/ops.py', '''            ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")''',
-        '            pass'),
+        'fasterai/ops.py', '''        ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")''',
+        '        pass'),
     'a channel count read as a number not frozen': (
         'fasterai/graph.py', "        if node.meta.get('concrete'):   # the tracer took its value from the example: a channel count is baked in",
         '        if False:'),
@@ -151,6 +152,41 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'zeros of a fresh model held': (
         'fasterai/callback.py', '        self._hold = (self.sparsifier is not None or',
         '        self._hold = True or (self.sparsifier is not None or'),
+    'MultiheadAttention: cross-attention followed as self-attention': (
+        'fasterai/ops.py', "    if not (call['query'] is call['key'] is call['value']):", '    if False:'),
+    'MultiheadAttention: weights averaged over the heads read, heads removed': (
+        'fasterai/ops.py', "    if call.get('need_weights', True) is not False and weights:", '    if False:'),
+    'MultiheadAttention: its input channels not recorded': (
+        'fasterai/ops.py', '    lay = ctx.env.get(q) if isinstance(q, fx.Node) else None', '    lay = None'),
+    'MultiheadAttention pruned: masks ignored': (
+        'fasterai/mha.py', '        mask = _additive(attn_mask, key_padding_mask, q, k.shape[2], batched)', '        mask = None'),
+    'MultiheadAttention pruned: the fused inference path left on': (
+        'fasterai/mha.py', '        m._qkv_same_embed_dim = False', '        m._qkv_same_embed_dim = True'),
+    'MultiheadAttention rebuilt: torch\'s module kept': (
+        'fasterai/mha.py', '        as_pruned(m)\n    return m', '        pass\n    return m'),
+    'MultiheadAttention: dropout inside left on in train mode': (
+        'fasterai/verify.py', '        if func is F.multi_head_attention_forward:', '        if False:'),
+    'heads: per-head tensors (bias tables) not cut with the heads': (
+        'fasterai/surgery.py', '    for pname, dim in kind.per_head: _take(m, pname, dim, heads[::d] // d)', '    pass'),
+    'heads: children resized before their attention module': (
+        'fasterai/pruner.py', '    for name in sorted(keep, key=order.get):', '    for name in keep:'),
+    "torchvision's Swin pruned: heads as wide as the input over the heads": (
+        'fasterai/torchvision_attention.py',
+        '    window_size, shift_size, num_heads, d = m.window_size, list(m.shift_size), m.num_heads, m.head_dim',
+        '    window_size, shift_size, num_heads, d = m.window_size, list(m.shift_size), m.num_heads, input.shape[-1] // m.num_heads'),
+    "torchvision's MaxViT pruned: heads joined to the input's width": (
+        'fasterai/torchvision_attention.py', '        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH))',
+        '        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, D))'),
+    "torchvision's attention rebuilt in torchvision's class": (
+        'fasterai/third_party.py', '    if math.prod(heads_of(m)) != width: as_pruned(m)', '    pass'),
+    'attention normalising its input: input channels not frozen': (
+        'fasterai/ops.py', '''            ctx.freeze(lay, f"'{node.target}' normalises its input across the channels ({type(m.get_submodule(norm)).__name__})")''',
+        '            pass'),
+    'rebuild: tensors of unchanged size made anew (a buffer not saved lost)': (
+        'fasterai/export.py', '            if old is not None and list(old.shape) == shape: continue', '            pass'),
+    'clamp: bounds away from zero taken as keeping zeros': (
+        'fasterai/ops.py', '    return keep(ctx, node) if (lo is None or lo <= 0) and (hi is None or hi >= 0) else moves_zero(ctx, node)',
+        '    return keep(ctx, node)'),
     'a stale sparsity state saved': (
         'fasterai/callback.py', '    return cb if cb.sparsifier.masks_hold() else None', '    return cb'),
 }

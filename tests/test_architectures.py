@@ -152,7 +152,7 @@ class ConvNeXtish(nn.Module):
 
 
 class Attention(nn.Module):
-    "A transformer block on tokens: multi-head attention (a leaf the graph freezes) and an MLP."
+    "A transformer block on tokens: multi-head attention (2 heads of 8) and an MLP, a LayerNorm across the stream."
     def __init__(self, d=16):
         super().__init__()
         self.embed, self.attn = nn.Linear(12, d), nn.MultiheadAttention(d, 2, batch_first=True)
@@ -345,10 +345,12 @@ def test_rms_and_layer_norms_over_channels_freeze_over_tokens_pass():
     assert pruned.fc1.out_features == 16 and max_rel_diff(model(x), pruned(x)) < 1e-5
 
 
-def test_attention_is_frozen_with_its_reason():
+def test_attention_heads_prune_while_the_normalised_stream_stays():
     g = trace(Attention(), (2, 5, 12))
     (embed,) = groups_with(g, 'embed')
-    assert any("MultiheadAttention 'attn'" in r for r in embed.frozen)
+    assert any('LayerNorm' in r and 'statistics across the channels' in r for r in embed.frozen)
+    (heads,) = groups_with(g, 'attn')
+    assert heads.prunable and heads.units == 2 and ('attn', 'heads') in {(s.module, s.role) for s in heads.slices}
 
 
 class AuxHead(nn.Module):

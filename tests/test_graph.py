@@ -220,3 +220,34 @@ def test_reshapes_of_the_dims_before_the_channels_keep_them():
     assert (pruned.a.linear.out_features, pruned.b.linear.out_features) == (8, 4)
     y = torch.randn(3, 7, 8)
     with torch.no_grad(): assert max_rel_diff(model(y), pruned(y)) < 1e-5
+
+
+class Clamped(nn.Module):
+    "Clamps between two convs: by numbers, by one-value buffers (Gemma 4's clippable Linear), or off zero."
+    def __init__(self, lo, hi, buffers=False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 2, 1)
+        self.lo, self.hi = lo, hi
+        if buffers:
+            self.register_buffer('lo_t', torch.tensor(lo)); self.register_buffer('hi_t', torch.tensor(hi))
+        self.buffers_ = buffers
+
+    def forward(self, x):
+        y = self.a(x)
+        y = torch.clamp(y, self.lo_t, self.hi_t) if self.buffers_ else y.clamp(self.lo, self.hi)
+        return self.b(y)
+
+
+@pytest.mark.parametrize('lo, hi, buffers, keeps', [(-1., 1., False, True), (-float('inf'), float('inf'), True, True),
+                                                    (0.5, 2., False, False), (0.5, 2., True, False)])
+def test_clamp_keeps_zeros_when_its_bounds_hold_zero(lo, hi, buffers, keeps):
+    torch.manual_seed(0)
+    model = Clamped(lo, hi, buffers).eval()
+    (a_group,) = [grp for grp in trace(model, (2, 3, 8, 8)).groups if ('a', 'out') in roles(grp)]
+    assert a_group.prunable == keeps
+    if not keeps:
+        assert len(a_group.frozen) == 1 and a_group.frozen[0].endswith('which makes them non-zero')
+        return
+    Sparsifier(model, example_input=(2, 3, 8, 8)).sparsify(50)
+    pruned = Pruner(example_input=(2, 3, 8, 8)).prune_model(model)
+    assert pruned.a.out_channels == 3

@@ -176,3 +176,51 @@ def test_heads_prune_with_attention_dropout_in_train_mode():
     Sparsifier(model, 'head', example_input=x).sparsify(50)
     pruned = Pruner(example_input=x).prune_model(model)   # verified in train mode too
     assert pruned.blocks[0].attn.num_heads == 2
+
+
+def test_swin_window_attention_loses_whole_heads_with_their_bias_columns():
+    "timm's Swin: heads of WindowAttention go with their relative-position bias column; shifted windows' masks allowed."
+    torch.manual_seed(0)
+    model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, img_size=56, window_size=7,
+                              embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10).eval()
+    x = torch.randn(2, 3, 56, 56)
+    sp = Sparsifier(model, 'head', example_input=x)
+    assert [t.name for t in sp.targets] == [f'layers.{i}.blocks.{j}.attn.qkv' for i in (0, 1) for j in (0, 1)]
+    sp.sparsify(50)
+    pruned = Pruner(example_input=x).prune_model(model)   # block 1 of each stage shifts its windows (a mask)
+    attn = [b.attn for layer in pruned.layers for b in layer.blocks]
+    assert [(a.num_heads, tuple(a.relative_position_bias_table.shape), a.proj.in_features) for a in attn] == \
+        [(1, (169, 1), 16), (1, (169, 1), 16), (2, (169, 2), 32), (2, (169, 2), 32)]
+    kept = model.layers[1].blocks[0].attn.qkv.weight.detach().view(3, 4, 16, -1)[2].flatten(1).any(1)
+    assert torch.equal(pruned.layers[1].blocks[0].attn.relative_position_bias_table,
+                       model.layers[1].blocks[0].attn.relative_position_bias_table[:, kept])
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-5
+
+
+def test_tiny_vit_attention_loses_whole_heads_and_rebuilds():
+    """TinyViT's attention writes each head's q, k and v together (head after head) and normalises its input first:
+    heads go with their row of attention biases, the cached biases are dropped, the input channels stay."""
+    from timm.models.tiny_vit import TinyVit
+    from fasterai.export import pruned_config, rebuild_pruned
+    make = lambda: TinyVit(embed_dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 4),
+                           window_sizes=(4, 4, 4, 4), num_classes=10).eval()
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): model(x)   # eval mode caches each attention's biases
+    assert any("'stages.1.blocks.0.attn' normalises its input across the channels (LayerNorm)" in r
+               for g in trace(model, x).groups for r in g.frozen)
+    sp = Sparsifier(model, 'head', example_input=x)
+    assert [t.name for t in sp.targets] == ['stages.1.blocks.0.attn.qkv', 'stages.2.blocks.0.attn.qkv',
+                                            'stages.3.blocks.0.attn.qkv']
+    sp.sparsify(50)
+    pruned = Pruner(example_input=x).prune_model(model)
+    attn = [pruned.stages[i].blocks[0].attn for i in (1, 2, 3)]
+    assert [(a.num_heads, a.out_dim, a.attention_biases.shape[0], a.qkv.out_features) for a in attn] == \
+        [(1, 16, 1, 48), (2, 32, 2, 96), (2, 32, 2, 96)]   # heads of 16: q, k and v 48 rows
+    assert all(a.qkv.in_features == b.qkv.in_features for a, b in zip(attn, [model.stages[i].blocks[0].attn for i in (1, 2, 3)]))
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-5
+    unchecked = Pruner(example_input=x, verify=False).prune_model(model)   # never switched mode: no cache left
+    with torch.no_grad(): assert max_rel_diff(model(x), unchecked(x)) < 1e-5
+    fresh = rebuild_pruned(make(), pruned_config(pruned))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad(): assert max_rel_diff(pruned(x), fresh(x)) < 1e-6

@@ -72,3 +72,4 @@ def test_a_detection_model_says_what_to_keep_whole_and_its_backbone_prunes_alone
     with torch.no_grad(): out = pruned(x)
     assert list(out) == ['0', '1', 'pool'] and all(max_rel_diff(ref[k], out[k]) < 1e-4 for k in ref)
     assert count_params(pruned) < 0.7 * count_params(model.backbone)
+
