@@ -222,14 +222,23 @@ def _terms(model, cols, budget, example):
     for (m, r), c in cols.items(): roles.setdefault(m, {})[r] = c
     if isinstance(budget, MACs):
         from .report import macs_by_module
-        proj = _projection_macs(model, example, [n for n, r in roles.items() if 'heads' in r and 'out' in r])
-        out = []
-        for n, v in macs_by_module(model, example).items():
+        proj = _projection_tokens(model, example, [n for n, r in roles.items() if 'heads' in r and 'out' in r])
+        own, out = macs_by_module(model, example), []
+        for n, v in own.items():
             mine = roles.get(n, {})
             if n not in proj: out.append((v, tuple(mine.values()))); continue
-            # a module that projects its own heads (nn.MultiheadAttention): the projection scales with its inputs
-            # and rows, the attention itself with its heads
-            out += [(proj[n], tuple(c for r, c in mine.items() if r != 'heads')), (v - proj[n], (mine['heads'],))]
+            # a module that projects its own heads (nn.MultiheadAttention): the in-projection scales with its inputs
+            # and rows, the out-projection (counted here when torch's forward applies its weight itself) with its
+            # columns and rows, the attention itself with its heads
+            tokens, m = proj[n], model.get_submodule(n)
+            inner = tokens * getattr(m, kind_of(m).weight).numel()
+            out.append((inner, tuple(c for r, c in mine.items() if r != 'heads')))
+            child = f'{n}.out_proj'
+            if child not in own and hasattr(m, 'out_proj'):
+                outer = tokens * m.out_proj.weight.numel()
+                out.append((outer, tuple(roles.get(child, {}).values())))
+                inner += outer
+            out.append((v - inner, (mine['heads'],)))
         return out
     if isinstance(budget, Params):
         out, seen = [], set()
@@ -244,10 +253,9 @@ def _terms(model, cols, budget, example):
     return latency_terms(model, roles, budget, example)
 
 
-def _projection_macs(model, example, names):
-    """Module name -> the MACs of its own weight's projection in one forward pass, for the modules `names` (each
-    holds an in-projection `kind.weight` applied to every token of its one input, as nn.MultiheadAttention's
-    self-attention does): tokens x the weight's entries."""
+def _projection_tokens(model, example, names):
+    """Module name -> the tokens its projections see in one forward pass, for the modules `names` (each applies its
+    in-projection `kind.weight` to every token of its one input, as nn.MultiheadAttention's self-attention does)."""
     if not names: return {}
     from .report import count_macs
     tokens, handles = {}, []
@@ -260,8 +268,7 @@ def _projection_macs(model, example, names):
     try: count_macs(model, example)
     finally:
         for h in handles: h.remove()
-    return {n: tokens.get(n, 0) * getattr(model.get_submodule(n), kind_of(model.get_submodule(n)).weight).numel()
-            for n in names}
+    return {n: tokens.get(n, 0) for n in names}
 
 
 def _scales(kind, role, pname):

@@ -122,7 +122,8 @@ class SparsifyCallback(Callback):
             self.run = False   # a learning-rate range test measures the model as it is (fastai sets run back)
             return
         model = unwrap(self.learn.model)
-        layers = find_layers(model, targeted_type(resolve_granularity(self.granularity), self.layer_type), self.exclude)
+        g = resolve_granularity(self.granularity)
+        layers = find_layers(model, targeted_type(g, self.layer_type), self.exclude, g)
         if self.sparsifier is not None and self.sparsifier.model is not model:
             self.sparsifier = None   # learn.model was replaced (learn.prune()): traced anew on the first batch
             self._origins = self._dense = None
@@ -185,14 +186,14 @@ class SparsifyCallback(Callback):
         self._example = example
         if self._origins is None:
             self._origins = {t.name: t.units for t in self.sparsifier.targets}
-            self._dense = {n: (rows.numel(), m.weight.numel()) for n, m, rows in self._rows()}
+            self._dense = {n: (rows.numel(), getattr(m, weights_of(m)[0]).numel()) for n, m, rows in self._rows()}
         else:
             self.sparsifier.set_origins(self._origins)
 
     def _rows(self):
         "(name, layer, bool per output row: any weight non-zero) of every targeted layer."
         for n, m in self.sparsifier._targeted().items():
-            w = m.weight.detach().movedim(kind_of(m).out_dim, 0)
+            w = getattr(m, weights_of(m)[0]).detach().movedim(kind_of(m).out_dim, 0)
             yield n, m, w.flatten(1).ne(0).any(1)
 
     def measured(self):

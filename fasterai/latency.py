@@ -17,7 +17,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 from .layers import kind_of, shrink
-from .ops import linear
+from .ops import linear, mha
 from .tracing import example_args, training_mode
 
 __all__ = ['latency_ratio', 'latency_terms', 'batch_of', 'warm_allocator', 'without_denormals']
@@ -97,12 +97,17 @@ def latency_ratio(model, reference, example_input, threads=None, rounds=7, min_r
 
 
 def _inputs(model, names, args):
-    "Module name -> the positional inputs of its first call, for `names` (one real forward pass with hooks)."
+    """Module name -> (positional, keyword) inputs of its first call, for `names` (one real forward pass with hooks);
+    a tensor passed several times (self-attention's query, key and value) stays one tensor."""
     seen, hooks = {}, []
     for n in names:
-        def pre(m, a, n=n):
-            if n not in seen: seen[n] = tuple(x.detach().clone() if isinstance(x, torch.Tensor) else x for x in a)
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(pre))
+        def pre(m, a, kw, n=n):
+            if n in seen: return
+            memo = {}
+            take = lambda x: (memo.setdefault(id(x), x.detach().clone()) if id(x) not in memo else memo[id(x)]) \
+                if isinstance(x, torch.Tensor) else x
+            seen[n] = (tuple(take(x) for x in a), {k: take(v) for k, v in kw.items()})
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(pre, with_kwargs=True))
     try:
         with torch.inference_mode(): model(*args)
     finally:
@@ -118,17 +123,22 @@ def _half(m, role, n):
     return (torch.arange(groups)[:, None] * per + torch.arange(per // 2)).flatten()
 
 
-def _cut(m, args, role, keep):
-    "The inputs with the channels of side `role` cut to `keep` (its input channels: dim 1, a Linear's last)."
-    if role == 'out': return args
-    dim = -1 if kind_of(m).rule is linear else 1
-    x = args[0]
-    return (x.index_select(dim, keep), *args[1:])
+def _cut(m, call, role, keep):
+    """The inputs (positional, keyword) with the channels of side `role` cut to `keep` (its input channels: dim 1; a
+    Linear's or an attention's last), wherever its first input is passed (self-attention's query, key and value)."""
+    if role == 'out': return call
+    args, kwargs = call
+    dim = -1 if kind_of(m).rule in (linear, mha) else 1
+    x = args[0] if args else kwargs.get('query', kwargs.get('input'))
+    cut = x.index_select(dim, keep)
+    swap = lambda t: cut if t is x else t
+    return tuple(map(swap, args)), {k: swap(v) for k, v in kwargs.items()}
 
 
-def _fit(m, args, roles, threads, min_run_time):
-    """(coefficient, roles) terms of `m`'s time: timed at full width and with each subset of `roles` halved,
-    fitted as a sum over subsets S of c_S times the product of the kept fractions of S."""
+def _fit(m, call, roles, threads, min_run_time):
+    """(coefficient, roles) terms of `m`'s time on `call` (its positional and keyword inputs): timed at full width and
+    with each subset of `roles` halved, fitted as a sum over subsets S of c_S times the product of the kept fractions
+    of S."""
     kind, sides = kind_of(m), []
     for r in roles:
         n = kind.channels(m, r)
@@ -136,16 +146,17 @@ def _fit(m, args, roles, threads, min_run_time):
         if keep is not None: sides.append((r, keep, len(keep) / n))
     points, times = [], []
     for pick in itertools.product((False, True), repeat=len(sides)):
-        probe, x = copy.deepcopy(m), args
+        probe, x = copy.deepcopy(m), call
         for (r, keep, _), halve in zip(sides, pick):
             if halve:
                 shrink(probe, {r: keep})
                 x = _cut(m, x, r, keep)
-        key = (repr(m), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)), str(args[0].dtype),
-               str(args[0].device), threads, pick)
+        tensors = [a for a in (*call[0], *call[1].values()) if isinstance(a, torch.Tensor)]
+        key = (repr(m), tuple(tuple(a.shape) for a in tensors), str(tensors[0].dtype), str(tensors[0].device),
+               tuple(call[1]), threads, pick)
         if key not in _TABLE:
             with training_mode(probe, False), torch.inference_mode():
-                _TABLE[key] = _median_time(lambda: probe(*x), threads, min_run_time)
+                _TABLE[key] = _median_time(lambda: probe(*x[0], **x[1]), threads, min_run_time)
         points.append([math.prod(f for (_, _, f), halve, i in zip(sides, pick, inc) if halve and i)
                        for inc in itertools.product((False, True), repeat=len(sides))])
         times.append(_TABLE[key])
@@ -175,9 +186,10 @@ def latency_terms(model, roles, budget, example, min_run_time=0.05):
             if n not in inputs: continue   # never called: no time
             if 'heads' in mine:   # attention: its own time (its layers' aside) scales with its heads
                 with torch.inference_mode():
-                    inner = sum(_median_time(lambda c=c, k=k: c(*inputs[f'{n}.{k}']), threads, min_run_time)
+                    run = lambda c, k: c(*inputs[k][0], **inputs[k][1])
+                    inner = sum(_median_time(lambda c=c, k=k: run(c, f'{n}.{k}'), threads, min_run_time)
                                 for k, c in m.named_modules() if k and f'{n}.{k}' in inputs)
-                    own = max(_median_time(lambda: m(*inputs[n]), threads, min_run_time) - inner, 0.)
+                    own = max(_median_time(lambda: run(m, n), threads, min_run_time) - inner, 0.)
                 terms.append((own, (mine['heads'],)))
                 timed += own
                 continue

@@ -56,6 +56,9 @@ def _additive(attn_mask, key_padding_mask, q, s, batched):
         torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float('-inf')) if m.dtype == torch.bool
         else m.to(q.dtype))
     out = None
+    if attn_mask is not None and attn_mask.dim() == 3 and attn_mask.shape[0] != (n * h if batched else h):
+        raise ValueError(f'attn_mask has {attn_mask.shape[0]} per-head rows; this attention has {h} heads (pruned: '
+                         f'give {n * h if batched else h} rows, for the heads it keeps, or a 2-D mask for all)')
     if attn_mask is not None:
         m = as_float(attn_mask)
         out = m.view(n, h, l, s) if m.dim() == 3 and batched else m.view(1, -1, l, s) if m.dim() == 3 else m

@@ -370,6 +370,14 @@ def mha(ctx, node):
         raise Unhandled('attends to a key or value other than its query: only self-attention is followed')
     if call.get('key_padding_mask') is not None or call.get('attn_mask') is not None:
         raise Unhandled('is called with a mask')
+    parts = node.target.split('.')
+    for i in range(len(parts) - 1, -1, -1):
+        owner = ctx.modules.get('.'.join(parts[:i]))
+        if isinstance(owner, nn.TransformerEncoder) and getattr(owner, 'use_nested_tensor', False):
+            raise Unhandled(f"sits in nn.TransformerEncoder '{'.'.join(parts[:i])}', which turns a padded batch into "
+                            "nested tensors in inference that only torch's fused kernel runs (enable_nested_tensor=True): "
+                            'set its use_nested_tensor = False (or build it with enable_nested_tensor=False) to prune '
+                            'these heads')
     if m.in_proj_weight is None or m.bias_k is not None or m.add_zero_attn:
         raise Unhandled('has separate q, k, v projections, bias_k/bias_v or add_zero_attn, which are not pruned')
     weights = [u for u in node.users if not (u.target is operator.getitem and u.args[1] == 0 or

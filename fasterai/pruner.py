@@ -173,16 +173,16 @@ def kept_entries(model, keep):
     `prune_model` shrinks it, with its tensors holding their own indices, so the slicing rules live in one place."""
     out = {}
     for name, k in keep.items():
-        probe = copy.deepcopy(model.get_submodule(name))
-        for store, cast in ((probe._parameters, nn.Parameter), (probe._buffers, lambda t: t)):
-            for t, v in store.items():
-                if v is not None: store[t] = cast(torch.arange(v.numel(), dtype=torch.float64).view(v.shape))
+        layer = model.get_submodule(name)
+        probe = copy.deepcopy(layer)
+        for m in probe.modules():   # (an attention module's per-head rows may live in a child: Swin V2's bias MLP)
+            for store, cast in ((m._parameters, nn.Parameter), (m._buffers, lambda t: t)):
+                for t, v in store.items():
+                    if v is not None: store[t] = cast(torch.arange(v.numel(), dtype=torch.float64).view(v.shape))
         shrink(probe, k)
-        old = dict(model.get_submodule(name).named_parameters(recurse=False))
-        old.update(model.get_submodule(name).named_buffers(recurse=False))
-        for store in (probe._parameters, probe._buffers):
-            for t, v in store.items():
-                if v is not None and v.shape != old[t].shape: out[qualified(name, t)] = v.flatten().long()
+        old = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+        for t, v in (*probe.named_parameters(), *probe.named_buffers()):
+            if v.shape != old[t].shape: out[qualified(name, t)] = v.flatten().long()
     return out
 
 
@@ -287,7 +287,8 @@ def _pruned_copy(model, keep, masks=None):
     original = {id(t): t for t in (*model.parameters(), *model.buffers())}
     pruned = copy_modules(model, {**_computed(model), **original})
     order = {n: i for i, (n, _) in enumerate(pruned.named_modules())}
-    for name in sorted(keep, key=order.get):   # parents first: an attention module reads its head size from its layers
+    for name in sorted(keep, key=lambda n: order.get(n, len(order))):   # parents first: an attention module reads
+        # its head size from its layers (a layer named only through a module it is shared with goes last)
         shrink(pruned.get_submodule(name), keep[name])
     clones = {}
     for m in pruned.modules():

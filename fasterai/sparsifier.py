@@ -6,6 +6,7 @@ and the schedules.
 import dataclasses
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,7 @@ import torch.nn as nn
 from .budget import Budget, CostModel, Latency, check_budget, next_guess, plan_drops, reached
 from .criteria import resolve_criterion
 from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
+from .layers import kind_of
 from .masks import MaskSet
 from .scoring import Scores
 from .report import SparsityReport
@@ -68,14 +70,15 @@ def targeted_type(granularity, layer_type):
     return nn.Linear if granularity == HEAD else layer_type
 
 
-def find_layers(model, layer_type, exclude=()):
+def find_layers(model, layer_type, exclude=(), granularity=None):
     """Qualified name -> module for every module of `layer_type` (a type or tuple of types) not in `exclude`
-    (qualified names or the modules themselves), or a ValueError."""
+    (qualified names or the modules themselves), or a ValueError. With nn.Linear, each nn.MultiheadAttention fasterai
+    knows (its packed in-projection is a Linear layer's weight), except at an N:M `granularity` (resolved)."""
     types = check_layer_type(layer_type)
     skip = _excluded(model, exclude)
-    mha = nn.Linear in types   # an nn.MultiheadAttention's packed in-projection is a Linear layer's weight
+    mha = nn.Linear in types and not isinstance(granularity, NM)
     layers = {n: m for n, m in model.named_modules() if n not in skip and (isinstance(m, types) or mha and
-              isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)}
+              isinstance(m, nn.MultiheadAttention) and kind_of(m) is not None and m.in_proj_weight is not None)}
     if not layers:
         raise ValueError(f'{type(model).__name__} has no layer of layer_type '
                          f'{", ".join(t.__name__ for t in types)} to sparsify' + (' outside exclude' if skip else ''))
@@ -145,7 +148,7 @@ class Sparsifier(SparsityReport):
             raise ValueError("round_to rounds the kept channels of each group: it needs granularity='filter' (or "
                              "'head') and method='local'")
         self.round_to = round_to
-        self.layers = find_layers(model, targeted_type(self.granularity, layer_type), exclude)
+        self.layers = find_layers(model, targeted_type(self.granularity, layer_type), exclude, self.granularity)
         self.excluded = _excluded(model, exclude)
         # the units to zero, the channel graph at 'filter' (else None) and why a layer cannot be sparsified there
         self.targets, self.graph, self.frozen = make_targets(model, self.granularity, self.layers, self.excluded,
@@ -323,6 +326,12 @@ class Sparsifier(SparsityReport):
         if rounded is not None and self._pays(rounded[1], closest, ratio, tol): closest = rounded[1]
         if abs(closest[0] - ratio) < abs(best[1] - ratio) or (rounded is not None and closest is rounded[1]):
             costs.plans[key], costs.plan_ratio[key] = closest[1], closest[0]
+        if abs(closest[0] - ratio) > tol:
+            warnings.warn(f"{budget!r} is not met: of {costs.timed} plans timed, the closest ran at {closest[0]:.3f} of "
+                          f"the dense model's latency (tolerance {tol:g}). Latency falls in steps; a plan far above the "
+                          'ratio means this machine cannot reach it with these channels (per-layer overheads, or a fused '
+                          'kernel the dense model runs and the pruned one cannot): ask for another ratio, batch size or '
+                          'thread count', stacklevel=2)
         return closest[0]
 
     def _search(self, budget, measured, tol, steps, fine):

@@ -169,7 +169,8 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'heads: per-head tensors (bias tables) not cut with the heads': (
         'fasterai/surgery.py', '    for pname, dim in kind.per_head: _take(m, pname, dim, heads[::d] // d)', '    pass'),
     'heads: children resized before their attention module': (
-        'fasterai/pruner.py', '    for name in sorted(keep, key=order.get):', '    for name in keep:'),
+        'fasterai/pruner.py', '    for name in sorted(keep, key=lambda n: order.get(n, len(order))):   # parents first: an attention module reads',
+        '    for name in keep:   # parents first: an attention module reads'),
     "torchvision's Swin pruned: heads as wide as the input over the heads": (
         'fasterai/torchvision_attention.py',
         '    window_size, shift_size, num_heads, d = m.window_size, list(m.shift_size), m.num_heads, m.head_dim',
@@ -187,6 +188,20 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'clamp: bounds away from zero taken as keeping zeros': (
         'fasterai/ops.py', '    return keep(ctx, node) if (lo is None or lo <= 0) and (hi is None or hi >= 0) else moves_zero(ctx, node)',
         '    return keep(ctx, node)'),
+    'budget: a Latency budget no plan reaches passes without a word': (
+        'fasterai/sparsifier.py', '        if abs(closest[0] - ratio) > tol:', '        if False:'),
+    'MultiheadAttention in a TransformerEncoder that nests padded batches: heads pruned': (
+        'fasterai/ops.py', "        if isinstance(owner, nn.TransformerEncoder) and getattr(owner, 'use_nested_tensor', False):",
+        '        if False:'),
+    "budget: MultiheadAttention's out-projection costed with its heads": (
+        'fasterai/budget.py', "            if child not in own and hasattr(m, 'out_proj'):", '            if False:'),
+    'find_layers: N:M takes the packed in-projection of attention': (
+        'fasterai/sparsifier.py', '    mha = nn.Linear in types and not isinstance(granularity, NM)', '    mha = nn.Linear in types'),
+    'latency: an attention input cut in the query alone': (
+        'fasterai/latency.py', '    return tuple(map(swap, args)), {k: swap(v) for k, v in kwargs.items()}',
+        '    return (cut, *args[1:]) if args else args, kwargs'),
+    'kept_entries: per-head rows of a child not carried': (
+        'fasterai/pruner.py', '        for m in probe.modules():   # (an attention module', '        for m in [probe]:   # (an attention module'),
     'a stale sparsity state saved': (
         'fasterai/callback.py', '    return cb if cb.sparsifier.masks_hold() else None', '    return cb'),
 }

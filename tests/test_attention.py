@@ -10,7 +10,7 @@ from conftest import max_rel_diff
 from fasterai.export import pruned_config, rebuild_pruned
 from fasterai.graph import trace
 from fasterai.mha import PrunedMultiheadAttention, as_pruned
-from fasterai.pruner import Pruner
+from fasterai.pruner import Pruner, kept_entries
 from fasterai.sparsifier import Sparsifier
 
 
@@ -227,8 +227,15 @@ def test_window_attention_loses_whole_heads_and_rebuilds(name):
     torch.manual_seed(0)
     model, x = make(), torch.randn(2, 3, size, size)
     Sparsifier(model, 'head', example_input=x).sparsify(50)
-    pruned = Pruner(example_input=x).prune_model(model)
+    pruner = Pruner(example_input=x)
+    pruned = pruner.prune_model(model)
     attn = [m for m in pruned.modules() if type(m) in _PRUNED.values()]
+    carried = kept_entries(model, pruner.kept)   # what learn.prune carries of the optimizer's state: per-head rows too
+    per_head = 'cpb_mlp.2.weight' if name == 'swin_v2' else 'relative_position_bias_table'
+    assert sum(k.endswith(per_head) for k in carried) == 4
+    before, after = dict(model.named_parameters()), dict(pruned.named_parameters())
+    for k, idx in carried.items():   # the entries carried are the ones the pruned model holds
+        assert torch.equal(before[k].detach().flatten()[idx], after[k].detach().flatten()), k
     dense = [m for m in model.modules() if type(m) in _PRUNED]
     assert len(attn) == len(dense) == 4 and not any(type(m) in _PRUNED for m in pruned.modules())
     assert [heads_of(a) for a in attn] == [(h // 2, d) for h, d in map(heads_of, dense)]
@@ -241,3 +248,83 @@ def test_window_attention_loses_whole_heads_and_rebuilds(name):
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad(): assert max_rel_diff(pruned(x), fresh(x)) < 1e-6
     assert not any(type(m) in _PRUNED.values() for m in rebuild_pruned(make(), pruned_config(make())).modules())
+
+
+def test_heads_in_an_encoder_that_nests_padded_batches_stay_with_the_reason():
+    "nn.TransformerEncoder(enable_nested_tensor=True) runs padded batches as nested tensors, in torch's fused kernel only."
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 5, 12)
+    model.enc.use_nested_tensor = True   # (torch's default when the layers allow it)
+    sp = Sparsifier(model, 'filter', 'local', 'l1', nn.Linear, example_input=x)
+    assert "turns a padded batch into nested tensors" in sp.frozen['enc.layers.0.self_attn']
+    sp.sparsify(50)
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert [type(l.self_attn) for l in pruned.enc.layers] == [nn.MultiheadAttention] * 2
+    assert [l.linear1.out_features for l in pruned.enc.layers] == [32, 32]   # the feed-forward width still prunes
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():   # the nested path, in both
+        a = model.enc(model.embed(x), src_key_padding_mask=pad)
+        b = pruned.enc(pruned.embed(x), src_key_padding_mask=pad)
+    assert max_rel_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('make', [Block, Encoder])
+@pytest.mark.parametrize('budget', ['macs', 'params'])
+def test_budget_cost_of_attention_is_the_pruned_models(make, budget):
+    "The cost model splits nn.MultiheadAttention's MACs: in-projection, out-projection, the heads' attention."
+    from fasterai.report import count_macs, count_params
+    from fasterai.sparsifier import MACs, Params
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(2, 5, 12)
+    b = MACs(0.5) if budget == 'macs' else Params(0.5)
+    cost = (lambda m: count_macs(m, x)) if budget == 'macs' else count_params
+    sp = Sparsifier(model, 'filter', 'local', 'l1', nn.Linear, example_input=x)
+    sp.sparsify(b)
+    predicted = sp.cost_ratio(b)
+    pruned = Pruner(example_input=x).prune_model(model)
+    assert [type(m) for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)] and \
+        all(type(m) is PrunedMultiheadAttention for m in pruned.modules() if isinstance(m, nn.MultiheadAttention))
+    assert abs(predicted - cost(pruned) / cost(make().eval())) < 1e-9
+
+
+def test_n_m_over_linear_leaves_the_packed_projection_alone():
+    model = Block().eval()
+    sp = Sparsifier(model, '2:4', 'local', 'l1', nn.Linear, example_input=(2, 5, 12))
+    assert 'attn' not in sp.layers and 'attn.out_proj' in sp.layers
+    assert 'attn' in Sparsifier(Block(), 'weight', 'local', 'l1', nn.Linear, example_input=(2, 5, 12)).layers
+
+
+def test_pruned_attention_refuses_a_per_head_mask_for_other_heads():
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(2, 5, 12)
+    Sparsifier(model, 'head', example_input=x).sparsify(50)
+    attn = Pruner(example_input=x).prune_model(model).attn   # 2 heads of 4 kept
+    h = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match=r'attn_mask has 8 per-head rows; this attention has 2 heads \(pruned: give 4'):
+        attn(h, h, h, attn_mask=torch.zeros(8, 5, 5))
+    assert attn(h, h, h, attn_mask=torch.zeros(4, 5, 5))[0].shape == (2, 5, 16)
+
+
+def test_latency_table_times_attention_called_by_keyword_and_with_its_inputs_cut():
+    "Timing halves: nn.MultiheadAttention called with query=, key=, value=; its input features cut in all three."
+    from fasterai.sparsifier import Latency
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12)
+    for model, exclude in ((Block(call=lambda a, t: a(query=t, key=t, value=t, need_weights=False)[0]), ()),
+                           (Block(residual=False), ('attn',))):   # heads left whole, the input features cut
+        sp = Sparsifier(model.eval(), 'filter', 'local', 'l1', nn.Linear, example_input=x, exclude=exclude)
+        assert sp.cost_model(Latency(0.8, batch_size=4)).dense > 0
+
+
+def test_prune_every_keeps_pruning_attention_heads_through_a_fit():
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from torch.utils.data import TensorDataset
+
+    from fasterai.callback import SparsifyCallback
+    torch.manual_seed(0)
+    ds = lambda n: TensorDataset(torch.randn(n, 5, 12), torch.randint(0, 3, (n,)))
+    learn = Learner(DataLoaders.from_dsets(ds(64), ds(16), bs=16), Encoder(), loss_func=nn.CrossEntropyLoss())
+    learn.fit(2, 1e-3, cbs=SparsifyCallback(50, 'head', prune_every=1))
+    assert [l.self_attn.num_heads for l in learn.model.enc.layers] == [2, 2]
+    assert all(type(l.self_attn) is PrunedMultiheadAttention for l in learn.model.enc.layers)

@@ -4,6 +4,7 @@ budget through a fit; a Latency budget's calibration maps what is modelled to wh
 import contextlib
 import io
 import re
+import warnings
 
 import pytest
 import torch
@@ -395,3 +396,20 @@ def test_round_to_auto_prunes_the_rounded_plan_where_the_timing_says_it_pays(mon
     (plain, plain_macs), (auto, auto_macs) = plans[None], plans['auto']
     assert all(k % 8 == 0 for k in auto) and not all(k % 8 == 0 for k in plain), (auto, plain)
     assert auto_macs > plain_macs
+
+
+def test_a_latency_budget_no_plan_reaches_says_so(monkeypatch):
+    "A stand-in timing that never falls below 0.9 of the dense model (a fused kernel lost): Latency(0.5) warns."
+    torch.manual_seed(0)
+    model = Net(in_channels=1).eval()
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
+    macs = CostModel(model, sp.targets, MACs(1), (2, 1, 28, 28))
+    monkeypatch.setattr('fasterai.budget.CostModel.__init__', _as_macs(CostModel.__init__))
+    monkeypatch.setattr(Sparsifier, 'measure', lambda self, budget, masks=None: 0.9 + 0.1 * _ratio_of(self, self.masks, macs))
+    with pytest.warns(UserWarning, match=r"Latency\(0.5, .*\) is not met: of \d+ plans timed, the closest ran at 0\.9"):
+        got = sp.calibrate(Latency(0.5))
+    assert 0.9 <= got < 0.95
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        monkeypatch.setattr(Sparsifier, 'measure', lambda self, budget, masks=None: _ratio_of(self, self.masks, macs))
+        sp.calibrate(Latency(0.5), fresh=True)   # reachable: no warning
