@@ -52,8 +52,8 @@ def check_layer_type(layer_type):
     return types
 
 
-AUTO_ROUND = 8
-"`round_to='auto'` tries kept channels rounded to a multiple of this (see `Sparsifier.calibrate`)."
+AUTO_ROUND = (8, 16, 32)
+"`round_to='auto'` tries kept channels rounded to a multiple of each of these (see `Sparsifier.calibrate`)."
 
 
 def check_round_to(round_to):
@@ -131,7 +131,8 @@ class Sparsifier(SparsityReport):
     `exclude`: qualified names of modules (or the modules) whose layers are left dense.
     `round_to`: at 'filter' and 'local', round each group's kept channels to a multiple of it (8 or 16 suit
     vectorised kernels; a group smaller than it is left whole). 'auto': with a `Latency` budget, plans rounded to
-    multiples of `AUTO_ROUND` are timed too, and pruned where they pay (see `calibrate`); otherwise no rounding.
+    multiples of each of `AUTO_ROUND` are timed too, and pruned where they pay (see `calibrate`); otherwise no
+    rounding.
     A model wrapped in DataParallel or DistributedDataParallel is sparsified through its `module`; under DDP
     every process computes the same masks (the weights, and the gradients after backward, agree).
     """
@@ -296,8 +297,8 @@ class Sparsifier(SparsityReport):
         falls in steps, and one percentage more or less for every layer, 'local', can step over the ratio), up to
         `fine` more copies are timed between the closest plans above and below it, a few units at a time (see
         `_between`), and the closest of all is the plan this ratio prunes. With `round_to='auto'` the plans are
-        searched again with every group's kept channels a multiple of `AUTO_ROUND`, and the rounded plan is the one
-        pruned when it pays: it comes within `tol` and keeps more MACs than the other (or, neither within `tol`, it
+        searched again with every group's kept channels a multiple of each of `AUTO_ROUND` (8, 16, 32), and the
+        rounded plan that pays best is the one pruned when it pays: it comes within `tol` and keeps more MACs than the other (or, neither within `tol`, it
         comes closer). `fresh`: forget earlier timings (the weights, hence the plans, have changed since). The masks
         are left as they were. Returns the closest ratio timed."""
         budget = self.check_sparsity(budget)
@@ -315,10 +316,16 @@ class Sparsifier(SparsityReport):
             best, closest, n = self._search(budget, costs.measured, tol, steps, fine if self.round_to in (None, 'auto')
                                             else 0)
             if self.round_to == 'auto' and isinstance(budget, Latency):
-                for t in self.targets: t.round_to = AUTO_ROUND
-                try: rounded = self._search(budget, [], tol, steps, 0)
-                finally:
-                    for t in self.targets: t.round_to = None
+                extra = 0
+                for multiple in AUTO_ROUND:   # the rounded plan that pays best (see `_pays`) of each multiple's
+                    for t in self.targets: t.round_to = multiple
+                    try: found = self._search(budget, [], tol, steps, 0)
+                    except ValueError: continue   # no plan rounded so reaches the budget
+                    finally:
+                        for t in self.targets: t.round_to = None
+                    extra += found[2]
+                    if rounded is None or self._pays(found[1], rounded[1], ratio, tol): rounded = found
+                rounded = None if rounded is None else (*rounded[:2], extra)
         finally:
             self.counts, self.planned, ms.by_target, ms.masks, ms.drops = saved
             costs.pinned.pop(key, None)
@@ -342,9 +349,16 @@ class Sparsifier(SparsityReport):
         best, timed = None, []   # timed: (measured ratio, drops) of every plan timed
         for _ in range(steps):
             modelled = next_guess(measured, ratio)
-            costs.pinned[key] = modelled
-            self.counts = None
-            self._rescore(budget)
+            for _ in range(4):   # a guess no plan reaches (rounded plans reach less far): halfway back, a few times
+                costs.pinned[key] = modelled
+                self.counts = None
+                try:
+                    self._rescore(budget)
+                    break
+                except ValueError:
+                    if not timed: raise
+                    modelled = (modelled + measured[-1][0]) / 2
+            else: break   # the plans timed so far
             got = self.measure(budget)
             measured.append((modelled, got))
             timed.append((got, self.counts))

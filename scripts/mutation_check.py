@@ -202,6 +202,10 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '    return (cut, *args[1:]) if args else args, kwargs'),
     'kept_entries: per-head rows of a child not carried': (
         'fasterai/pruner.py', '        for m in probe.modules():   # (an attention module', '        for m in [probe]:   # (an attention module'),
+    "budget: round_to='auto' tries multiples of 8 alone": (
+        'fasterai/sparsifier.py', 'AUTO_ROUND = (8, 16, 32)', 'AUTO_ROUND = (8,)'),
+    'budget: a guess no plan reaches ends the search': (
+        'fasterai/sparsifier.py', '                    if not timed: raise', '                    raise'),
     'a stale sparsity state saved': (
         'fasterai/callback.py', '    return cb if cb.sparsifier.masks_hold() else None', '    return cb'),
 }

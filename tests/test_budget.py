@@ -413,3 +413,20 @@ def test_a_latency_budget_no_plan_reaches_says_so(monkeypatch):
         warnings.simplefilter('error')
         monkeypatch.setattr(Sparsifier, 'measure', lambda self, budget, masks=None: _ratio_of(self, self.masks, macs))
         sp.calibrate(Latency(0.5), fresh=True)   # reachable: no warning
+
+
+def test_round_to_auto_finds_the_multiple_the_timing_prefers(monkeypatch):
+    "A stand-in timing where a width off a multiple of 32 costs 32 channels more: 'auto' keeps multiples of 32."
+    shape = (2, 3, 32, 32)
+    def cost(w): return w if w % 32 == 0 else w + 32
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=shape, round_to='auto')
+    full = [t.units * t.group.tie * t.group.width for t in sp.targets]
+    monkeypatch.setattr('fasterai.budget.CostModel.__init__', _as_macs(CostModel.__init__))
+    monkeypatch.setattr(Sparsifier, 'measure', lambda self, budget, masks=None: sum(map(cost, _kept_of(
+        self, self.masks))) / sum(map(cost, full)))
+    got = sp.calibrate(Latency(0.5), tol=0.03, fine=0)
+    sp.sparsify(Latency(0.5))
+    kept = _kept_of(sp, sp.masks)
+    assert abs(got - 0.5) <= 0.03 and all(k % 32 == 0 for k in kept), kept
