@@ -22,8 +22,9 @@ Every table below except two (named at the end of this paragraph) is regenerated
 beside fasterai by `make bench-setup`, never as its dependencies) on 2 CPU threads; each section gives the command
 that made it, the machine and the date. Every comparison is a ratio measured in the same run. The sweep over all
 torchvision classification models is in [bench/results/torchvision.md](bench/results/torchvision.md)
-(`bench/torchvision_sweep.py --peer`, about an hour, not part of `make bench`), and the one over every timm family
-in [bench/results/timm.md](bench/results/timm.md) (`bench/timm_sweep.py`, about 15 minutes on 2 cores, with `--peer` about 90; not part of it either).
+(`bench/torchvision_sweep.py`, with `--peer` about an hour; not part of `make bench`), and the one over every timm
+family in [bench/results/timm.md](bench/results/timm.md) (`bench/timm_sweep.py`, about 15 minutes on 2 cores, with
+`--peer` about 90; not part of it either).
 Two sections below are also run on their own, outside `make bench`: prune_every (`bench/prune_every.py`) and
 budget (`bench/budget.py`, about 40 minutes on 2 cores); each gives its command.
 """
@@ -187,7 +188,16 @@ def timm_sweep(results):
             f"({100 * len(good) / len(t.rows):.0f}%) prune exactly to at most 0.9x their parameters, CNN families "
             f"{sum(r in good for r in cnn)} of {len(cnn)}; parameters left "
             f"{span(exact, lambda r: t.number_in(r, 'params ratio'), name)} where pruned; {silent} silent mismatches; "
-            f"the others: " + ', '.join(f'{k} {v}' for k, v in others.most_common()) + '.')
+            f"the others: " + ', '.join(f'{k} {v}' for k, v in others.most_common()) + '.' + _timm_peer(t))
+
+
+def _timm_peer(t):
+    "The Torch-Pruning clause of the timm headline, when timm.md has its column."
+    if not t.rows or 'Torch-Pruning' not in t.rows[0]: return ''
+    ran = [r for r in t.rows if not r['Torch-Pruning'].startswith('not run')]
+    runs = [r for r in ran if r['Torch-Pruning'] == 'runs']
+    return (f" Torch-Pruning 1.6.1 on the same models (its outputs are not the sparse model's: it removes live "
+            f"channels) gives a model that runs on {len(runs)} of the {len(ran)} families it was run on.")
 
 
 def callback_overhead(results):
