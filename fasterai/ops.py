@@ -332,21 +332,18 @@ def _heads(ctx, node, hd, qkv, proj, p, dim, parts=None):
     together, in runs of their sum), `proj` (the Linear `p`) reads their v part joined and writes the output,
     along `dim`; the module's 'heads' role follows the v part. Returns the output layout."""
     h, d = hd
-    if (node.target, 'heads') not in ctx.owner and parts:   # head after head: q, k, v of one head together
-        w = sum(parts)
+    if (node.target, 'heads') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
+        w = sum(parts) if parts else 3 * d
         inner = ctx.new_layout(h * w, dim)
         space = inner.pieces[0].space
-        ctx.spaces.run_space(space, w, f"'{node.target}' keeps whole heads")
+        if parts:   # head after head: q, k, v of one head together
+            ctx.spaces.run_space(space, w, f"'{node.target}' keeps whole heads")
+            v = Layout(dim, tuple(Piece(space, i * w + w - parts[-1], (i + 1) * w) for i in range(h)))
+        else:
+            ctx.spaces.tie_space(space, 3, f"'{node.target}' ties each head's q, k and v")
+            ctx.spaces.run_space(space, d, f"'{node.target}' keeps whole heads")
+            v = Layout(dim, (Piece(space, 2 * h * d, 3 * h * d),))
         ctx.record(inner, qkv, 'out')
-        v = Layout(dim, tuple(Piece(space, i * w + w - parts[-1], (i + 1) * w) for i in range(h)))
-        ctx.record(v, proj, 'in')
-        ctx.record(v, node, 'heads')
-    elif (node.target, 'heads') not in ctx.owner:   # its heads, once (a second call computes with the same rows)
-        inner = ctx.new_layout(3 * h * d, dim)
-        ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")
-        ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")
-        ctx.record(inner, qkv, 'out')
-        v = Layout(dim, (Piece(inner.pieces[0].space, 2 * h * d, 3 * h * d),))
         ctx.record(v, proj, 'in')
         ctx.record(v, node, 'heads')
     out = ctx.new_layout(p.out_features, dim)
@@ -380,8 +377,7 @@ def mha(ctx, node):
                             'these heads')
     if m.in_proj_weight is None or m.bias_k is not None or m.add_zero_attn:
         raise Unhandled('has separate q, k, v projections, bias_k/bias_v or add_zero_attn, which are not pruned')
-    weights = [u for u in node.users if not (u.target is operator.getitem and u.args[1] == 0 or
-                                             u.target is operator.getitem and not u.users)]
+    weights = [u for u in node.users if not (u.target is operator.getitem and (u.args[1] == 0 or not u.users))]
     if call.get('need_weights', True) is not False and weights:
         raise Unhandled('returns attention weights averaged over its heads, which are read (need_weights=False '
                         'lets its heads go)')

@@ -125,11 +125,11 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '            if reads and not _holds_tensor(env[n]) and not (_reads_shape(n) or _reads_device(n) or _writes(n)):',
         '            if False:'),
     "heads' q, k and v not tied": (
-        'fasterai/ops.py', '''        ctx.spaces.tie_space(inner.pieces[0].space, 3, f"'{node.target}' ties each head's q, k and v")''',
-        '        pass'),
+        'fasterai/ops.py', '''            ctx.spaces.tie_space(space, 3, f"'{node.target}' ties each head's q, k and v")''',
+        '            pass'),
     'heads not kept whole': (
-        'fasterai/ops.py', '''        ctx.spaces.run_space(inner.pieces[0].space, d, f"'{node.target}' keeps whole heads")''',
-        '        pass'),
+        'fasterai/ops.py', '''            ctx.spaces.run_space(space, d, f"'{node.target}' keeps whole heads")''',
+        '            pass'),
     'a channel count read as a number not frozen': (
         'fasterai/graph.py', "        if node.meta.get('concrete'):   # the tracer took its value from the example: a channel count is baked in",
         '        if False:'),
