@@ -15,11 +15,11 @@ MetaPruner on the same model (30%, L1 magnitude, its dependency graph, the class
 process): whether its model runs to the same output shape, its parameter ratio and time (it does not keep the
 function: it removes live channels). Torch-Pruning is installed only where the benchmark runs.
 
-With --peer-from FILE, Torch-Pruning's columns are read from an earlier results file of this script (they do not
-depend on fasterai's code: the same model, seed and caps), once every family's fasterai run is done, and it runs
-only for the families that file lacks.
+With --peer-from FILE [FILE ...], Torch-Pruning's columns are read from earlier results files of this script (they
+do not depend on fasterai's code: the same model, seed and caps; the first file that ran a family wins; rows that say
+"not run" are gaps), once every family's fasterai run is done, and it runs only for the families the files lack.
 
-Run: `.venv/bin/python bench/timm_sweep.py [--families resnet vit ...] [--timeout 300] [--peer | --peer-from FILE]
+Run: `.venv/bin/python bench/timm_sweep.py [--families resnet vit ...] [--timeout 300] [--peer | --peer-from FILE ...]
 [--out bench/results/timm.md]`
 """
 import argparse
@@ -189,6 +189,7 @@ def peers_from(path):
         if line.startswith('Machine:'): machine = line.removeprefix('Machine:').strip()
         cells = [c.strip() for c in line.strip().strip('|').split('|')]
         if not line.startswith('| ') or len(cells) != 13 or cells[0] == 'family': continue
+        if cells[9].startswith('not run'): continue             # a gap another file (or this run) fills
         p = {'outcome': said.get(cells[9], cells[9])}
         if cells[10]: p['params'] = float(cells[10])
         if cells[11]: p['s'] = float(cells[11])
@@ -207,7 +208,8 @@ def main():
     ap.add_argument('--timeout', type=int, default=300)
     ap.add_argument('--out', default=None)
     ap.add_argument('--peer', action='store_true', help='also run Torch-Pruning 1.6.1 on each model, same caps')
-    ap.add_argument('--peer-from', default=None, help="Torch-Pruning's columns from an earlier results file")
+    ap.add_argument('--peer-from', nargs='+', default=None,
+                    help="Torch-Pruning's columns from earlier results files (the first that ran a family wins)")
     args = ap.parse_args()
     args.peer = args.peer or bool(args.peer_from)
     families = args.families or timm.list_modules()
@@ -219,7 +221,12 @@ def main():
         names.append(pick(fam))
         rows.append(isolated(names[-1], args.timeout))
         print(fmt(fam, rows[-1]), flush=True)
-    earlier, peer_machine = peers_from(args.peer_from) if args.peer_from else ({}, '')   # (read when they are needed)
+    earlier, machines = {}, []                                          # (read when they are needed)
+    for path in args.peer_from or []:
+        found, machine = peers_from(path)
+        earlier = {**found, **earlier}
+        machines.append(machine)
+    peer_machine = '; '.join(m for m in machines if m)
     peers = [(earlier.get(fam) or isolated(name, args.timeout, '--peer-child')) if args.peer else None
              for fam, name in zip(families, names)]
     lines += [fmt(fam, r, p) for fam, r, p in zip(families, rows, peers)]
@@ -246,7 +253,7 @@ def main():
         import subprocess as sp
         commit = sp.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
         taken = sum(fam in earlier for fam in families)
-        source = (f'; Torch-Pruning columns of {taken} families from {args.peer_from}'
+        source = (f"; Torch-Pruning columns of {taken} families from {' and '.join(args.peer_from)}"
                   + (f' ({peer_machine})' if peer_machine else '') if taken else '')
         write_result(args.out, 'Every timm family: 30% of filters, pruned and checked', __doc__, lines,
                      f', timm {timm.__version__}, commit {commit}{source}', '\n'.join(summary) + '\n')
