@@ -160,8 +160,9 @@ class CostModel:
     def set_orders(self, orders):
         "Each target's units in the order they go (a permutation per target), and their cumulative removals."
         self.orders = orders
-        self.cum = [torch.cat([torch.zeros(1, len(cols), dtype=torch.float64), per[o].cumsum(0)])
-                    for (cols, per), o in zip(self.parts, orders)]
+        self.cum = [t.cumulative(per, o) if hasattr(t, 'cumulative') else   # (the units a shuffle lays out go
+                    torch.cat([torch.zeros(1, len(cols), dtype=torch.float64), per[o].cumsum(0)])   # in steps)
+                    for t, (cols, per), o in zip(self.targets, self.parts, orders)]
 
     def cost(self, ks):
         "The cost when target `i` drops the first `ks[i]` units of its order."

@@ -18,8 +18,9 @@ from torch.nn.utils import parametrize
 from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_model, hooks_taken_out, input_shape,
                       input_specs, propagate_shapes, seeded, state_kept, symbolic_trace, training_mode)
 from .layers import known_base, kind_of
-from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Count, Layout, Piece, SizeOf, Unhandled,
-                  is_inplace)
+from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, ROUTE_RULES, Count, Layout, Piece, SizeOf,
+                  Unhandled, _unite, is_inplace, keep, permute, reshape, settle)
+from .routing import Cluster, Leaf, Parts, Cat, Chunk, Shuffle, route_of
 
 __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
 
@@ -45,6 +46,7 @@ class Group:
     frozen: list = field(default_factory=list)   # reasons this group may not be pruned; empty when prunable
     tie: int = 1     # channels u, u+K, u+2K, ... (K = size/tie) live or die together (grouped convolutions)
     width: int = 1   # ... and so do runs of `width` consecutive channels in each block (an attention head)
+    route: int = None   # index of the `routing.Cluster` (in `ChannelGraph.routes`) a channel shuffle puts it in
 
     @property
     def units(self):
@@ -87,6 +89,7 @@ class ChannelGraph:
     input_shape: tuple
     unfollowed: dict = field(default_factory=dict)   # module name -> why a call of it could not be followed
     branches: list = field(default_factory=list)     # Python branches on shapes, as the example's shapes took them
+    routes: list = field(default_factory=list)       # `routing.Cluster`s: groups a channel shuffle lays out
 
     def modules(self):
         "Qualified name -> module, for every module the groups name."
@@ -170,10 +173,14 @@ class _Spaces:
         reasons = self.frozen[self.find(space)]
         if reason not in reasons: reasons.append(reason)
 
-    def groups(self):
-        roots = sorted({self.find(s) for s in range(len(self.parent))})
-        return [Group(i, self.size[r], self.slices[r], self.frozen[r], self.tie[r], self.width[r])
-                for i, r in enumerate(roots)]
+    def roots(self): return sorted({self.find(s) for s in range(len(self.parent))})
+
+    def groups(self, routes=()):
+        "The groups, one per root; `routes`: clusters of roots (`_clusters`) whose groups they name."
+        gid = {r: i for i, r in enumerate(self.roots())}
+        of = {gid[r]: c for c, roots in enumerate(routes) for r in roots}
+        return [Group(i, self.size[r], self.slices[r], self.frozen[r], self.tie[r], self.width[r], of.get(i))
+                for i, r in enumerate(self.roots())]
 
 
 def _freeze_shared(model, spaces):
@@ -226,7 +233,73 @@ def trace(model, example_input=None, leaf_modules=()):
         if target in poisoned and lay is not None:
             spaces.freeze(lay, f"'{target}' is also called where its channels cannot be followed")
     _freeze_shared(model, spaces)
-    return ChannelGraph(model, spaces.groups(), shape, unfollowed, branches)
+    roots, clusters = _clusters(spaces, owner)
+    return ChannelGraph(model, spaces.groups(roots), shape, unfollowed, branches, clusters)
+
+
+def _regroup(expr, gid, spaces):
+    "`expr` over group ids: each leaf piece a whole group (checked by `_clusters`)."
+    if isinstance(expr, Leaf):
+        return Leaf(tuple(Piece(gid[spaces.find(p.space)], 0, p.stop - p.start) for p in expr.pieces))
+    if isinstance(expr, Cat): return Cat(tuple(_regroup(e, gid, spaces) for e in expr.parts))
+    return expr._replace(src=_regroup(expr.src, gid, spaces))
+
+
+def _leaves(expr):
+    if isinstance(expr, Leaf): return list(expr.pieces)
+    if isinstance(expr, Cat): return [p for e in expr.parts for p in _leaves(e)]
+    return _leaves(expr.src)
+
+
+def _clusters(spaces, owner):
+    """The roots each channel shuffle connects (any module role whose channels it lays out joins its spaces, and
+    so does any other role that sees one of them), and a `routing.Cluster` for each that can be pruned; the others
+    are frozen, with the reason."""
+    lays = {key: lay for key, lay in owner.items() if lay is not None}
+    parent = {}
+    def find(r):
+        while parent.setdefault(r, r) != r: r = parent[r]
+        return r
+    def join(pieces):
+        rs = [find(spaces.find(p.space)) for p in pieces]
+        for r in rs[1:]: parent[find(r)] = find(rs[0])
+    for lay in lays.values():
+        if lay.route is not None: join(_leaves(lay.route) + list(lay.pieces))
+    if not parent: return [], []
+    seen = set(parent)
+    while True:   # a role that sees a routed space joins every space it sees
+        grew = False
+        for lay in lays.values():
+            rs = {spaces.find(p.space) for p in lay.pieces}
+            if not rs & seen: continue
+            if len({find(r) for r in rs}) > 1: join(lay.pieces); grew = True
+            seen |= rs
+        if not grew: break
+    members = {}
+    for r in seen: members.setdefault(find(r), set()).add(r)
+    gid = {r: i for i, r in enumerate(spaces.roots())}
+    out_roots, out = [], []
+    for roots in members.values():
+        roots = sorted(roots)
+        sizes = {spaces.size[r] for r in roots}
+        mine = {key: lay for key, lay in lays.items() if any(spaces.find(p.space) in roots for p in lay.pieces)}
+        whole = all(p.start == 0 and p.stop == spaces.size[spaces.find(p.space)]
+                    for lay in mine.values() for p in (_leaves(lay.route) if lay.route is not None else lay.pieces))
+        why = ('a channel shuffle mixes channel spaces of different sizes' if len(sizes) > 1 else
+               'a channel shuffle lays out parts of channel spaces' if not whole else
+               'a channel shuffle lays out channels tied in blocks or runs'
+               if any(spaces.tie[r] != 1 or spaces.width[r] != 1 for r in roots) else
+               'a channel shuffle lays them out with frozen channels: ' + spaces.frozen[next(r for r in roots if spaces.frozen[r])][0]
+               if any(spaces.frozen[r] for r in roots) else None)
+        if why is None:
+            cluster = Cluster(tuple(gid[r] for r in roots), sizes.pop(),
+                              {key: (_regroup(route_of(lay), gid, spaces), lay.block) for key, lay in mine.items()})
+            if len(cluster.widths()) < 2: why = 'a channel shuffle lays them out so that no smaller width keeps each channel on its way'
+        if why is not None:
+            for r in roots: spaces.freeze_space(r, why)
+            continue
+        out_roots.append(roots); out.append(cluster)
+    return out_roots, out
 
 
 
@@ -271,7 +344,9 @@ class _Context:
             if rule is None:
                 if not tracked: return None
                 raise Unhandled('is not an operation the channel graph knows')
+            if rule not in (keep, permute, reshape): tracked = self.settle((node.args, node.kwargs))
             out = rule(self, node)
+            if rule not in ROUTE_RULES: self.check_route(tracked, out)
         except Exception as e:   # an Unhandled case, or one no rule foresaw: freezing is always safe
             reason = str(e) if isinstance(e, Unhandled) else f'could not be followed ({type(e).__name__}: {e})'
             for lay in tracked: self.freeze(lay, f"{what} at '{node.name}' {reason}")
@@ -315,6 +390,31 @@ class _Context:
             elif v is not None: out.append(v)
         fx.node.map_arg(args, add)
         return out
+
+    def settle(self, args):
+        "Tie the parts of every input reshaped into parts (see `ops.settle`); the inputs' layouts again."
+        def one(n):
+            v = self.env.get(n)
+            if isinstance(v, Layout) and isinstance(v.route, Parts): self.env[n] = settle(self, v)
+        fx.node.map_arg(args, one)
+        return self.tracked(args)
+
+    def check_route(self, tracked, out):
+        """A rule that knows nothing of routes (`routing`) may pass channels a shuffle laid out through unmoved, or
+        read them into new channels; anything else (merging them with channels laid out otherwise, moving them)
+        is unhandled."""
+        routes = {id(l.route): l for l in tracked if isinstance(l, Layout) and l.route is not None}
+        if not routes: return
+        if len(routes) > 1 or any(isinstance(l, Layout) and l.route is None for l in tracked):
+            raise Unhandled('merges channels a channel shuffle laid out with channels laid out otherwise')
+        src = next(iter(routes.values()))
+        where = lambda lay: [(self.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]
+        mine = {r for r, _, _ in where(src)}
+        for o in (out if isinstance(out, tuple) else (out,)):
+            o = o.layout if isinstance(o, (SizeOf, Count)) else o
+            if not isinstance(o, Layout) or not {r for r, _, _ in where(o)} & mine: continue
+            if o.route is not src.route or where(o) != where(src):
+                raise Unhandled('moves channels a channel shuffle laid out')
 
     def counts(self, args):
         "The `Count`s among nested `args`."
@@ -370,12 +470,13 @@ class _Context:
             return
         # a module called again (or in the other mode's trace): channel i is the same weight row or column
         ids = lambda lay: [(self.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]
-        if ids(first) == ids(layout) and first.block == layout.block: return
-        if (len(first.pieces) != len(layout.pieces) or first.block != layout.block or
-                not all(self.whole(p) and self.whole(q) and p.stop == q.stop
-                        for p, q in zip(first.pieces, layout.pieces))):
+        same_route = (first.route is None and layout.route is None) or route_of(first) == route_of(layout)
+        if ids(first) == ids(layout) and first.block == layout.block and same_route: return
+        try:
+            if not same_route: raise Unhandled('a channel shuffle lays them out otherwise')
+            _unite(self, first, layout, lambda x, y: x)   # position by position, as a residual add unites
+        except Unhandled:
             self.freeze(first, f"'{node.target}' is called on channels laid out differently")
-            raise Unhandled('is called again on channels laid out differently')
-        for p, q in zip(first.pieces, layout.pieces): self.spaces.unite(p.space, q.space)
+            raise Unhandled('is called again on channels laid out differently') from None
 
     def freeze(self, layout, reason): self.spaces.freeze(layout, reason)

@@ -15,13 +15,15 @@ import inspect
 import itertools
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .routing import Cat, Chunk, Parts, Shuffle, route_of
 
 __all__ = ['Piece', 'Layout', 'SizeOf', 'Count', 'Unhandled', 'COUNT_RULES', 'MODULE_RULES', 'FUNCTION_RULES',
            'METHOD_RULES', 'INPLACE', 'is_inplace', 'conv', 'linear', 'batchnorm', 'groupnorm', 'attention']
@@ -45,6 +47,7 @@ class Layout:
     dim: int         # the channel dimension (non-negative)
     pieces: tuple    # Pieces in order along `dim`
     block: int = 1   # consecutive elements per channel along `dim` (H*W after a flatten)
+    route: object = field(default=None, compare=False)   # how a channel shuffle laid them out (`routing`), or None
 
     @property
     def channels(self):
@@ -445,6 +448,10 @@ def reshape(ctx, node):
     LeViT's `x.flatten(0, 1)`), or flatten it with the dims after it into blocks."""
     lay, sizes, counts = _first_and_sizes(ctx, node)
     if lay is None: return None
+    if isinstance(lay.route, Parts):
+        shuffled = _flatten_back(ctx, lay, node, sizes, counts)
+        if shuffled is not None: return shuffled
+        lay = settle(ctx, lay)
     src, out, d = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), lay.dim
     if out[:d + 1] == src[:d + 1]:
         _sized(ctx, lay, d, sizes, counts)
@@ -479,7 +486,42 @@ def _into_parts(ctx, lay, d, parts, sizes, counts):
         elif len(sizes) > d + 1 and sizes[d + 1] != -1:
             raise Unhandled(f'hard-codes size {sizes[d + 1]} for the parts of the channels, which pruning changes; '
                             'use -1 or the channel count // parts')
-    return replace(lay, dim=d + 1, pieces=tuple(_tied_parts(ctx, lay, parts)[0]))
+    # the parts are tied when something reads them (`settle`), unless a transpose and the flatten back make a shuffle
+    return replace(lay, dim=d + 1, pieces=tuple(_cut(lay.pieces, 0, lay.channels // parts)),
+                   route=Parts(lay, parts, d))
+
+
+def settle(ctx, lay):
+    "A layout reshaped into parts, as anything but a channel shuffle reads it: channel t of each part tied."
+    if lay is None or not isinstance(lay.route, Parts): return lay
+    if lay.route.src.route is not None: raise Unhandled('reshapes channels a channel shuffle laid out into parts')
+    _tied_parts(ctx, lay.route.src, lay.route.parts)
+    return replace(lay, route=None)
+
+
+def _flatten_back(ctx, lay, node, sizes, counts):
+    """The reshape that merges the parts dim and the channel dim of a layout reshaped into parts back into one:
+    in their order, the channels as they were; transposed, a channel shuffle (`routing.Shuffle`). None for any
+    other reshape."""
+    src, out, (pd, cd) = tuple(ctx.shape(node.args[0])), tuple(ctx.shape(node)), (lay.route.parts_dim, lay.dim)
+    lo = min(pd, cd)
+    if abs(pd - cd) != 1 or out != src[:lo] + (src[lo] * src[lo + 1],) + src[lo + 2:]: return None
+    before = lay.route.src
+    if set(counts) - {lo} or (lo in counts and [(ctx.spaces.find(p.space), p.start, p.stop) for p in counts[lo].layout.pieces]
+                              != [(ctx.spaces.find(p.space), p.start, p.stop) for p in before.pieces]):
+        raise Unhandled('sizes the shuffled channels by another channel count')
+    if lo not in counts and len(sizes) > lo and sizes[lo] != -1:
+        raise Unhandled(f'hard-codes size {sizes[lo]} for the shuffled channels, which pruning changes')
+    if pd < cd: return before.moved(lo)   # (parts, channels) flattened in order: the channels as they were
+    g, one = lay.route.parts, [q._replace(start=q.start + i, stop=q.start + i + 1) for q in before.pieces
+                                for i in range(q.stop - q.start)]
+    n, pieces = len(one) // g, []
+    for q in (one[i * n + j] for j in range(n) for i in range(g)):   # output j*g + i is input i*n + j
+        last = pieces[-1] if pieces else None
+        if last is not None and (last.space, last.stop, last.nonzero) == (q.space, q.start, q.nonzero):
+            pieces[-1] = last._replace(stop=q.stop)
+        else: pieces.append(q)
+    return Layout(lo, tuple(pieces), route=Shuffle(route_of(before), g))
 
 
 def expand(ctx, node):
@@ -511,10 +553,14 @@ def permute(ctx, node):
     if lay.block != 1: raise Unhandled('permutes flattened channels')
     n = len(ctx.shape(node))
     if node.target in ('permute', torch.permute):
-        dims = _size_args(node) if node.target == 'permute' else list(_arg(node, 1, 'dims'))
-        return lay.moved([_dim(d, n) for d in dims].index(lay.dim))
-    a, b = _dim(_arg(node, 1, 'dim0'), n), _dim(_arg(node, 2, 'dim1'), n)
-    return lay.moved({a: b, b: a}.get(lay.dim, lay.dim))
+        dims = [_dim(d, n) for d in (_size_args(node) if node.target == 'permute' else list(_arg(node, 1, 'dims')))]
+        where = dims.index
+    else:
+        a, b = _dim(_arg(node, 1, 'dim0'), n), _dim(_arg(node, 2, 'dim1'), n)
+        where = lambda d: {a: b, b: a}.get(d, d)
+    if isinstance(lay.route, Parts):   # the parts dim moves too (a channel shuffle's transpose)
+        return replace(lay, dim=where(lay.dim), route=lay.route._replace(parts_dim=where(lay.route.parts_dim)))
+    return lay.moved(where(lay.dim))
 
 
 def unsqueeze(ctx, node):
@@ -570,6 +616,13 @@ def size(ctx, node):
     return None
 
 
+def _takes_all(i, n):
+    """Whether index `i` along `n` channels takes them all, in order, however many pruning leaves: `:`, or `:stop`
+    with stop >= n (GhostNet's `out[:, :self.out_chs]` when the concatenation is out_chs wide)."""
+    return isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) and (i.stop is None or
+                                                                                      (isinstance(i.stop, int) and i.stop >= n))
+
+
 def getitem(ctx, node):
     "One output of a split, or basic indexing that leaves the channel dim whole."
     src = ctx.env.get(node.args[0])
@@ -587,24 +640,37 @@ def getitem(ctx, node):
     before = idx[:lay.dim]
     if any(isinstance(i, slice) and i != slice(None) for i in before): raise Unhandled('slices before the channels')
     if lay.block != 1 and len(idx) > lay.dim: raise Unhandled('indexes flattened channels')
-    if len(idx) > lay.dim and idx[lay.dim] != slice(None):
+    if len(idx) > lay.dim and not _takes_all(idx[lay.dim], lay.channels):
         raise Unhandled('indexes the channels at positions pruning would change')
     return lay.moved(lay.dim - sum(isinstance(i, int) for i in before))
 
 
 # ---------------------------------------------------------------- merges
 def _unite(ctx, a, b, combine):
-    "Pairwise unite two layouts of the same channels; `combine` merges the two pieces' nonzero marks."
-    if [p.stop - p.start for p in a.pieces] != [p.stop - p.start for p in b.pieces] or a.block != b.block:
-        raise Unhandled('merges channels laid out differently')
+    """Unite two layouts of the same channels position by position (cut where either's pieces end); `combine` merges
+    the two pieces' nonzero marks. A space met twice at different positions (GhostNet's `cat([x, dw(x)])` added to
+    a shortcut) has its channels tied at that distance."""
+    if a.channels != b.channels or a.block != b.block: raise Unhandled('merges channels laid out differently')
+    bounds = sorted({0, *itertools.accumulate(p.stop - p.start for p in a.pieces),
+                     *itertools.accumulate(q.stop - q.start for q in b.pieces)})
     pieces = []
-    for p, q in zip(a.pieces, b.pieces):
+    for lo, hi in zip(bounds, bounds[1:]):
+        (p,), (q,) = _cut(a.pieces, lo, hi), _cut(b.pieces, lo, hi)
         if (p.space, p.start) == (q.space, q.start) or (ctx.whole(p) and ctx.whole(q)): space = ctx.spaces.unite(p.space, q.space)
         elif ctx.tied(p, q): space = ctx.spaces.find(p.space)
         elif p.start == q.start == 0 and (ctx.whole(p) or ctx.whole(q)):   # a whole space and the first part of another
             space = ctx.spaces.unite_prefix(*((p.space, q.space) if ctx.whole(p) else (q.space, p.space)))
+        elif ctx.spaces.find(p.space) == ctx.spaces.find(q.space):   # one space at two positions: tie them
+            space, size = ctx.spaces.find(p.space), ctx.spaces.size[ctx.spaces.find(p.space)]
+            ctx.spaces.tie_space(space, size // math.gcd(size, abs(q.start - p.start)),
+                                 'are merged with their own channels at another position')
         else: raise Unhandled('merges parts of different channel spaces')
-        pieces.append(Piece(space, p.start, p.stop, combine(p.nonzero, q.nonzero)))
+        last = pieces[-1] if pieces else None
+        at = q if last is not None and q.start == last.stop and ctx.spaces.find(q.space) == space else p
+        piece = Piece(space, at.start, at.stop, combine(p.nonzero, q.nonzero))   # (either names these channels)
+        if last is not None and (ctx.spaces.find(last.space), last.stop, last.nonzero) == (space, piece.start, piece.nonzero):
+            pieces[-1] = last._replace(space=space, stop=piece.stop)   # (cut above, whole again: one piece)
+        else: pieces.append(piece)
     return replace(a, pieces=tuple(pieces))
 
 
@@ -656,6 +722,10 @@ def cat(ctx, node):
                 ctx.freeze(l, f"'{node.name}' concatenates them with channels no layer here writes")
             if l.dim != dim or l.block != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')
             pieces += l.pieces
+        routed = [ctx.env.get(t) for t in tensors]
+        if any(l is not None and l.route is not None for l in routed):
+            if any(l is None for l in routed): raise Unhandled('concatenates shuffled channels with untracked ones')
+            return Layout(dim, tuple(pieces), route=Cat(tuple(route_of(l) for l in routed)))
         return Layout(dim, tuple(pieces))
     if any(l is None for l in lays): raise Unhandled('concatenates tracked channels with an untracked tensor')
     if len({(l.dim, l.block) for l in lays}) != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')
@@ -695,6 +765,9 @@ def split(ctx, node):
         parts, c = _arg(node, 1, 'chunks'), lay.channels
         if lay.block != 1 or not isinstance(parts, int) or c % parts:
             raise Unhandled(f'chunks {c} channels into {parts} parts of unequal sizes')
+        if lay.route is not None:   # channels a shuffle laid out: each part routed, untied (see `routing`)
+            return tuple(replace(lay, pieces=tuple(_cut(lay.pieces, i * c // parts, (i + 1) * c // parts)),
+                                 route=Chunk(lay.route, parts, i)) for i in range(parts))
         return tuple(replace(lay, pieces=tuple(p)) for p in _tied_parts(ctx, lay, parts))
     if node.target in ('unbind', torch.unbind) and dim < lay.dim: lay = lay.moved(lay.dim - 1)
     return tuple(lay for _ in node.meta['shape'])
@@ -818,6 +891,9 @@ METHOD_RULES = {
     'view_as': expand,
     'size': size, 'dim': no_tensor,
 }
+
+ROUTE_RULES = {cat, split, reshape, permute, getitem}
+"The rules that lay out channels a channel shuffle moved themselves (`routing`); the graph checks every other."
 
 COUNT_RULES = {reshape, expand, floordiv}
 "The rules that accept a `Count` among their arguments; any other use of one is unhandled."

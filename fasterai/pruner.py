@@ -77,17 +77,24 @@ def dead_channels(group, modules, masks=None):
 
 def plan(graph, masks=None):
     """Module name -> {role: indices to keep}, for every module that loses channels (`masks`: rows known to be
-    zero, see `dead_channels`)."""
-    modules, drops = graph.modules(), {}
+    zero, see `dead_channels`). Channels a channel shuffle lays out (`graph.routes`) are kept at the smallest width
+    that holds their live ones, in the order the shuffle lays them out there (`routing.Cluster.orders`)."""
+    modules, drops, keep = graph.modules(), {}, {}
+    dead = {g.id: dead_channels(g, modules, masks) for g in graph.groups}
+    for c in graph.routes:
+        k, kept = c.fit({g: ~dead[g] for g in c.groups})
+        for (name, role), idx in c.orders(kept, k).items():
+            if not torch.equal(idx, torch.arange(kind_of(modules[name]).channels(modules[name], role))):
+                keep.setdefault(name, {})[role] = idx
     for g in graph.groups:
-        dead = dead_channels(g, modules, masks)
-        if not dead.any(): continue
+        if g.route is not None or not dead[g.id].any(): continue
         for s in g.slices:
-            idx = dead[s.start:s.start + s.length].nonzero().flatten() + s.offset
+            idx = dead[g.id][s.start:s.start + s.length].nonzero().flatten() + s.offset
             if s.block != 1: idx = (idx[:, None] * s.block + torch.arange(s.block)).flatten()
             drops.setdefault((s.module, s.role), []).append(idx)
-    keep = {}
     for (name, role), idx in drops.items():
+        if role in keep.get(name, {}):
+            raise AssertionError(f"'{name}' ({role}) holds channels a shuffle lays out and others")
         k = torch.ones(kind_of(modules[name]).channels(modules[name], role), dtype=torch.bool)
         k[torch.cat(idx)] = False
         keep.setdefault(name, {})[role] = k.nonzero().flatten()

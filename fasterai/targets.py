@@ -3,15 +3,16 @@ blocks, or a channel group (scored by its producers' rows). Each target counts i
 them, picks the units to drop and gives the keep-masks that drop them.
 """
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
 from .granularity import HEAD, NM, STRUCTURAL, layer_dims
-from .graph import trace
+from .graph import Group, trace
 from .layers import LAYERS, kind_of, known_base
 
-__all__ = ['weights_of', 'WeightView', 'WeightTarget', 'NMTarget', 'GroupTarget', 'make_targets', 'round_half_up', 'n_zero', 'by_mean', 'pname']
+__all__ = ['weights_of', 'WeightView', 'WeightTarget', 'NMTarget', 'GroupTarget', 'RoutedTarget', 'make_targets', 'round_half_up', 'n_zero', 'by_mean', 'pname']
 
 
 def pname(layer, name):
@@ -192,6 +193,63 @@ class GroupTarget:
 
 
 
+class RoutedTarget(GroupTarget):
+    """The groups a channel shuffle lays out (`routing.Cluster`), as one target of `len(groups) * size` units (group
+    i's channel c is unit i*size + c): every group keeps the same feasible width, and of each signature (the layers
+    a channel reaches) its quota of channels, the best by score."""
+    def __init__(self, groups, cluster, modules, layer_names, round_to=None):
+        n = cluster.size
+        slices = [replace(s, start=s.start + i * n) for i, g in enumerate(groups) for s in g.slices]
+        super().__init__(Group(groups[0].id, n * len(groups), slices), modules, layer_names, round_to)
+        self.cluster, self.ids, self.last = cluster, [g.id for g in groups], None
+
+    def width(self, kept):
+        "The feasible width nearest `kept` channels per group (with `round_to`, a multiple of it where one is)."
+        ws = self.cluster.widths()
+        if self.round_to: ws = [w for w in ws if w % self.round_to == 0 or w == self.cluster.size] or ws
+        return min(ws, key=lambda w: (abs(w - kept), -w))
+
+    def count(self, sparsity):
+        kept = (self.units - super().count(sparsity)) / len(self.ids)
+        return self.units - len(self.ids) * self.width(kept)
+
+    def scores(self, sp):
+        self.last = super().scores(sp)
+        return self.last
+
+    def drop(self, scores, k):
+        self.last = scores
+        return self._feasible(torch.topk(scores, k, largest=False).indices)
+
+    def masks(self, drop): return super().masks(self._feasible(drop))
+
+    def cumulative(self, per, order):
+        """Row k: what leaves each cost column (`per`: a row per unit) when the first k units of `order` drop, as the
+        drop is made feasible: the width nearest what they keep, fewer channels of each signature (all of one
+        signature reach the same layers, so which ones does not matter)."""
+        c, n = self.cluster, len(self.ids)
+        index = {g: i * c.size for i, g in enumerate(self.ids)}
+        sums = {key: per[torch.tensor(ch) + index[key[0]]].sum(0) for key, ch in c.members().items()}
+        at = {}
+        for w in c.widths():
+            q = c.quotas(w)
+            at[w] = sum((1 - q[key] / len(ch)) * sums[key] for key, ch in c.members().items())
+        return torch.stack([at[self.width((self.units - k) / n)] for k in range(self.units + 1)])
+
+    def _feasible(self, drop):
+        """The units a feasible choice drops: the width nearest what `drop` keeps, and of each signature the channels
+        `drop` keeps first, then the best scored."""
+        n, size = len(self.ids), self.cluster.size
+        kept = torch.ones(self.units, dtype=torch.bool)
+        kept[drop] = False
+        score = self.last if self.last is not None else torch.zeros(self.units)
+        order = torch.empty(self.units)
+        order[score.float().argsort()] = torch.arange(self.units, dtype=torch.float) / self.units   # in [0, 1)
+        rank = (kept.float() + order).view(n, size)
+        keep = self.cluster.choose(self.width(int(kept.sum()) / n), dict(zip(self.ids, rank)))
+        return (~torch.cat([keep[g] for g in self.ids])).nonzero().flatten()
+
+
 def _not_kinds(layers):
     "Layer name -> why, for the targeted layers that are not layer kinds (an LSTM: no filters to remove)."
     def why(m):
@@ -236,11 +294,22 @@ def make_targets(model, granularity, layers, excluded, round_to=None, example_in
     modules, targets, frozen = graph.modules(), [], {}
     for g in graph.groups:
         mine = [s.module for s in g.by_role('out') if s.module in layers]
-        if not mine or (granularity == HEAD and not g.by_role('heads')): continue
+        if not mine or (granularity == HEAD and not g.by_role('heads')) or g.route is not None: continue
         kept = [s.module for s in g.slices if s.role != 'in' and s.module in excluded]
         if kept: frozen.update({n: f"shares its filters with excluded layer '{kept[0]}'" for n in mine})
         elif g.prunable: targets.append(GroupTarget(g, modules, mine, round_to))
         else: frozen.update({n: '; '.join(g.frozen) for n in mine})
+    for c in graph.routes if granularity != HEAD else ():
+        groups = [graph.groups[i] for i in c.groups]
+        mine = [s.module for g in groups for s in g.by_role('out') if s.module in layers]
+        if not mine: continue
+        kept = [s.module for g in groups for s in g.slices if s.role != 'in' and s.module in excluded]
+        left = [s.module for g in groups for s in g.by_role('out') if s.module not in layers]
+        if kept or left:
+            why = (f"shares its filters with excluded layer '{kept[0]}'" if kept else
+                   f"a channel shuffle lays its filters out with those of '{left[0]}', which is not targeted")
+            frozen.update({n: why for n in mine})
+        else: targets.append(RoutedTarget(groups, c, modules, mine, round_to))
     frozen.update({n: r for n, r in graph.unfollowed.items() if n in layers and n not in frozen and
                    not any(n in t.layers for t in targets)})   # called on channels no layer writes (the input)
     frozen.update(_not_kinds(layers))

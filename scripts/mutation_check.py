@@ -16,8 +16,34 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ['tests/test_verify.py', 'tests/test_pruner.py', 'tests/test_edge_cases.py', 'tests/test_layers.py',
          'tests/test_hooks.py', 'tests/test_workflows.py', 'tests/test_shape_values.py',
          'tests/test_timm.py', 'tests/test_budget.py', 'tests/test_sensitivity.py', 'tests/test_architectures.py',
-         'tests/test_attention.py']
+         'tests/test_attention.py', 'tests/test_shuffle.py']
 MUTATIONS = {   # name: (file, line as it is, line broken)
+    'a space met at two positions of a merge: not tied': (
+        'fasterai/ops.py', '            ctx.spaces.tie_space(space, size // math.gcd(size, abs(q.start - p.start)),\n                                 \'are merged',
+        '            (lambda *a: None)(space, size // math.gcd(size, abs(q.start - p.start)),\n                                 \'are merged'),
+    'a channel slice that drops channels taken as taking them all': (
+        'fasterai/ops.py', '(isinstance(i.stop, int) and i.stop >= n))', 'True)'),
+    'shuffle: layers sliced in sorted order, not the order the pruned shuffle lays out': (
+        'fasterai/pruner.py', "                keep.setdefault(name, {})[role] = idx\n",
+        "                keep.setdefault(name, {})[role] = idx.sort().values\n"),
+    'shuffle: the cost model drops shuffled units one by one, not by feasible widths': (
+        'fasterai/budget.py', "        self.cum = [t.cumulative(per, o) if hasattr(t, 'cumulative') else   # (the units a shuffle lays out go",
+        "        self.cum = [t.cumulative(per, o) if False else   # (the units a shuffle lays out go"),
+    'shuffle: the width chosen without the live channels': (
+        'fasterai/routing.py', '        k = next(k for k in self.widths() if all(n <= self.quotas(k)[c] for c, n in need.items()))',
+        '        k = self.widths()[len(self.widths()) // 2]'),
+    'shuffle: the Sparsifier zeroes channels no feasible width removes': (
+        'fasterai/targets.py', '    def masks(self, drop): return super().masks(self._feasible(drop))',
+        '    def masks(self, drop): return super().masks(drop)'),
+    'shuffle: shuffled channels merged with channels laid out otherwise': (
+        'fasterai/graph.py', '        if len(routes) > 1 or any(isinstance(l, Layout) and l.route is None for l in tracked):',
+        '        if False:'),
+    'shuffle: parts of shuffled channels tied as if in place': (
+        'fasterai/ops.py', "    if lay.route.src.route is not None: raise Unhandled('reshapes channels a channel shuffle laid out into parts')",
+        '    pass'),
+    'shuffle: spaces of different sizes shuffled together': (
+        'fasterai/graph.py', "        why = ('a channel shuffle mixes channel spaces of different sizes' if len(sizes) > 1 else",
+        "        why = ('a channel shuffle mixes channel spaces of different sizes' if False else"),
     'budget: a weight\'s inputs not costed': (
         'fasterai/budget.py', "    if role == 'in': return pname == kind.weight", "    if role == 'in': return False"),
     'budget: ranked by score alone, not per cost saved': (

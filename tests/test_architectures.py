@@ -214,6 +214,33 @@ class Decoder(nn.Module):
         return self.dec(F.relu(self.bn(self.up(self.enc(x)))))
 
 
+class Ghost(nn.Module):
+    "GhostNet's module: a conv's channels and a depthwise conv of them, concatenated, then cut to `out`."
+    def __init__(self, cin, out):
+        super().__init__()
+        init = (out + 1) // 2
+        self.out, self.primary, self.cheap = out, cbr(cin, init, 1), cbr(init, init, 3, groups=init)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)[:, :self.out]
+
+
+class GhostNetish(nn.Module):
+    """Ghost modules added to a conv shortcut and to themselves, and gated by squeeze-excitation: a channel of the
+    primary conv meets its own depthwise copy half a stream away, so the stream's halves are tied."""
+    def __init__(self):
+        super().__init__()
+        self.stem, self.g1, self.short = cbr(3, 8), Ghost(8, 16), cbr(8, 16, 1)
+        self.gate, self.g2, self.fc = nn.Conv2d(16, 16, 1), Ghost(16, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.g1(x) + self.short(x)
+        y = y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+        return self.fc((self.g2(y) + y).mean((2, 3)))
+
+
 CASES = {  # model, input shape, expected out_channels (or features) after 50% local, by module
     'residual': (Residual, (2, 3, 16, 16), {'stem.0': 8, 'b1.1': 8, 'b2.1': 16, 'down.0': 16, 'b2.0.0': 12}),
     'dense': (Dense, (2, 3, 8, 8), {'stem': 4, 'l1': 3, 'l2': 3}),
@@ -228,6 +255,8 @@ CASES = {  # model, input shape, expected out_channels (or features) after 50% l
     'size_se': (SizeSE, (2, 3, 8, 8), {'stem.0': 8, 'fc.0': 2, 'fc.2': 8}),
     'decoder': (Decoder, (2, 3, 8, 8), {'enc.0': 8, 'up': 4}),
     'grouped_cat': (GroupedCat, (2, 3, 8, 8), {'a': 4, 'b': 4, 'g': 6}),
+    'ghost': (GhostNetish, (2, 3, 8, 8), {'stem.0': 4, 'g1.primary.0': 4, 'g1.cheap.0': 4, 'short.0': 8, 'gate': 8,
+                                          'g2.primary.0': 4}),
 }
 
 
@@ -470,3 +499,18 @@ def test_sizes_from_arithmetic_and_misaligned_expands_freeze(how):
     shape = (8, 3, 8, 8) if how == 'expand_as' else (2, 3, 8, 8)   # a batch of 8 broadcasts onto H
     (z,) = groups_with(trace(SizeMisuse(how), shape), 'z')
     assert not z.prunable, z
+
+
+@pytest.mark.parametrize('out, frozen', [(16, False), (15, True)])
+def test_a_cut_of_every_channel_passes_and_one_that_drops_some_freezes(out, frozen):
+    "GhostNet's `[:, :out]`: with out as wide as the concatenation it takes every channel however many are pruned."
+    torch.manual_seed(0)
+    model, shape = nn.Sequential(cbr(3, 8), Ghost(8, out), nn.Conv2d(out, 4, 1)).eval(), (2, 3, 8, 8)
+    (g,) = groups_with(trace(model, shape), '1.primary.0')
+    assert bool(g.frozen) == frozen
+    if frozen: assert any('indexes the channels at positions pruning would change' in r for r in g.frozen)
+    Sparsifier(model, 'filter', 'local', 'l1', nn.Conv2d, example_input=shape).sparsify(50)
+    pruned = Pruner(example_input=shape).prune_model(model)
+    x = torch.randn(shape)
+    with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-5
+    assert (pruned[1].primary[0].out_channels < 8) != frozen
