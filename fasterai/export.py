@@ -8,7 +8,7 @@ the original class and then load an ordinary `state_dict`.
 import torch
 import torch.nn as nn
 
-from .layers import kind_of
+from .layers import kind_of, resize_splits
 from .third_party import load_for
 
 __all__ = ['pruned_config', 'rebuild_pruned']
@@ -50,4 +50,5 @@ def rebuild_pruned(model, config):
             if isinstance(old, nn.Parameter): setattr(m, k, nn.Parameter(new, requires_grad=old.requires_grad))
             else: setattr(m, k, new)
         if kind.rebuilt is not None: kind.rebuilt(m)
+    resize_splits(model)
     return model

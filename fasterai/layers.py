@@ -25,7 +25,8 @@ from .mha import PrunedMultiheadAttention, rebuilt
 from .ops import FUNCTION_RULES, METHOD_RULES, batchnorm, conv, groupnorm, linear, mha
 from .surgery import shrink_conv, shrink_groupnorm, shrink_mha, shrink_sliced
 
-__all__ = ['LayerKind', 'LAYERS', 'kind_of', 'register_layer', 'register_op', 'known_base', 'shrink', 'param_dim']
+__all__ = ['LayerKind', 'LAYERS', 'SPLITS', 'kind_of', 'register_layer', 'register_op', 'register_split', 'resize_splits',
+           'known_base', 'shrink', 'param_dim']
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,28 @@ def register_op(op, like):
         raise ValueError(f'like must be a function or method name fasterai knows, got {like!r}: choose from {known}')
     table(op)[op] = rule
     return rule
+
+
+SPLITS = {}
+"""Module class -> `resize(module)`: modules whose forward splits channels into equal parts by sizes they hold (see
+`register_split`)."""
+
+
+def register_split(cls, resize):
+    """Teach fasterai a module whose forward splits its channels into equal parts by a size it holds in an attribute
+    (timm's CSP stages: `x.split(self.expand_chs // 2, dim=1)`; Res2Net: `torch.split(out, self.width, 1)`). fx sees
+    only the number, which pruning would not change; inside `cls` the graph follows such a split as `chunk` (channel
+    t of every part tied, so the parts keep equal counts), and once a model is pruned (or rebuilt from a pruned
+    config) `resize(module)` sets the attribute from its layers' new sizes."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or not callable(resize):
+        raise ValueError(f'register_split takes a module class and a function of a module, got {cls!r}, {resize!r}')
+    SPLITS[cls] = resize
+
+
+def resize_splits(model):
+    "Set the split sizes of every module of `model` registered with `register_split` from its layers' sizes."
+    for m in model.modules():
+        if type(m) in SPLITS: SPLITS[type(m)](m)
 
 
 def shrink(module, keep):

@@ -260,10 +260,15 @@ def conv(ctx, node):
     # positions, so channel u of each block is tied to channel u of the others, on both sides.
     if lay is not None:
         per, sizes = m.in_channels // m.groups, {p.stop - p.start for p in lay.pieces}
-        if len(sizes) != 1 or not all(ctx.whole(p) for p in lay.pieces) or next(iter(sizes)) % per:
+        if len(lay.pieces) == 1 and not ctx.whole(lay.pieces[0]):   # a part of a space (Res2Net's split): every
+            r = ctx.spaces.find(lay.pieces[0].space)                # channel tied to the one `per` further on
+            size = ctx.spaces.size[r]
+            ctx.spaces.tie_space(r, size // math.gcd(size, per), f"grouped conv '{node.target}' ties them")
+        elif len(sizes) != 1 or not all(ctx.whole(p) for p in lay.pieces) or next(iter(sizes)) % per:
             raise Unhandled(f'grouped convolution (groups={m.groups}) reads channels whose blocks it cannot tie')
-        for p in lay.pieces[1:]: ctx.spaces.unite(lay.pieces[0].space, p.space)
-        ctx.spaces.tie_space(lay.pieces[0].space, next(iter(sizes)) // per, f"grouped conv '{node.target}' ties them")
+        else:
+            for p in lay.pieces[1:]: ctx.spaces.unite(lay.pieces[0].space, p.space)
+            ctx.spaces.tie_space(lay.pieces[0].space, next(iter(sizes)) // per, f"grouped conv '{node.target}' ties them")
     _inputs(ctx, node, lay)
     out = ctx.new_layout(m.out_channels, len(ctx.shape(node)) - spatial)
     ctx.spaces.tie_space(out.pieces[0].space, m.groups, f"grouped conv '{node.target}' ties them")
@@ -646,6 +651,16 @@ def getitem(ctx, node):
 
 
 # ---------------------------------------------------------------- merges
+def _first_block(ctx, p):
+    """Piece `p` moved back by whole blocks, when its space is tied in blocks: channel c and channel c + block are one
+    unit, so the moved piece names the same units in the same order (part i of a split as part 0: Res2Net's
+    `sp + spx[i]`)."""
+    r = ctx.spaces.find(p.space)
+    block = ctx.spaces.size[r] // ctx.spaces.tie[r]
+    if ctx.spaces.tie[r] == 1 or ctx.spaces.width[r] != 1 or p.start < block: return p
+    return p._replace(space=r, start=p.start % block, stop=p.start % block + p.stop - p.start)
+
+
 def _unite(ctx, a, b, combine):
     """Unite two layouts of the same channels position by position (cut where either's pieces end); `combine` merges
     the two pieces' nonzero marks. A space met twice at different positions (GhostNet's `cat([x, dw(x)])` added to
@@ -656,6 +671,7 @@ def _unite(ctx, a, b, combine):
     pieces = []
     for lo, hi in zip(bounds, bounds[1:]):
         (p,), (q,) = _cut(a.pieces, lo, hi), _cut(b.pieces, lo, hi)
+        p, q = _first_block(ctx, p), _first_block(ctx, q)
         if (p.space, p.start) == (q.space, q.start) or (ctx.whole(p) and ctx.whole(q)): space = ctx.spaces.unite(p.space, q.space)
         elif ctx.tied(p, q): space = ctx.spaces.find(p.space)
         elif p.start == q.start == 0 and (ctx.whole(p) or ctx.whole(q)):   # a whole space and the first part of another
@@ -759,10 +775,8 @@ def split(ctx, node):
     n = len(ctx.shape(node.args[0]))
     dim = _dim(_arg(node, 1 if node.target in ('unbind', torch.unbind) else 2, 'dim', 0), n)
     if dim == lay.dim:
-        if node.target not in ('chunk', torch.chunk):
-            raise Unhandled('splits the channels into parts whose sizes pruning would change (sizes given as numbers; '
-                            'chunk(n) is followed)')
-        parts, c = _arg(node, 1, 'chunks'), lay.channels
+        parts, c = (_arg(node, 1, 'chunks') if node.target in ('chunk', torch.chunk) else
+                    _sized_split(ctx, node, lay.channels)), lay.channels
         if lay.block != 1 or not isinstance(parts, int) or c % parts:
             raise Unhandled(f'chunks {c} channels into {parts} parts of unequal sizes')
         if lay.route is not None:   # channels a shuffle laid out: each part routed, untied (see `routing`)
@@ -771,6 +785,23 @@ def split(ctx, node):
         return tuple(replace(lay, pieces=tuple(p)) for p in _tied_parts(ctx, lay, parts))
     if node.target in ('unbind', torch.unbind) and dim < lay.dim: lay = lay.moved(lay.dim - 1)
     return tuple(lay for _ in node.meta['shape'])
+
+
+def _sized_split(ctx, node, c):
+    """The number of equal parts a split by sizes makes of `c` channels, when a module registered with
+    `layers.register_split` holds those sizes (it resizes them once pruned); unhandled otherwise."""
+    from .layers import SPLITS
+    stack = [('', type(ctx.modules['']))] + [(path, cls) for path, (_, cls) in node.meta.get('nn_module_stack', {}).items()]
+    owner = next((path for path, cls in reversed(stack) if cls in SPLITS), None)   # (the innermost; the model last)
+    if owner is None:
+        raise Unhandled('splits the channels into parts whose sizes pruning would change (sizes given as numbers; '
+                        'chunk(n) is followed, and fasterai.register_split teaches a module that resizes its own)')
+    size = _arg(node, 1, 'split_size_or_sections', _arg(node, 1, 'split_size'))
+    sizes = [size] * (c // size) if isinstance(size, int) and size > 0 and c % size == 0 else \
+        list(size) if isinstance(size, (list, tuple)) else None
+    if not sizes or len(set(sizes)) != 1 or sum(sizes) != c:
+        raise Unhandled(f"splits the channels into parts {size} that are not equal, inside '{owner}'")
+    return len(sizes)
 
 
 def _cut(pieces, lo, hi):

@@ -13,7 +13,7 @@ from .tracing import check_model, first_nonfinite, is_tensors, unwrap
 from .masks import mask_drops
 from .sparsifier import Sparsifier, check_layer_type, check_method, check_round_to, check_sparsity
 from .targets import pname as qualified
-from .layers import kind_of, param_dim, shrink
+from .layers import kind_of, param_dim, resize_splits, shrink
 from .verify import MODES, check_same_function, outputs, reference_outputs
 
 __all__ = ['Pruner', 'dead_channels', 'kept_entries']
@@ -165,6 +165,7 @@ class Pruner:
         # the copy leaves them out, and the few it keeps (a layer keeps one channel) are zeroed in the copy
         keep = plan(graph, masks)
         pruned = _pruned_copy(model, keep, masks)
+        resize_splits(pruned)   # (split sizes a module holds, from its layers' new sizes: `layers.register_split`)
         self.kept = keep   # module name -> {role: kept channels}: what `kept_entries` reads
         if self.verify:
             check_same_function(lambda training, float64=False: expected[training] if not float64 else

@@ -7,7 +7,7 @@ import math
 
 import torch.nn as nn
 
-from .layers import register_layer
+from .layers import register_layer, register_split
 from .ops import MODULE_RULES, ZERO_KEEPING, ZERO_MOVING, Unhandled, attention, batchnorm, groupnorm, keep
 from .surgery import shrink_heads
 
@@ -73,6 +73,17 @@ def _timm():
     ACT_KEEPS.update({act.Swish, act.Mish, act.Tanh, act.HardSwish, act.HardMish, act.GELU, act.GELUTanh,
                       act.QuickGELU})
     ACT_MOVES.update({act.Sigmoid, act.HardSigmoid})
+    # splits sized by an attribute: CSP stages halve their expanded channels, Res2Net cuts `scale` parts of `width`
+    from timm.models.cspnet import CrossStage, CrossStage3
+    from timm.models.res2net import Bottle2neck
+    for cls in (CrossStage, CrossStage3):
+        register_split(cls, lambda m: setattr(m, 'expand_chs', _out_channels(m.conv_exp)))
+    register_split(Bottle2neck, lambda m: setattr(m, 'width', m.conv1.out_channels // m.scale))
+
+
+def _out_channels(m):
+    "The channels a conv block writes (timm's ConvNormAct holds its conv as `.conv`)."
+    return getattr(m, 'conv', m).out_channels
 
 
 _PER_HEAD_NORMS = {nn.LayerNorm}

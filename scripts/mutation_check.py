@@ -23,6 +23,16 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '            (lambda *a: None)(space, size // math.gcd(size, abs(q.start - p.start)),\n                                 \'are merged'),
     'a channel slice that drops channels taken as taking them all': (
         'fasterai/ops.py', '(isinstance(i.stop, int) and i.stop >= n))', 'True)'),
+    'split sized by an attribute: the attribute not reset once pruned': (
+        'fasterai/pruner.py', '        resize_splits(pruned)   #', '        pass   #'),
+    'split sized by a number followed without a module that resizes it': (
+        'fasterai/ops.py', '    if owner is None:\n        raise Unhandled(\'splits the channels', '    if False:\n        raise Unhandled(\'splits the channels'),
+    'grouped conv on a part of a space: its groups not tied': (
+        'fasterai/ops.py', '            ctx.spaces.tie_space(r, size // math.gcd(size, per), f"grouped conv \'{node.target}\' ties them")',
+        '            pass'),
+    'a part of a tied space not moved back to the first block': (
+        'fasterai/ops.py', '    if ctx.spaces.tie[r] == 1 or ctx.spaces.width[r] != 1 or p.start < block: return p',
+        '    return p'),
     'shuffle: layers sliced in sorted order, not the order the pruned shuffle lays out': (
         'fasterai/pruner.py', "                keep.setdefault(name, {})[role] = idx\n",
         "                keep.setdefault(name, {})[role] = idx.sort().values\n"),

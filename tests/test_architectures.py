@@ -514,3 +514,36 @@ def test_a_cut_of_every_channel_passes_and_one_that_drops_some_freezes(out, froz
     x = torch.randn(shape)
     with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-5
     assert (pruned[1].primary[0].out_channels < 8) != frozen
+
+
+class HalfSplit(nn.Module):
+    "A CSP-like block: its expanded channels split in halves by a size it holds, one half through a conv, rejoined."
+    def __init__(self):
+        super().__init__()
+        self.exp, self.mid, self.out = cbr(3, 16, 1), cbr(8, 8), nn.Conv2d(16, 4, 1)
+        self.half = 8
+
+    def forward(self, x):
+        a, b = self.exp(x).split(self.half, dim=1)
+        return self.out(torch.cat([a, self.mid(b)], 1))
+
+
+def test_a_split_sized_by_an_attribute_is_followed_once_registered():
+    import fasterai
+    from fasterai.layers import SPLITS
+    torch.manual_seed(0)
+    model, shape = randomize_norms(HalfSplit()).eval(), (2, 3, 8, 8)
+    (g,) = groups_with(trace(model, shape), 'exp.0')
+    assert any('fasterai.register_split' in r for r in g.frozen)   # the number alone: frozen, with the hint
+    fasterai.register_split(HalfSplit, lambda m: setattr(m, 'half', m.exp[0].out_channels // 2))
+    try:
+        (g,) = groups_with(trace(model, shape), 'exp.0')
+        assert g.prunable and g.tie == 2
+        Sparsifier(model, 'filter', 'local', 'l1', nn.Conv2d, example_input=shape).sparsify(50)
+        pruned = Pruner(example_input=shape).prune_model(model)
+        assert pruned.exp[0].out_channels == 8 and pruned.half == 4
+        x = torch.randn(shape)
+        with torch.no_grad(): assert max_rel_diff(model(x), pruned(x)) < 1e-5
+    finally:
+        del SPLITS[HalfSplit]
+    with pytest.raises(ValueError, match='register_split takes a module class'): fasterai.register_split('x', len)

@@ -224,3 +224,24 @@ def test_tiny_vit_attention_loses_whole_heads_and_rebuilds():
     fresh = rebuild_pruned(make(), pruned_config(pruned))
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad(): assert max_rel_diff(pruned(x), fresh(x)) < 1e-6
+
+
+@pytest.mark.parametrize('name, ratio', [('cs3darknet_s', 0.6), ('res2next50', 0.6), ('ghostnet_050', 0.65)])
+def test_splits_sized_by_an_attribute_and_ghost_modules_prune(name, ratio):
+    """CSP stages split by `self.expand_chs // 2`, Res2Net by `self.width` (grouped convs on each part, each part added
+    to the last one's output): the parts are tied and the sizes reset once pruned. GhostNet's modules add a conv's
+    channels and their depthwise copy to a shortcut."""
+    from fasterai.export import pruned_config, rebuild_pruned
+    torch.manual_seed(0)
+    model, x = randomize_norms(timm.create_model(name, pretrained=False, num_classes=10)), torch.randn(2, 3, 64, 64)
+    pruned, kept = prune_30(model, x)
+    assert kept < ratio
+    stage = next((m for m in pruned.modules() if hasattr(m, 'expand_chs') or hasattr(m, 'width')), None)
+    if stage is not None and hasattr(stage, 'expand_chs'):
+        assert stage.expand_chs == stage.conv_exp.conv.out_channels < model.stages[0].expand_chs
+    if stage is not None and hasattr(stage, 'width'):
+        assert stage.width * stage.scale == stage.conv1.out_channels
+    fresh = rebuild_pruned(randomize_norms(timm.create_model(name, pretrained=False, num_classes=10)),
+                           pruned_config(pruned))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad(): assert max_rel_diff(pruned.eval()(x), fresh.eval()(x)) < 1e-6
