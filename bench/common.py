@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault('FASTERAI_CACHE', '')   # a benchmark times its layers afresh, not from an earlier run's table
 PEER = ROOT / 'bench' / '.peer'
 PEER_NAME = 'fasterai 0.4.1'
 

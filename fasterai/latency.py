@@ -10,8 +10,13 @@ holds) is spread over the layers in proportion to their time. The model ranks ch
 checked by timing pruned copies (`Sparsifier.calibrate`).
 """
 import copy
+import hashlib
 import itertools
+import json
 import math
+import os
+import platform
+import warnings
 
 import torch
 from torch.utils.benchmark import Timer
@@ -20,10 +25,53 @@ from .layers import kind_of, shrink
 from .ops import linear, mha
 from .tracing import example_args, training_mode
 
-__all__ = ['latency_ratio', 'latency_terms', 'batch_of', 'warm_allocator', 'without_denormals']
+__all__ = ['latency_ratio', 'latency_terms', 'batch_of', 'warm_allocator', 'without_denormals', 'cache_file']
 
 _TABLE = {}
-"Cache of the layer timings: (layer, input shapes, dtype, threads, widths) -> seconds. Timings are of this process."
+"Cache of the layer timings: (layer, input shapes, dtype, threads, widths) -> seconds, this process's and `cache_file`'s."
+_LOADED = set()   # the cache files read into _TABLE
+
+
+def cache_file():
+    """The file the layer timings persist in between processes: in the folder $FASTERAI_CACHE (set it empty for
+    none), else ~/.cache/fasterai; one file per machine and torch build (CPU model, architecture, torch version), so
+    a table timed elsewhere is never read. Delete it to time the layers again; `Sparsifier.calibrate` times pruned
+    copies of the model whatever the table says."""
+    root = os.environ.get('FASTERAI_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'fasterai'))
+    if not root: return None
+    cpu = platform.processor()
+    try:
+        with open('/proc/cpuinfo') as f: cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
+    except OSError: pass
+    key = hashlib.sha256(f'{cpu}|{platform.machine()}|{torch.__version__}'.encode()).hexdigest()[:16]
+    return os.path.join(root, f'latency-{key}.json')
+
+
+def _timed(key, time):
+    """The seconds of layer timing `key`: from this process's table, else the cache file's, else `time()` (then
+    written to both)."""
+    path = cache_file()
+    if path is not None and path not in _LOADED:
+        _LOADED.add(path)
+        try:
+            with open(path) as f: _TABLE.update({k: v for k, v in json.load(f).items() if isinstance(v, float)})
+        except (OSError, ValueError): pass   # no file yet, or one cut short: timed again
+    k = repr(key)
+    if k in _TABLE: return _TABLE[k]
+    _TABLE[k] = time()
+    if path is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                with open(path) as f: old = json.load(f)
+            except (OSError, ValueError): old = {}
+            tmp = f'{path}.{os.getpid()}.tmp'
+            with open(tmp, 'w') as f: json.dump({**old, k: _TABLE[k]}, f)
+            os.replace(tmp, path)   # (whole or not at all: a process reading it never sees half a file)
+        except OSError as e:
+            warnings.warn(f'fasterai could not write its latency table to {path} ({e}): set FASTERAI_CACHE to a '
+                          'writable folder, or empty to keep timings in this process only', stacklevel=3)
+    return _TABLE[k]
 
 
 def batch_of(model, example_input, batch_size):
@@ -154,12 +202,12 @@ def _fit(m, call, roles, threads, min_run_time):
         tensors = [a for a in (*call[0], *call[1].values()) if isinstance(a, torch.Tensor)]
         key = (repr(m), tuple(tuple(a.shape) for a in tensors), str(tensors[0].dtype), str(tensors[0].device),
                tuple(call[1]), threads, pick)
-        if key not in _TABLE:
+        def time(probe=probe, x=x):
             with training_mode(probe, False), torch.inference_mode():
-                _TABLE[key] = _median_time(lambda: probe(*x[0], **x[1]), threads, min_run_time)
+                return _median_time(lambda: probe(*x[0], **x[1]), threads, min_run_time)
         points.append([math.prod(f for (_, _, f), halve, i in zip(sides, pick, inc) if halve and i)
                        for inc in itertools.product((False, True), repeat=len(sides))])
-        times.append(_TABLE[key])
+        times.append(_timed(key, time))
     coef = torch.linalg.solve(torch.tensor(points, dtype=torch.float64), torch.tensor(times, dtype=torch.float64))
     # noisy or stepped timings can fit a term below zero (a layer timed faster at full width than at half): kept at
     # zero and the rest scaled to the full-width time, so that the model never costs more for fewer channels
