@@ -19,8 +19,8 @@ from .tracing import (MODES, Leaves, buffers_kept, check_example_input, check_mo
                       input_specs, propagate_shapes, seeded, state_kept, symbolic_trace, training_mode)
 from .layers import known_base, kind_of
 from .ops import (COUNT_RULES, FUNCTION_RULES, METHOD_RULES, MODULE_RULES, ROUTE_RULES, Count, Layout, Piece, SizeOf,
-                  Unhandled, _unite, is_inplace, keep, permute, reshape, settle)
-from .routing import Cluster, Leaf, Parts, Cat, Chunk, Shuffle, route_of
+                  Unhandled, is_inplace, keep, permute, reshape, settle, unite)
+from .routing import Cat, Cluster, Leaf, Parts, route_of
 
 __all__ = ['Slice', 'Group', 'ChannelGraph', 'trace']
 
@@ -251,11 +251,9 @@ def _leaves(expr):
     return _leaves(expr.src)
 
 
-def _clusters(spaces, owner):
-    """The roots each channel shuffle connects (any module role whose channels it lays out joins its spaces, and
-    so does any other role that sees one of them), and a `routing.Cluster` for each that can be pruned; the others
-    are frozen, with the reason."""
-    lays = {key: lay for key, lay in owner.items() if lay is not None}
+def _connected(spaces, lays):
+    """The sets of roots a channel shuffle connects: those its routes lay out, with every root any module role that
+    sees one of them also sees."""
     parent = {}
     def find(r):
         while parent.setdefault(r, r) != r: r = parent[r]
@@ -265,9 +263,8 @@ def _clusters(spaces, owner):
         for r in rs[1:]: parent[find(r)] = find(rs[0])
     for lay in lays.values():
         if lay.route is not None: join(_leaves(lay.route) + list(lay.pieces))
-    if not parent: return [], []
     seen = set(parent)
-    while True:   # a role that sees a routed space joins every space it sees
+    while seen:
         grew = False
         for lay in lays.values():
             rs = {spaces.find(p.space) for p in lay.pieces}
@@ -277,24 +274,31 @@ def _clusters(spaces, owner):
         if not grew: break
     members = {}
     for r in seen: members.setdefault(find(r), set()).add(r)
+    return [sorted(m) for m in members.values()]
+
+
+def _clusters(spaces, owner):
+    """The roots of each set a channel shuffle connects (`_connected`) and its `routing.Cluster`, for the sets that
+    can be pruned; the others are frozen, with the reason."""
+    lays = {key: lay for key, lay in owner.items() if lay is not None}
     gid = {r: i for i, r in enumerate(spaces.roots())}
     out_roots, out = [], []
-    for roots in members.values():
-        roots = sorted(roots)
+    for roots in _connected(spaces, lays):
         sizes = {spaces.size[r] for r in roots}
         mine = {key: lay for key, lay in lays.items() if any(spaces.find(p.space) in roots for p in lay.pieces)}
         whole = all(p.start == 0 and p.stop == spaces.size[spaces.find(p.space)]
                     for lay in mine.values() for p in (_leaves(lay.route) if lay.route is not None else lay.pieces))
+        frozen = next((spaces.frozen[r][0] for r in roots if spaces.frozen[r]), None)
         why = ('a channel shuffle mixes channel spaces of different sizes' if len(sizes) > 1 else
                'a channel shuffle lays out parts of channel spaces' if not whole else
                'a channel shuffle lays out channels tied in blocks or runs'
                if any(spaces.tie[r] != 1 or spaces.width[r] != 1 for r in roots) else
-               'a channel shuffle lays them out with frozen channels: ' + spaces.frozen[next(r for r in roots if spaces.frozen[r])][0]
-               if any(spaces.frozen[r] for r in roots) else None)
+               f'a channel shuffle lays them out with frozen channels: {frozen}' if frozen else None)
         if why is None:
             cluster = Cluster(tuple(gid[r] for r in roots), sizes.pop(),
                               {key: (_regroup(route_of(lay), gid, spaces), lay.block) for key, lay in mine.items()})
-            if len(cluster.widths()) < 2: why = 'a channel shuffle lays them out so that no smaller width keeps each channel on its way'
+            if len(cluster.widths()) < 2:
+                why = 'a channel shuffle lays them out so that no smaller width keeps each channel on its way'
         if why is not None:
             for r in roots: spaces.freeze_space(r, why)
             continue
@@ -440,13 +444,6 @@ class _Context:
         shape = node.meta.get('shape')
         return shape if isinstance(shape, torch.Size) else None
     def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]
-    def tied(self, p, q):
-        "Whether pieces `p` and `q` (equal lengths) are ranges of one space whose channels t are tied (same unit)."
-        r = self.spaces.find(p.space)
-        if r != self.spaces.find(q.space): return False
-        block = self.spaces.size[r] // self.spaces.tie[r]   # channels u, u + block, u + 2 block ... are one unit
-        return (q.start - p.start) % block == 0
-
     def new_layout(self, n, dim):
         "A new channel space of `n` channels along `dim`."
         return Layout(dim, (Piece(self.spaces.new(n), 0, n),))
@@ -474,7 +471,7 @@ class _Context:
         if ids(first) == ids(layout) and first.block == layout.block and same_route: return
         try:
             if not same_route: raise Unhandled('a channel shuffle lays them out otherwise')
-            _unite(self, first, layout, lambda x, y: x)   # position by position, as a residual add unites
+            unite(self, first, layout, lambda x, y: x)   # position by position, as a residual add unites
         except Unhandled:
             self.freeze(first, f"'{node.target}' is called on channels laid out differently")
             raise Unhandled('is called again on channels laid out differently') from None

@@ -426,7 +426,7 @@ def _sized(ctx, lay, d, sizes, counts):
     if set(counts) - {d}: raise Unhandled('uses a channel count to size another dim')
     if d in counts and counts[d].div != 1: raise Unhandled('sizes the channel dim with a divided channel count')
     if d in counts:
-        _unite(ctx, counts[d].layout, lay, lambda x, y: x)
+        unite(ctx, counts[d].layout, lay, lambda x, y: x)
     elif len(sizes) > d and sizes[d] != -1:
         if isinstance(sizes[d], int):
             raise Unhandled(f'hard-codes size {sizes[d]} for the channel dim, which pruning changes; '
@@ -538,7 +538,7 @@ def expand(ctx, node):
         if lay is None or other is None: raise Unhandled('expands tracked channels to or from an untracked shape')
         if len(ctx.shape(node.args[0])) - lay.dim != len(ctx.shape(node.args[1])) - other.dim:
             raise Unhandled('expands channels onto a dim of the other tensor that is not its channels')
-        lay = _unite(ctx, lay, other, lambda x, y: x)
+        lay = unite(ctx, lay, other, lambda x, y: x)
     else:
         lay, sizes, counts = _first_and_sizes(ctx, node)
         if lay is None: return None
@@ -661,7 +661,7 @@ def _first_block(ctx, p):
     return p._replace(space=r, start=p.start % block, stop=p.start % block + p.stop - p.start)
 
 
-def _unite(ctx, a, b, combine):
+def unite(ctx, a, b, combine):
     """Unite two layouts of the same channels position by position (cut where either's pieces end); `combine` merges
     the two pieces' nonzero marks. A space met twice at different positions (GhostNet's `cat([x, dw(x)])` added to
     a shortcut) has its channels tied at that distance."""
@@ -673,7 +673,6 @@ def _unite(ctx, a, b, combine):
         (p,), (q,) = _cut(a.pieces, lo, hi), _cut(b.pieces, lo, hi)
         p, q = _first_block(ctx, p), _first_block(ctx, q)
         if (p.space, p.start) == (q.space, q.start) or (ctx.whole(p) and ctx.whole(q)): space = ctx.spaces.unite(p.space, q.space)
-        elif ctx.tied(p, q): space = ctx.spaces.find(p.space)
         elif p.start == q.start == 0 and (ctx.whole(p) or ctx.whole(q)):   # a whole space and the first part of another
             space = ctx.spaces.unite_prefix(*((p.space, q.space) if ctx.whole(p) else (q.space, p.space)))
         elif ctx.spaces.find(p.space) == ctx.spaces.find(q.space):   # one space at two positions: tie them
@@ -711,7 +710,7 @@ def arith(ctx, node):
         if kind == 'div': raise Unhandled('divides tracked channels by tracked channels')
         if len(ctx.shape(a)) - la.dim != len(ctx.shape(b)) - lb.dim:
             raise Unhandled('merges tensors whose channels sit in different dims')
-        both = _unite(ctx, la, lb, (lambda x, y: x or y) if kind == 'add' else (lambda x, y: x and y))
+        both = unite(ctx, la, lb, (lambda x, y: x or y) if kind == 'add' else (lambda x, y: x and y))
         return both.moved(out_n - (len(ctx.shape(a)) - la.dim))
     lay, other, tracked = (la, b, a) if la is not None else (lb, a, b)
     if kind == 'div' and lay is lb: raise Unhandled('divides by tracked channels')
@@ -746,7 +745,7 @@ def cat(ctx, node):
     if any(l is None for l in lays): raise Unhandled('concatenates tracked channels with an untracked tensor')
     if len({(l.dim, l.block) for l in lays}) != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')
     out = lays[0]
-    for l in lays[1:]: out = _unite(ctx, out, l, lambda x, y: x or y)
+    for l in lays[1:]: out = unite(ctx, out, l, lambda x, y: x or y)
     return out
 
 
@@ -760,7 +759,7 @@ def stack(ctx, node):
     if len({(len(ctx.shape(t)) - l.dim, l.block) for t, l in zip(tensors, lays)}) != 1:
         raise Unhandled('stacks tensors whose channels sit in different dims')
     out = lays[0]
-    for l in lays[1:]: out = _unite(ctx, out, l, lambda x, y: x or y)
+    for l in lays[1:]: out = unite(ctx, out, l, lambda x, y: x or y)
     new = _dim(_arg(node, 1, 'dim', 0), len(ctx.shape(node)))
     return out.moved(out.dim + 1) if new <= out.dim else out
 

@@ -72,7 +72,7 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/sparsifier.py', 'isinstance(sparsity, Budget) and sparsity == self.planned: return None',
         'isinstance(sparsity, Budget) and False: return None'),
     'budget: calibrate times no finer plan between the closest two': (
-        'fasterai/sparsifier.py', '                    if m in (lo, hi): break', '                    break'),
+        'fasterai/sparsifier.py', '                if m in (lo, hi): break', '                break'),
     'budget: the finer plan timed is not the plan pruned': (
         'fasterai/sparsifier.py', '        if round(budget.ratio, 9) in costs.plans: return costs.plans[round(budget.ratio, 9)]',
         '        if False: return costs.plans[round(budget.ratio, 9)]'),
@@ -88,9 +88,6 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'chunk: parts not tied': (
         'fasterai/ops.py', '            ctx.spaces.tie_space(a, size // math.gcd(size, abs(q.start - p.start)),',
         '            (lambda *a: None)(a, size // math.gcd(size, abs(q.start - p.start)),'),
-    'chunk: tied halves not merged': (
-        'fasterai/ops.py', '        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)) and not ctx.tied(p, q):',
-        '        if (p.space, p.start) != (q.space, q.start) and not (ctx.whole(p) and ctx.whole(q)):'),
     'chunk and reshape into parts: parts not tied': (
         'fasterai/ops.py', '    for other in cut[1:]: _tie_parts(ctx, cut[0], other)\n    return cut',
         '    return cut'),
