@@ -183,3 +183,20 @@ def test_budget_on_shufflenet_counts_the_widths_its_shuffles_allow(budget):
     real = count_macs(pruned, shape) / count_macs(model, shape) if budget == 'macs' else \
         count_params(pruned) / count_params(model)
     assert abs(real - 0.5) < 0.01 and abs(pr.reached - real) < 1e-9
+
+
+def test_prune_every_prunes_shuffled_stages_through_a_fit():
+    "SparsifyCallback(prune_every=1) prunes the model after each epoch: the shuffled stages shrink and it runs on."
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from torch.utils.data import TensorDataset
+
+    from fasterai.callback import SparsifyCallback
+    torch.manual_seed(0)
+    ds = lambda n: TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 5, (n,)))
+    learn = Learner(DataLoaders.from_dsets(ds(32), ds(16), bs=16), tiny(), loss_func=nn.CrossEntropyLoss())
+    before = stage_widths(learn.model)
+    learn.fit(2, 1e-3, cbs=SparsifyCallback(50, 'filter', layer_type=(nn.Conv2d, nn.Linear), prune_every=1))
+    assert all(a < b for a, b in zip(stage_widths(learn.model), before))
+    learn.model.eval()
+    with torch.no_grad(): assert learn.model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
