@@ -412,12 +412,11 @@ class _Context:
         if len(routes) > 1 or any(isinstance(l, Layout) and l.route is None for l in tracked):
             raise Unhandled('merges channels a channel shuffle laid out with channels laid out otherwise')
         src = next(iter(routes.values()))
-        where = lambda lay: [(self.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]
-        mine = {r for r, _, _ in where(src)}
+        mine = {r for r, _, _ in self.ids(src)}
         for o in (out if isinstance(out, tuple) else (out,)):
             o = o.layout if isinstance(o, (SizeOf, Count)) else o
-            if not isinstance(o, Layout) or not {r for r, _, _ in where(o)} & mine: continue
-            if o.route is not src.route or where(o) != where(src):
+            if not isinstance(o, Layout) or not {r for r, _, _ in self.ids(o)} & mine: continue
+            if o.route is not src.route or self.ids(o) != self.ids(src):
                 raise Unhandled('moves channels a channel shuffle laid out')
 
     def counts(self, args):
@@ -443,6 +442,9 @@ class _Context:
         "The output shape of `node` (None when it is not one tensor)."
         shape = node.meta.get('shape')
         return shape if isinstance(shape, torch.Size) else None
+    def ids(self, lay):
+        "The channels of `lay` as (root space, start, stop) per piece: equal when two layouts hold the same channels."
+        return [(self.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]
     def whole(self, p): return p.start == 0 and p.stop == self.spaces.size[self.spaces.find(p.space)]
     def new_layout(self, n, dim):
         "A new channel space of `n` channels along `dim`."
@@ -466,9 +468,8 @@ class _Context:
             self.spaces.add_slices(layout, node.target, role)
             return
         # a module called again (or in the other mode's trace): channel i is the same weight row or column
-        ids = lambda lay: [(self.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]
         same_route = (first.route is None and layout.route is None) or route_of(first) == route_of(layout)
-        if ids(first) == ids(layout) and first.block == layout.block and same_route: return
+        if self.ids(first) == self.ids(layout) and first.block == layout.block and same_route: return
         try:
             if not same_route: raise Unhandled('a channel shuffle lays them out otherwise')
             unite(self, first, layout, lambda x, y: x)   # position by position, as a residual add unites

@@ -10,6 +10,7 @@ holds) is spread over the layers in proportion to their time. The model ranks ch
 checked by timing pruned copies (`Sparsifier.calibrate`).
 """
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -38,39 +39,51 @@ def cache_file():
     a table timed elsewhere is never read. Delete it to time the layers again; `Sparsifier.calibrate` times pruned
     copies of the model whatever the table says."""
     root = os.environ.get('FASTERAI_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'fasterai'))
-    if not root: return None
+    return os.path.join(root, f'latency-{_machine()}.json') if root else None
+
+
+@functools.cache
+def _machine():
+    "A key of this machine and torch build: the CPU model, the architecture, torch's version (read once)."
     cpu = platform.processor()
     try:
         with open('/proc/cpuinfo') as f: cpu = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), cpu)
     except OSError: pass
-    key = hashlib.sha256(f'{cpu}|{platform.machine()}|{torch.__version__}'.encode()).hexdigest()[:16]
-    return os.path.join(root, f'latency-{key}.json')
+    return hashlib.sha256(f'{cpu}|{platform.machine()}|{torch.__version__}'.encode()).hexdigest()[:16]
 
 
-def _timed(key, time):
-    """The seconds of layer timing `key`: from this process's table, else the cache file's, else `time()` (then
-    written to both)."""
-    path = cache_file()
-    if path is not None and path not in _LOADED:
-        _LOADED.add(path)
+def _load(path):
+    "Read the table file at `path` into _TABLE, once per process (no file yet, or one cut short: timed again)."
+    if path is None or path in _LOADED: return
+    _LOADED.add(path)
+    try:
+        with open(path) as f: _TABLE.update({k: v for k, v in json.load(f).items() if isinstance(v, float)})
+    except (OSError, ValueError): pass
+
+
+def _save(path, new):
+    """Add the timings `new` (keys of _TABLE) to the table file at `path`, merged with what another process may have
+    written since; written whole or not at all (a process reading it never sees half a file)."""
+    if path is None or not new: return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            with open(path) as f: _TABLE.update({k: v for k, v in json.load(f).items() if isinstance(v, float)})
-        except (OSError, ValueError): pass   # no file yet, or one cut short: timed again
+            with open(path) as f: old = json.load(f)
+        except (OSError, ValueError): old = {}
+        tmp = f'{path}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f: json.dump({**old, **{k: _TABLE[k] for k in new}}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f'fasterai could not write its latency table to {path} ({e}): set FASTERAI_CACHE to a '
+                      'writable folder, or empty to keep timings in this process only', stacklevel=3)
+
+
+def _timed(key, time, new):
+    "The seconds of layer timing `key`: from _TABLE, else `time()` (then kept there and its key added to `new`)."
     k = repr(key)
-    if k in _TABLE: return _TABLE[k]
-    _TABLE[k] = time()
-    if path is not None:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                with open(path) as f: old = json.load(f)
-            except (OSError, ValueError): old = {}
-            tmp = f'{path}.{os.getpid()}.tmp'
-            with open(tmp, 'w') as f: json.dump({**old, k: _TABLE[k]}, f)
-            os.replace(tmp, path)   # (whole or not at all: a process reading it never sees half a file)
-        except OSError as e:
-            warnings.warn(f'fasterai could not write its latency table to {path} ({e}): set FASTERAI_CACHE to a '
-                          'writable folder, or empty to keep timings in this process only', stacklevel=3)
+    if k not in _TABLE:
+        _TABLE[k] = time()
+        new.add(k)
     return _TABLE[k]
 
 
@@ -183,10 +196,10 @@ def _cut(m, call, role, keep):
     return tuple(map(swap, args)), {k: swap(v) for k, v in kwargs.items()}
 
 
-def _fit(m, call, roles, threads, min_run_time):
+def _fit(m, call, roles, threads, min_run_time, new):
     """(coefficient, roles) terms of `m`'s time on `call` (its positional and keyword inputs): timed at full width and
     with each subset of `roles` halved, fitted as a sum over subsets S of c_S times the product of the kept fractions
-    of S."""
+    of S. `new`: the keys of the timings taken (see `_timed`)."""
     kind, sides = kind_of(m), []
     for r in roles:
         n = kind.channels(m, r)
@@ -207,7 +220,7 @@ def _fit(m, call, roles, threads, min_run_time):
                 return _median_time(lambda: probe(*x[0], **x[1]), threads, min_run_time)
         points.append([math.prod(f for (_, _, f), halve, i in zip(sides, pick, inc) if halve and i)
                        for inc in itertools.product((False, True), repeat=len(sides))])
-        times.append(_timed(key, time))
+        times.append(_timed(key, time, new))
     coef = torch.linalg.solve(torch.tensor(points, dtype=torch.float64), torch.tensor(times, dtype=torch.float64))
     # noisy or stepped timings can fit a term below zero (a layer timed faster at full width than at half): kept at
     # zero and the rest scaled to the full-width time, so that the model never costs more for fewer channels
@@ -226,6 +239,8 @@ def latency_terms(model, roles, budget, example, min_run_time=0.05):
     args = batch_of(model, example, budget.batch_size)
     model = without_denormals(model)
     warm_allocator(model, args)
+    path, new = cache_file(), set()
+    _load(path)
     with training_mode(model, False):
         inputs = _inputs(model, list(roles), args)
         terms, timed = [], 0.
@@ -241,11 +256,12 @@ def latency_terms(model, roles, budget, example, min_run_time=0.05):
                 terms.append((own, (mine['heads'],)))
                 timed += own
                 continue
-            fit = _fit(m, inputs[n], list(mine), threads, min_run_time)
+            fit = _fit(m, inputs[n], list(mine), threads, min_run_time, new)
             terms += [(c, tuple(mine[r] for r in rs)) for c, rs in fit]
             timed += sum(c for c, _ in fit)
         with torch.inference_mode():
             total = _median_time(lambda: model(*args), threads, 5 * min_run_time)
+    _save(path, new)   # (once, with every layer timed here)
     # the time no layer kind holds (activations, adds, pooling) is spread over the layers in proportion to theirs:
     # it runs on the same channels (the calibration on timed pruned copies corrects what this misses)
     scale = total / timed if timed > 0 else 1.

@@ -485,8 +485,7 @@ def _into_parts(ctx, lay, d, parts, sizes, counts):
             raise Unhandled('reshapes the channels into parts sized by a channel count')
         if d + 1 in counts:
             c = counts[d + 1]
-            if c.div != parts or [(ctx.spaces.find(p.space), p.start, p.stop) for p in c.layout.pieces] != \
-                    [(ctx.spaces.find(p.space), p.start, p.stop) for p in lay.pieces]:
+            if c.div != parts or ctx.ids(c.layout) != ctx.ids(lay):
                 raise Unhandled('sizes the parts of the channels by another channel count')
         elif len(sizes) > d + 1 and sizes[d + 1] != -1:
             raise Unhandled(f'hard-codes size {sizes[d + 1]} for the parts of the channels, which pruning changes; '
@@ -512,20 +511,15 @@ def _flatten_back(ctx, lay, node, sizes, counts):
     lo = min(pd, cd)
     if abs(pd - cd) != 1 or out != src[:lo] + (src[lo] * src[lo + 1],) + src[lo + 2:]: return None
     before = lay.route.src
-    if set(counts) - {lo} or (lo in counts and [(ctx.spaces.find(p.space), p.start, p.stop) for p in counts[lo].layout.pieces]
-                              != [(ctx.spaces.find(p.space), p.start, p.stop) for p in before.pieces]):
+    if set(counts) - {lo} or (lo in counts and ctx.ids(counts[lo].layout) != ctx.ids(before)):
         raise Unhandled('sizes the shuffled channels by another channel count')
     if lo not in counts and len(sizes) > lo and sizes[lo] != -1:
         raise Unhandled(f'hard-codes size {sizes[lo]} for the shuffled channels, which pruning changes')
     if pd < cd: return before.moved(lo)   # (parts, channels) flattened in order: the channels as they were
     g, one = lay.route.parts, [q._replace(start=q.start + i, stop=q.start + i + 1) for q in before.pieces
                                 for i in range(q.stop - q.start)]
-    n, pieces = len(one) // g, []
-    for q in (one[i * n + j] for j in range(n) for i in range(g)):   # output j*g + i is input i*n + j
-        last = pieces[-1] if pieces else None
-        if last is not None and (last.space, last.stop, last.nonzero) == (q.space, q.start, q.nonzero):
-            pieces[-1] = last._replace(stop=q.stop)
-        else: pieces.append(q)
+    n = len(one) // g
+    pieces = _joined(ctx, [one[i * n + j] for j in range(n) for i in range(g)])   # output j*g + i is input i*n + j
     return Layout(lo, tuple(pieces), route=Shuffle(route_of(before), g))
 
 
@@ -651,6 +645,18 @@ def getitem(ctx, node):
 
 
 # ---------------------------------------------------------------- merges
+def _joined(ctx, pieces):
+    "`pieces` with each run of consecutive channels of one space (and one nonzero mark) made one piece."
+    out = []
+    for q in pieces:
+        last = out[-1] if out else None
+        if last is not None and (ctx.spaces.find(last.space), last.stop, last.nonzero) == \
+                (ctx.spaces.find(q.space), q.start, q.nonzero):
+            out[-1] = last._replace(space=ctx.spaces.find(q.space), stop=q.stop)
+        else: out.append(q)
+    return out
+
+
 def _first_block(ctx, p):
     """Piece `p` moved back by whole blocks, when its space is tied in blocks: channel c and channel c + block are one
     unit, so the moved piece names the same units in the same order (part i of a split as part 0: Res2Net's
@@ -682,11 +688,8 @@ def unite(ctx, a, b, combine):
         else: raise Unhandled('merges parts of different channel spaces')
         last = pieces[-1] if pieces else None
         at = q if last is not None and q.start == last.stop and ctx.spaces.find(q.space) == space else p
-        piece = Piece(space, at.start, at.stop, combine(p.nonzero, q.nonzero))   # (either names these channels)
-        if last is not None and (ctx.spaces.find(last.space), last.stop, last.nonzero) == (space, piece.start, piece.nonzero):
-            pieces[-1] = last._replace(space=space, stop=piece.stop)   # (cut above, whole again: one piece)
-        else: pieces.append(piece)
-    return replace(a, pieces=tuple(pieces))
+        pieces.append(Piece(space, at.start, at.stop, combine(p.nonzero, q.nonzero)))   # (either names these channels)
+    return replace(a, pieces=tuple(_joined(ctx, pieces)))   # (cut above, whole again: one piece)
 
 
 ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
@@ -737,10 +740,9 @@ def cat(ctx, node):
                 ctx.freeze(l, f"'{node.name}' concatenates them with channels no layer here writes")
             if l.dim != dim or l.block != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')
             pieces += l.pieces
-        routed = [ctx.env.get(t) for t in tensors]
-        if any(l is not None and l.route is not None for l in routed):
-            if any(l is None for l in routed): raise Unhandled('concatenates shuffled channels with untracked ones')
-            return Layout(dim, tuple(pieces), route=Cat(tuple(route_of(l) for l in routed)))
+        if any(l is not None and l.route is not None for l in lays):
+            if any(l is None for l in lays): raise Unhandled('concatenates shuffled channels with untracked ones')
+            return Layout(dim, tuple(pieces), route=Cat(tuple(route_of(l) for l in lays)))
         return Layout(dim, tuple(pieces))
     if any(l is None for l in lays): raise Unhandled('concatenates tracked channels with an untracked tensor')
     if len({(l.dim, l.block) for l in lays}) != 1: raise Unhandled('concatenates tensors whose channels sit in different dims')

@@ -34,7 +34,7 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/ops.py', '    if ctx.spaces.tie[r] == 1 or ctx.spaces.width[r] != 1 or p.start < block: return p',
         '    return p'),
     'latency: the table file never read': (
-        'fasterai/latency.py', "            with open(path) as f: _TABLE.update(", "            with open(os.devnull) as f: _TABLE.update("),
+        'fasterai/latency.py', "        with open(path) as f: _TABLE.update(", "        with open(os.devnull) as f: _TABLE.update("),
     'shuffle: layers sliced in sorted order, not the order the pruned shuffle lays out': (
         'fasterai/pruner.py', "                keep.setdefault(name, {})[role] = idx\n",
         "                keep.setdefault(name, {})[role] = idx.sort().values\n"),
