@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .budget import Budget, CostModel, Latency, check_budget, next_guess, plan_drops, reached
+from .budget import Budget, CostModel, Latency, _interpolate, check_budget, next_guess, plan_drops, reached
 from .criteria import resolve_criterion
 from .granularity import HEAD, NM, STRUCTURAL, resolve_granularity
 from .layers import kind_of
@@ -296,7 +296,9 @@ class Sparsifier(SparsityReport):
         this ratio, and other ratios are interpolated through the timed ones. When none came within `tol` (latency
         falls in steps, and one percentage more or less for every layer, 'local', can step over the ratio), up to
         `fine` more copies are timed between the closest plans above and below it, a few units at a time (see
-        `_between`), and the closest of all is the plan this ratio prunes. With `round_to='auto'` the plans are
+        `_between`), then, still none within `tol` (one unit of one layer steps over it), up to `fine` more that keep
+        that layer at its faster width and put units back in the others (`_give_back`); the closest of all is the
+        plan this ratio prunes. With `round_to='auto'` the plans are
         searched again with every group's kept channels a multiple of each of `AUTO_ROUND` (8, 16, 32), and the
         rounded plan that pays best is the one pruned when it pays: it comes within `tol` and keeps more MACs than the other (or, neither within `tol`, it
         comes closer). `fresh`: forget earlier timings (the weights, hence the plans, have changed since). The masks
@@ -359,6 +361,7 @@ class Sparsifier(SparsityReport):
                     if not timed: raise
                     modelled = (modelled + measured[-1][0]) / 2
             else: break   # the plans timed so far
+            if any(self.counts == d for _, d in timed): break   # a plan timed already: finer plans next
             got = self.measure(budget)
             measured.append((modelled, got))
             timed.append((got, self.counts))
@@ -367,22 +370,77 @@ class Sparsifier(SparsityReport):
         above = [p for p in timed if p[0] > ratio]
         below = [p for p in timed if p[0] <= ratio]
         closest = min(timed, key=lambda p: abs(p[0] - ratio))
-        if abs(closest[0] - ratio) > tol and above and below and fine:
-            base, extra = self._between(min(above, key=lambda p: p[0])[1], max(below, key=lambda p: p[0])[1])
+        if abs(closest[0] - ratio) <= tol or not fine: return best, closest, len(timed)
+        fast, stepping = (max(below, key=lambda p: p[0]), set()) if below else (None, set())
+        if above and below:   # finer plans between the closest two, a few units at a time
+            base, extra = self._between(min(above, key=lambda p: p[0])[1], fast[1])
             lo, hi = 0, len(extra)   # lo: its plan times above the ratio; hi: at or below
             for _ in range(fine):
                 m = (lo + hi) // 2
                 if m in (lo, hi): break
                 drops = _Drops(torch.cat([b, *(e for j, e in extra[:m] if j == i)]).sort().values
                                for i, b in enumerate(base))
-                self._update_masks(drops)
-                self.counts = drops
-                got = self.measure(budget)
-                timed.append((got, drops))
+                got = self._time_plan(budget, drops, timed)
                 if abs(got - ratio) < abs(closest[0] - ratio): closest = (got, drops)
-                if abs(got - ratio) <= tol: break
-                lo, hi = (m, hi) if got > ratio else (lo, m)
+                if abs(got - ratio) <= tol: return best, closest, len(timed)
+                if got > ratio: lo = m
+                else: lo, hi, fast = lo, m, (got, drops)
+            stepping = {i for i, _ in extra[lo:hi]}   # the targets whose next units step the latency past the ratio
+        if fast is not None and abs(closest[0] - ratio) > tol:
+            closest = self._give_back(budget, fast, stepping, closest, timed, tol, fine)
         return best, closest, len(timed)
+
+    def _time_plan(self, budget, drops, timed):
+        "The timed ratio of the plan `drops` (its masks set), added to `timed`."
+        self._update_masks(drops)
+        self.counts = drops
+        got = self.measure(budget)
+        timed.append((got, drops))
+        return got
+
+    def _give_back(self, budget, fast, stepping, closest, timed, tol, fine):
+        """From the plan `fast` (its timed ratio, its drops per target), which times below the ratio, the closest plan
+        timed that puts back some of its dropped units, the best scored first, every target alike by its share of its
+        own (the targets in `stepping` keep theirs: one unit more there is what steps the latency past the ratio).
+        Latency falls in steps where a layer's width crosses a multiple its kernels prefer: when no plan between the
+        two closest lands within `tol`, a plan that keeps the stepped layer at its faster width and gives the time it
+        saves to the other layers does. How many units go back is guessed from the modelled cost, scaled through the
+        plans timed (at most `fine` of them)."""
+        ratio, costs, back = budget.ratio, self.cost_model(budget), []
+        for i, d in enumerate(fast[1]):
+            if i in stepping or not len(d): continue
+            s = self._scores(i).detach().cpu().double()[d.cpu()]
+            live = torch.isfinite(s)   # held units (-inf) never come back
+            d = d[live.to(d.device)][torch.sort(s[live], descending=True, stable=True).indices.to(d.device)]
+            back += [((j + 0.5) / len(d), i, u) for j, u in enumerate(d.view(-1, 1))]
+        back = [(i, u) for _, i, u in sorted(back, key=lambda e: (e[0], e[1]))]
+
+        def plan(m):   # `fast` with the first m units of `back` put back
+            gone = [torch.cat([u for j, u in back[:m] if j == i] or [d[:0]]) for i, d in enumerate(fast[1])]
+            return _Drops(d[~torch.isin(d, g)].sort().values for d, g in zip(fast[1], gone))
+        modelled = lambda m: costs.cost_of(costs.dropped(list(plan(m)))) / costs.dense
+        points = [(modelled(0), fast[0])]   # (modelled, timed)
+
+        def guess(m):   # the ratio plan m should time: its modelled one through the timed plans
+            x = modelled(m)
+            if len(points) == 1: return x * points[0][1] / points[0][0]
+            ps = sorted(points)
+            return _interpolate([p[0] for p in ps], [p[1] for p in ps], x)
+        lo, hi = 0, len(back) + 1   # lo: times at or below the ratio; hi: above (all put back: assumed)
+        for _ in range(fine):
+            if hi - lo < 2: break
+            a, b = lo + 1, hi - 1   # the first plan guessed at or above the ratio, or the one before it if closer
+            while a < b:
+                mid = (a + b) // 2
+                a, b = (mid + 1, b) if guess(mid) < ratio else (a, mid)
+            m = a if a - 1 <= lo or abs(guess(a) - ratio) <= abs(guess(a - 1) - ratio) else a - 1
+            drops = plan(m)
+            got = self._time_plan(budget, drops, timed)
+            points.append((modelled(m), got))
+            if abs(got - ratio) < abs(closest[0] - ratio): closest = (got, drops)
+            if abs(got - ratio) <= tol: break
+            lo, hi = (m, hi) if got <= ratio else (lo, m)
+        return closest
 
     def _pays(self, rounded, other, ratio, tol):
         """Whether the rounded plan's timing (ratio, drops) beats the other's: within `tol` where the other is not,

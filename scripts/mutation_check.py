@@ -71,6 +71,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: the plan held for a budget re-planned every batch': (
         'fasterai/sparsifier.py', 'isinstance(sparsity, Budget) and sparsity == self.planned: return None',
         'isinstance(sparsity, Budget) and False: return None'),
+    'budget: calibrate gives nothing back when one layer steps over the ratio': (
+        'fasterai/sparsifier.py', '        if fast is not None and abs(closest[0] - ratio) > tol:',
+        '        if False:'),
     'budget: calibrate times no finer plan between the closest two': (
         'fasterai/sparsifier.py', '                if m in (lo, hi): break', '                break'),
     'budget: the finer plan timed is not the plan pruned': (

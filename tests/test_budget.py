@@ -334,6 +334,35 @@ def test_latency_calibration_times_finer_plans_between_the_closest_two(monkeypat
     with pytest.raises(ValueError, match='fine must be a non-negative int'): sp.calibrate(Latency(0.5), fine=-1)
 
 
+def test_latency_calibration_gives_back_what_a_stepped_layer_saves(monkeypatch):
+    """Latency that falls in a step when one layer's width crosses a multiple (the seed net's conv2 at 32 of 50
+    channels: 0.55 with 33 kept, 0.47 with 32): no plan between the closest two lands within tol, so the calibration
+    keeps that layer at its faster width and puts units back in the others until one does."""
+    torch.manual_seed(0)
+    model = Net(in_channels=1).eval()
+    shape = (2, 1, 28, 28)
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=shape)
+    macs = CostModel(model, sp.targets, MACs(1), shape)
+    monkeypatch.setattr('fasterai.budget.CostModel.__init__', _as_macs(CostModel.__init__))
+    conv2 = next(i for i, t in enumerate(sp.targets) if t.layers == ['conv2'])
+    def stepped(self, budget, masks=None):   # a stand-in timing: the MACs ratio, 0.1 more while conv2 keeps over 32
+        kept = int((~_drops_of(self, self.masks)[conv2]).sum())
+        return _ratio_of(self, self.masks, macs) + (0.1 if kept > 32 else 0.)
+    monkeypatch.setattr(Sparsifier, 'measure', stepped)
+    ratio = 0.45
+    between = sp.calibrate(Latency(ratio), tol=0.01, fine=5)
+    monkeypatch.setattr(Sparsifier, '_give_back', lambda self, budget, fast, stepping, closest, *a: closest)
+    without = sp.calibrate(Latency(ratio), tol=0.01, fine=5, fresh=True)
+    assert abs(between - ratio) <= 0.01 < abs(without - ratio)
+    monkeypatch.undo()
+    monkeypatch.setattr('fasterai.budget.CostModel.__init__', _as_macs(CostModel.__init__))
+    monkeypatch.setattr(Sparsifier, 'measure', stepped)
+    got = sp.calibrate(Latency(ratio), tol=0.01, fine=5, fresh=True)
+    sp.sparsify(Latency(ratio))   # the plan pruned is the one that gave units back
+    assert sp.measure(Latency(ratio)) == got and abs(got - ratio) <= 0.01
+    assert int((~_drops_of(sp, sp.masks)[conv2]).sum()) <= 32
+
+
 def test_the_timed_copy_refills_masked_zeros_with_the_values_first_timed():
     """CPU max pooling branches on its values, and channels of a constant weight pool faster than live ones: a dense
     reference whose masked filters were made 1 timed 5% faster than the dense model, and every plan calibrated
