@@ -1,24 +1,33 @@
 """Compress to a budget: half the MACs, half the latency, 30% of the parameters, with uniform or chosen ratios.
 
 On Fashion-MNIST (--n-train training images, --epochs epochs, batches of 64, `fit_one_cycle(epochs, 1e-3)`,
-accuracy on the 10,000 test images), the seed net and the small ResNet of bench/accuracy.py are trained dense; then,
-from the same initial weights and data order, each is sparsified to each budget while it trains (the schedule ramps
+accuracy on the 10,000 test images), the seed net, the small ResNet of bench/accuracy.py and torchvision's resnet18
+(`weights=None`, 10 classes; the images upsampled to 32x32 and repeated to 3 channels by a first module of the model,
+`RGB32`) are trained dense; then, from the same initial weights and data order, each is sparsified to each budget while it trains (the schedule ramps
 the budget from the dense cost, cosine, reached at 2/3 of training) and pruned (`Pruner()`, exact). The rows:
 - **uniform**: `SparsifyCallback(target=B, method='local')`: one L1 percentage for every channel group, the lowest
   that meets B;
 - **uniform, round_to auto**: the same with `round_to='auto'`: plans with every group's kept channels a multiple of
   8 timed too, the rounded one pruned where it pays (within 1.5% of B and more MACs kept, or closer);
 - **global**: `method='global'`: the channels least important (L1 over the layer's mean) per unit of B's cost saved;
+- **global, Taylor**: the same with `criteria='taylor'` (first-order loss change, accumulated over the steps);
 - **sensitivity**: `sensitivity()` of the trained dense net (4 validation batches, 25/50/75% of each group), its
   `.sparsities(B)` as the per-layer dict of `SparsifyCallback(method='local')`;
 - **global + KD**: 'global' with `KnowledgeDistillationCallback(dense teacher)` (soft targets, weight 0.5, T = 4).
 
+resnet18 runs the first seed only, and every row but 'round_to auto', 'global, Taylor' and 'global + KD' (its fits
+take the longest).
+
 Each pruned model is measured: MACs and parameters counted; latency timed at batch 64 on 2 threads, as the median
 ratio to the dense model of 7 interleaved timings in one process. "Reached" is the ratio of the budget's own cost.
+"Latency timed in the fit" is what the callback's last calibration timed for the plan it pruned (at 2/3 of the fit,
+against the model of that moment): the two differ by the timing noise of this machine.
 The recovery table runs the seed net at half the latency on the longer budget (--long-n-train, --long-epochs), with
 and without distillation; its row 'uniform + KD of fasterai 0.4.1' trains as 'uniform + KD' with fasterai 0.4.1's
 `KnowledgeDistillationCallback` (its `SoftTarget` loss at T = 4, weight 0.5) in place of ours. fasterai 0.4.1 has no
-budgets, and the `to_layer_targets` the issue names is not in its 0.4.1 wheel, so no other row of it runs.
+budgets, and the `to_layer_targets` the issue names is not in its 0.4.1 wheel, so no other row of it runs. Its row
+'uniform + KD, from the dense weights' starts from the trained dense net instead of its initial weights (the usual
+fine-tuning workflow: the same fit, after the dense training the teacher needs anyway).
 
 Run: `.venv/bin/python bench/budget.py [--n-train 10000] [--epochs 3] [--seeds 0] [--long-n-train 30000]
 [--long-epochs 6] [--out bench/results/budget.md]`
@@ -29,6 +38,7 @@ import copy
 import functools
 import io
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -39,12 +49,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import examples, run_child, write_result  # noqa: E402
 
 AUTO = 'uniform, round_to auto'
+TAYLOR = 'global, Taylor'
 BUDGETS = [('MACs', 'uniform'), ('MACs', 'global'), ('Latency', 'uniform'), ('Latency', AUTO), ('Latency', 'global'),
-           ('Latency', 'sensitivity'), ('Latency', 'global + KD'), ('Params', 'uniform'), ('Params', 'global')]
+           ('Latency', TAYLOR), ('Latency', 'sensitivity'), ('Latency', 'global + KD'), ('Params', 'uniform'),
+           ('Params', 'global')]
+BIG = [r for r in BUDGETS if r[1] not in (AUTO, TAYLOR, 'global + KD')]   # resnet18's rows (its fits take longest)
 RATIO = {'MACs': 0.5, 'Latency': 0.5, 'Params': 0.3}
 PEER_KD = 'uniform + KD of fasterai 0.4.1'
+FROM_DENSE = 'uniform + KD, from the dense weights'
 LONG = [('Latency', 'global'), ('Latency', 'global + KD'), ('Latency', 'uniform'), ('Latency', 'uniform + KD'),
-        ('Latency', PEER_KD), ('Latency', AUTO)]
+        ('Latency', PEER_KD), ('Latency', AUTO), ('Latency', FROM_DENSE)]
+
+
+class RGB32(torch.nn.Module):
+    "Fashion-MNIST's 28x28 grey images as 32x32 RGB: bilinear upsampling, the grey channel repeated."
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, size=32, mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
+
+
+def resnet18():
+    "torchvision's resnet18 (10 classes, weights=None) on the images made 32x32 RGB (`RGB32`, part of the model)."
+    import torchvision
+    return torch.nn.Sequential(RGB32(), torchvision.models.resnet18(weights=None, num_classes=10))
 
 
 def budget_of(name):
@@ -85,7 +111,7 @@ def child(arch, n_train, epochs, seed, runs):
     torch.set_num_threads(2)
     dls = ex.fashion_mnist_dls(n_train, 10000, bs=64)
     xb = dls.valid.one_batch()[0]
-    make = {'seed_net': lambda: ex.Net(1), 'small_resnet': SmallResNet}[arch]
+    make = {'seed_net': lambda: ex.Net(1), 'small_resnet': SmallResNet, 'resnet18': resnet18}[arch]
     quiet = lambda learn: (contextlib.redirect_stdout(io.StringIO()), learn.no_bar(), learn.no_logging())
     torch.manual_seed(seed)
     init = make()
@@ -99,7 +125,7 @@ def child(arch, n_train, epochs, seed, runs):
     for bname, method in runs:
         budget = budget_of(bname)
         torch.manual_seed(seed)
-        learn = Learner(dls, copy.deepcopy(init), metrics=accuracy)
+        learn = Learner(dls, copy.deepcopy(teacher.model if method == FROM_DENSE else init), metrics=accuracy)
         layers = (torch.nn.Conv2d, torch.nn.Linear)
         if method == 'sensitivity':
             if sens is None: sens = sensitivity(teacher, ratios=(0.25, 0.5, 0.75), n_batches=4, layer_type=layers)
@@ -107,13 +133,14 @@ def child(arch, n_train, epochs, seed, runs):
                                   end_epoch=2 * epochs / 3)
         else:
             cb = SparsifyCallback(target=budget, method='local' if method.startswith('uniform') else 'global',
-                                  layer_type=layers, end_epoch=2 * epochs / 3, round_to='auto' if method == AUTO else None)
-        cbs = [cb] + ([KnowledgeDistillationCallback(teacher.model)] if method.endswith('KD') else [])
+                                  criteria='taylor' if method == TAYLOR else 'l1', layer_type=layers,
+                                  end_epoch=2 * epochs / 3, round_to='auto' if method == AUTO else None)
+        cbs = [cb] + ([KnowledgeDistillationCallback(teacher.model)] if 'KD' in method and method != PEER_KD else [])
         if method == PEER_KD:   # the peer's callback, its soft-target loss at our temperature and weight
             PeerKD, PeerSoftTarget = peer_kd()
             cbs.append(PeerKD(teacher.model, loss=functools.partial(PeerSoftTarget, T=4.), weight=0.5))
-        a, b, c = quiet(learn)
-        with a, b, c:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(epochs, 1e-3, cbs=cbs)
             sparse = 100 * learn.validate()[1]
             pruned = Pruner(example_input=xb[:2]).prune_model(learn.model)
@@ -124,6 +151,8 @@ def child(arch, n_train, epochs, seed, runs):
                    macs=count_macs(p, xb[:1]) / count_macs(d, xb[:1]), params=count_params(p) / count_params(d),
                    latency=latency_ratio(p, d, xb[:64], threads=2))
         row['reached'] = {'MACs': row['macs'], 'Params': row['params'], 'Latency': row['latency']}[bname]
+        fit = re.findall(r'the closest at ([0-9.]+) of the dense model', printed.getvalue())
+        if fit: row['fit'] = float(fit[-1])   # the callback's last calibration: the plan pruned, timed in the fit
         row['asked'] = budget.ratio
         print(json.dumps(row), flush=True)
 
@@ -146,13 +175,13 @@ def plot(rows, path):
 
 def table(rows):
     lines = ['| model | seed | budget | method | pruned acc. | - dense | reached (asked) | MACs ratio | params ratio | '
-             'latency ratio |', '|' + '---|' * 10]
+             'latency ratio | latency timed in the fit |', '|' + '---|' * 11]
     dense = {(r['arch'], r['seed']): r['acc'] for r in rows if r['budget'] == 'dense'}
     for r in rows:
         asked = f" ({r['asked']:g})" if 'asked' in r else ''
         lines.append(f"| {r['arch']} | {r['seed']} | {r['budget']} | {r['method']} | {r['acc']:.2f} | "
                      f"{r['acc'] - dense[(r['arch'], r['seed'])]:+.2f} | {r['reached']:.3f}{asked} | {r['macs']:.3f} | "
-                     f"{r['params']:.3f} | {r['latency']:.3f} |")
+                     f"{r['params']:.3f} | {r['latency']:.3f} | {format(r['fit'], '.3f') if 'fit' in r else ''} |")
     return lines
 
 
@@ -167,13 +196,15 @@ def main():
     ap.add_argument('--seeds', type=int, nargs='*', default=[0])
     ap.add_argument('--long-n-train', type=int, default=30000)
     ap.add_argument('--long-epochs', type=int, default=6)
-    ap.add_argument('--archs', nargs='*', default=['seed_net', 'small_resnet'])
+    ap.add_argument('--archs', nargs='*', default=['seed_net', 'small_resnet', 'resnet18'])
     ap.add_argument('--out', default=None)
     args = ap.parse_args()
     rows = []
     for seed in args.seeds:
         for arch in args.archs:
-            for r in run_child(__file__, 'fasterai', arch, args.n_train, args.epochs, seed, json.dumps(BUDGETS)):
+            if arch == 'resnet18' and seed != args.seeds[0]: continue   # its fits take the longest: one seed
+            runs = BIG if arch == 'resnet18' else BUDGETS
+            for r in run_child(__file__, 'fasterai', arch, args.n_train, args.epochs, seed, json.dumps(runs)):
                 rows.append(r)
                 print(table([r for r in rows if r['arch'] == arch and r['seed'] == seed])[-1], flush=True)
     long = []
