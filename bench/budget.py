@@ -29,8 +29,11 @@ budgets, and the `to_layer_targets` the issue names is not in its 0.4.1 wheel, s
 'uniform + KD, from the dense weights' starts from the trained dense net instead of its initial weights (the usual
 fine-tuning workflow: the same fit, after the dense training the teacher needs anyway).
 
+Every row is also kept in the --out file with .jsonl as it comes; --resume reuses the rows kept there (each child
+process's rows: a model and seed, or the recovery table) and runs only the rest.
+
 Run: `.venv/bin/python bench/budget.py [--n-train 10000] [--epochs 3] [--seeds 0] [--long-n-train 30000]
-[--long-epochs 6] [--out bench/results/budget.md]`
+[--long-epochs 6] [--out bench/results/budget.md] [--resume]`
 """
 import argparse
 import contextlib
@@ -125,7 +128,8 @@ def child(arch, n_train, epochs, seed, runs):
     for bname, method in runs:
         budget = budget_of(bname)
         torch.manual_seed(seed)
-        learn = Learner(dls, copy.deepcopy(teacher.model if method == FROM_DENSE else init), metrics=accuracy)
+        student = copy.deepcopy(teacher.model if method == FROM_DENSE else init).requires_grad_(True)
+        learn = Learner(dls, student, metrics=accuracy)   # (the KD callback froze the teacher's parameters)
         layers = (torch.nn.Conv2d, torch.nn.Linear)
         if method == 'sensitivity':
             if sens is None: sens = sensitivity(teacher, ratios=(0.25, 0.5, 0.75), n_batches=4, layer_type=layers)
@@ -198,18 +202,29 @@ def main():
     ap.add_argument('--long-epochs', type=int, default=6)
     ap.add_argument('--archs', nargs='*', default=['seed_net', 'small_resnet', 'resnet18'])
     ap.add_argument('--out', default=None)
+    ap.add_argument('--resume', action='store_true', help='reuse the rows of an earlier run kept in --out with .jsonl')
     args = ap.parse_args()
+    kept = Path(args.out).with_suffix('.jsonl') if args.out else None   # every row as it comes (a crash loses none)
+    old = [json.loads(l) for l in kept.read_text().splitlines()] if args.resume and kept and kept.exists() else []
+    if kept and not args.resume: kept.write_text('')
+    def runs_of(part, *child):
+        got = [r for r in old if r.get('part') == part]
+        if got: return got
+        got = [dict(r, part=part) for r in run_child(__file__, 'fasterai', *child)]
+        if kept:
+            with kept.open('a') as f: f.writelines(json.dumps(r) + '\n' for r in got)
+        return got
     rows = []
     for seed in args.seeds:
         for arch in args.archs:
             if arch == 'resnet18' and seed != args.seeds[0]: continue   # its fits take the longest: one seed
             runs = BIG if arch == 'resnet18' else BUDGETS
-            for r in run_child(__file__, 'fasterai', arch, args.n_train, args.epochs, seed, json.dumps(runs)):
+            for r in runs_of(f'{arch} {seed}', arch, args.n_train, args.epochs, seed, json.dumps(runs)):
                 rows.append(r)
                 print(table([r for r in rows if r['arch'] == arch and r['seed'] == seed])[-1], flush=True)
     long = []
     if args.long_epochs:
-        long = run_child(__file__, 'fasterai', 'seed_net', args.long_n_train, args.long_epochs, 0, json.dumps(LONG))
+        long = runs_of('long', 'seed_net', args.long_n_train, args.long_epochs, 0, json.dumps(LONG))
         for line in table(long)[2:]: print(line, flush=True)
     if args.out:
         png = Path(args.out).with_name('budget_pareto.png')

@@ -406,18 +406,18 @@ class Sparsifier(SparsityReport):
         two closest lands within `tol`, a plan that keeps the stepped layer at its faster width and gives the time it
         saves to the other layers does. How many units go back is guessed from the modelled cost, scaled through the
         plans timed (at most `fine` of them)."""
-        ratio, costs, back = budget.ratio, self.cost_model(budget), []
+        ratio, costs, back, units = budget.ratio, self.cost_model(budget), [], {}
         for i, d in enumerate(fast[1]):
             if i in stepping or not len(d): continue
             s = self._scores(i).detach().cpu().double()[d.cpu()]
             live = torch.isfinite(s)   # held units (-inf) never come back
-            d = d[live.to(d.device)][torch.sort(s[live], descending=True, stable=True).indices.to(d.device)]
-            back += [((j + 0.5) / len(d), i, u) for j, u in enumerate(d.view(-1, 1))]
-        back = [(i, u) for _, i, u in sorted(back, key=lambda e: (e[0], e[1]))]
+            units[i] = d[live.to(d.device)][torch.sort(s[live], descending=True, stable=True).indices.to(d.device)]
+            back += [((j + 0.5) / len(units[i]), i) for j in range(len(units[i]))]
+        owner = torch.tensor([i for _, i in sorted(back)], dtype=torch.long)   # whose unit goes back next
 
         def plan(m):   # `fast` with the first m units of `back` put back
-            gone = [torch.cat([u for j, u in back[:m] if j == i] or [d[:0]]) for i, d in enumerate(fast[1])]
-            return _Drops(d[~torch.isin(d, g)].sort().values for d, g in zip(fast[1], gone))
+            n = torch.bincount(owner[:m], minlength=len(fast[1])).tolist()
+            return _Drops(d[~torch.isin(d, units[i][:n[i]])].sort().values if n[i] else d for i, d in enumerate(fast[1]))
         modelled = lambda m: costs.cost_of(costs.dropped(list(plan(m)))) / costs.dense
         points = [(modelled(0), fast[0])]   # (modelled, timed)
 
@@ -426,7 +426,7 @@ class Sparsifier(SparsityReport):
             if len(points) == 1: return x * points[0][1] / points[0][0]
             ps = sorted(points)
             return _interpolate([p[0] for p in ps], [p[1] for p in ps], x)
-        lo, hi = 0, len(back) + 1   # lo: times at or below the ratio; hi: above (all put back: assumed)
+        lo, hi = 0, len(owner) + 1   # lo: times at or below the ratio; hi: above (all put back: assumed)
         for _ in range(fine):
             if hi - lo < 2: break
             a, b = lo + 1, hi - 1   # the first plan guessed at or above the ratio, or the one before it if closer

@@ -132,13 +132,16 @@ class GroupTarget:
     def count(self, sparsity):
         """Units to zero: round(sparsity% of them), keeping one; with `round_to`, kept channels a multiple of it.
         The percentage is of `origin` units: a group a pruning made smaller counts its removed units as zero."""
-        gone = self.origin - self.units
-        drop = min(max(n_zero(self.origin, sparsity) - gone, 0), self.units - 1)
+        drop = self._unrounded(sparsity)
         if not self.round_to or drop == 0: return drop
         per = self.group.tie * self.group.width   # channels per unit
         step = self.round_to // math.gcd(self.round_to, per)   # kept units per multiple of round_to
         kept = max(step, step * round_half_up((self.units - drop) / step))
         return max(self.units - kept, 0)
+
+    def _unrounded(self, sparsity):
+        "Units to zero before `round_to`: round(sparsity% of `origin`), less those a pruning removed, keeping one."
+        return min(max(n_zero(self.origin, sparsity) - (self.origin - self.units), 0), self.units - 1)
 
     def scored(self):
         "Producer name -> what the scoring reads as its `.weight` (the module, or a view of its kind's weight)."
@@ -209,8 +212,8 @@ class RoutedTarget(GroupTarget):
         if self.round_to: ws = [w for w in ws if w % self.round_to == 0 or w == self.cluster.size] or ws
         return min(ws, key=lambda w: (abs(w - kept), -w))
 
-    def count(self, sparsity):
-        kept = (self.units - super().count(sparsity)) / len(self.ids)
+    def count(self, sparsity):   # (rounded once, by `width`: a multiple of round_to per group, not in all)
+        kept = (self.units - self._unrounded(sparsity)) / len(self.ids)
         return self.units - len(self.ids) * self.width(kept)
 
     def scores(self, sp):
