@@ -406,16 +406,15 @@ class Sparsifier(SparsityReport):
         two closest lands within `tol`, a plan that keeps the stepped layer at its faster width and gives the time it
         saves to the other layers does. How many units go back is guessed from the modelled cost, scaled through the
         plans timed (at most `fine` of them)."""
-        ratio, costs, back, units = budget.ratio, self.cost_model(budget), [], {}
+        ratio, costs, units = budget.ratio, self.cost_model(budget), {}
         for i, d in enumerate(fast[1]):
             if i in stepping or not len(d): continue
             s = self._scores(i).detach().cpu().double()[d.cpu()]
             live = torch.isfinite(s)   # held units (-inf) never come back
             units[i] = d[live.to(d.device)][torch.sort(s[live], descending=True, stable=True).indices.to(d.device)]
-            back += [((j + 0.5) / len(units[i]), i) for j in range(len(units[i]))]
-        owner = torch.tensor([i for _, i in sorted(back)], dtype=torch.long)   # whose unit goes back next
+        owner = torch.tensor(_by_share({i: len(u) for i, u in units.items()}), dtype=torch.long)   # whose goes back next
 
-        def plan(m):   # `fast` with the first m units of `back` put back
+        def plan(m):   # `fast` with the first m units `owner` names put back (each target's best first)
             n = torch.bincount(owner[:m], minlength=len(fast[1])).tolist()
             return _Drops(d[~torch.isin(d, units[i][:n[i]])].sort().values if n[i] else d for i, d in enumerate(fast[1]))
         modelled = lambda m: costs.cost_of(costs.dropped(list(plan(m)))) / costs.dense
@@ -457,7 +456,7 @@ class Sparsifier(SparsityReport):
         them going from the one that times above the ratio to the one below: within a target by score (lowest
         first), and across targets each by its share of its own (so that halfway drops half of every target's).
         Each target keeps a unit."""
-        base, extra = [], []
+        base, rests = [], {}
         for i, (a, b) in enumerate(zip(above, below)):
             dev, a, b = a.device, a.flatten().cpu(), b.flatten().cpu()
             both = a[torch.isin(a, b)]
@@ -467,9 +466,9 @@ class Sparsifier(SparsityReport):
             rest = rest[torch.sort(scores[rest], stable=True).indices]
             if len(either) >= self.targets[i].units: rest = rest[:-1]   # never all of a target's units
             base.append(both.sort().values.to(dev))
-            extra += [((j + 0.5) / len(rest), i, u) for j, u in enumerate(rest.view(-1, 1).to(dev))]
-        extra.sort(key=lambda e: (e[0], e[1]))
-        return base, [(i, u) for _, i, u in extra]
+            rests[i] = rest.view(-1, 1).to(dev)
+        taken = {i: iter(r) for i, r in rests.items()}
+        return base, [(i, next(taken[i])) for i in _by_share({i: len(r) for i, r in rests.items()})]
 
     @torch.no_grad()
     def sparsify(self, sparsity):
@@ -578,6 +577,12 @@ class _Drops(tuple):
     def __eq__(self, other):
         return isinstance(other, _Drops) and len(other) == len(self) and all(map(_Drops.same, self, other))
     __hash__ = tuple.__hash__
+
+
+def _by_share(lengths):
+    """Whose unit comes next (a target index per unit) when each target `i` gives its `lengths[i]` units in order,
+    every target alike by its share of its own: halfway through the list is halfway through each target's."""
+    return [i for _, i, _ in sorted(((j + 0.5) / n, i, j) for i, n in lengths.items() for j in range(n))]
 
 
 def _global_drops(scores, k, held):
