@@ -63,9 +63,9 @@ def test_cost_model_is_the_pruned_models_cost(name, make, shape, method, budget)
     if isinstance(budget, MACs) and name != 'attention':   # (nn.MultiheadAttention's real run leaves its attention out)
         assert flop_macs(pruned, shape) == real
     assert round(predicted) == real   # the model's cost is the pruned model's, to the MAC and the parameter
-    # a unit of a tiny net is a large share of its cost ('local' moves every group by one percentage): within 3% on
-    # the larger ones
-    slack = 0.03 if name in ('seed_net', 'mobilenet_v3', 'residual') else 0.15
+    # a unit of a tiny net is a large share of its cost: within 0.5% of the dense cost on the larger ones (a plan
+    # that stops on a costly unit puts smaller ones back, and 'global' trades that unit for smaller ones)
+    slack = 0.005 if name in ('seed_net', 'mobilenet_v3', 'residual') else 0.15
     assert real <= budget.ratio * dense + 1e-6 and real >= (budget.ratio - slack) * dense, (real / dense)
     x = torch.randn(shape)
     assert max_rel_diff(model(x), pruned(x)) < 1e-5
