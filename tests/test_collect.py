@@ -52,7 +52,10 @@ def test_headlines_quote_the_worst_cells():
     late = max((r for r in budget.rows if r['budget'].startswith('Latency')),
                key=lambda r: float(r['reached (asked)'].split()[0]))
     ratio = float(late['reached (asked)'].split()[0]) / float(late['reached (asked)'].split('(')[1].rstrip(')'))
-    assert f"to {ratio:.2f} ({late['model']} Latency(0.5)" in lines[-1]
+    assert f"to {ratio:.2f} ({late['model']} Latency(0.5)" in lines[collect.HEADLINES.index(collect.budget)]
+    noise = collect.read_table(collect.RESULTS / 'timing_noise.md', 1, ['model', 'process', 'largest'])
+    widest = max((r for r in noise.rows if r['process'] == 'all'), key=lambda r: float(r['largest']))
+    assert f"to {widest['largest']} (median" in lines[collect.HEADLINES.index(collect.timing_noise)]
     tp = collect.read_table(collect.RESULTS / 'prune_time.md', 1, ['model', 'fasterai / TP'])
     slowest = max(tp.rows, key=lambda r: float(r['fasterai / TP']))
     assert f"{slowest['fasterai / TP']}x ({slowest['model']})" in lines[2]
