@@ -42,6 +42,7 @@ import functools
 import io
 import json
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -207,10 +208,14 @@ def main():
     kept = Path(args.out).with_suffix('.jsonl') if args.out else None   # every row as it comes (a crash loses none)
     old = [json.loads(l) for l in kept.read_text().splitlines()] if args.resume and kept and kept.exists() else []
     if kept and not args.resume: kept.write_text('')
+    code = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip() or 'unknown'
+    code += '+changes' if subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '../fasterai', '.'],
+                                         cwd=Path(__file__).parent).returncode else ''
     def runs_of(part, *child):
         got = [r for r in old if r.get('part') == part]
         if got: return got
-        got = [dict(r, part=part) for r in run_child(__file__, 'fasterai', *child)]
+        got = [dict(r, part=part, code=code) for r in run_child(__file__, 'fasterai', *child)]
         if kept:
             with kept.open('a') as f: f.writelines(json.dumps(r) + '\n' for r in got)
         return got
@@ -231,6 +236,10 @@ def main():
         plot(rows, png)
         lines = table(rows) + ['', f'Recovery: the seed net at half the latency, {args.long_n_train:,} training images, '
                                    f'{args.long_epochs} epochs, seed 0.', ''] + (table(long) if long else [])
+        parts = {}
+        for r in rows + long: parts.setdefault(r.get('code', 'an earlier commit'), {}).setdefault(r['part'], None)
+        made = '; '.join(f"{', '.join(ps)} at {c}" for c, ps in parts.items())
+        lines += ['', f'The code that made the rows (--resume keeps earlier ones): {made}.']
         write_result(args.out, 'Compress to a budget', __doc__, lines,
                      f', {args.n_train:,} training images, {args.epochs} epochs',
                      f'![accuracy against measured latency]({png.name})\n\n')
