@@ -65,8 +65,6 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: no unit put back after the plan stops below the ratio': (
         'fasterai/budget.py', '    for _ in range(most):\n        can = [i for i in ok if ks[i] > floor[i]]',
         '    for _ in range(0):\n        can = [i for i in ok if ks[i] > floor[i]]'),
-    'budget: the costly unit that ends a global plan never traded for smaller ones': (
-        'fasterai/budget.py', '    if not back: return []', '    return []'),
     'sensitivity: damage ignored': (
         'fasterai/sensitivity.py', '                per = max(damage[i][up[i]] - damage[i][level[i]], 0.) / saved',
         '                per = 1 / saved'),

@@ -63,9 +63,10 @@ def test_cost_model_is_the_pruned_models_cost(name, make, shape, method, budget)
     if isinstance(budget, MACs) and name != 'attention':   # (nn.MultiheadAttention's real run leaves its attention out)
         assert flop_macs(pruned, shape) == real
     assert round(predicted) == real   # the model's cost is the pruned model's, to the MAC and the parameter
-    # a unit of a tiny net is a large share of its cost: within 0.5% of the dense cost on the larger ones (a plan
-    # that stops on a costly unit puts smaller ones back, and 'global' trades that unit for smaller ones)
-    slack = 0.005 if name in ('seed_net', 'mobilenet_v3', 'residual') else 0.15
+    # a unit of a tiny net is a large share of its cost. On the larger ones, 'local' within 0.5% of the dense cost (a
+    # plan that stops on a costly unit puts smaller ones back); 'global' within 3% (its ranking can stop on a costly
+    # unit no smaller one makes up for: the seed net's conv2, 1.9% of the parameters a channel)
+    slack = (0.005 if method == 'local' else 0.03) if name in ('seed_net', 'mobilenet_v3', 'residual') else 0.15
     assert real <= budget.ratio * dense + 1e-6 and real >= (budget.ratio - slack) * dense, (real / dense)
     x = torch.randn(shape)
     assert max_rel_diff(model(x), pruned(x)) < 1e-5
@@ -266,13 +267,16 @@ def test_a_budget_held_by_the_schedule_keeps_its_plan():
     sp = Sparsifier(model, 'filter', 'global', 'l1', LAYERS, example_input=(2, 3, 32, 32))
     assert sp.sparsify(MACs(0.5))
     before, state = {k: v.clone() for k, v in sp.masks.items()}, sp.state_dict()
-    with torch.no_grad():   # training moves the weights: a fresh plan would now keep other channels
-        for p in model.parameters():
-            if p.dim() > 1: p.mul_(torch.rand(p.shape[0], *[1] * (p.dim() - 1)) * 10)
+    @torch.no_grad()
+    def train():   # training moves the weights: a fresh plan would now keep other channels (new values everywhere:
+        for p in model.parameters():   # masked units left at zero would rank first and be chosen again)
+            if p.dim() > 1: p.copy_(torch.randn_like(p) * torch.rand(p.shape[0], *[1] * (p.dim() - 1)))
+    train()
     fresh = sp.plan_masks(MACs(0.499999))
     assert any(not torch.equal(fresh[k], before[k]) for k in before)
     for s in (sp, Sparsifier(model, 'filter', 'global', 'l1', LAYERS, example_input=(2, 3, 32, 32))):
         s.load_state_dict(state)
+        train()
         assert not s.sparsify(MACs(0.5))
         assert all(torch.equal(s.masks[k], before[k]) for k in before)
     assert sp.sparsify(MACs(0.45)) and any(not torch.equal(sp.masks[k], before[k]) for k in before)
