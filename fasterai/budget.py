@@ -291,14 +291,15 @@ def _scales(kind, role, pname):
     return pname in dict(kind.rows(role))
 
 
-def plan_drops(costs, scores, ratio, method, count):
+def plan_drops(costs, scores, ratio, method, count, fill=True):
     """Per target, the units to drop (indices) so that the cost is at most `ratio` of the dense model's, as little
     below as the units allow. `scores`: per target, its units' scores (-inf: held, dropped first).
     'local': one percentage for every target, the lowest that meets the ratio, each target dropping its lowest
     scores; 'global': the units least important per unit of cost saved (scores over their mean per target, over
     the cost each unit saves), ranked over all targets, re-ranked once at the costs the first plan leaves. Each
-    target keeps its best unit. Then units are put back while the ratio holds (`_fill`): 'local' where the most is
-    dropped, 'global' the best ranked. `count(p)`: per target, the units a percentage `p` drops ('local').
+    target keeps its best unit. Then, with `fill`, units are put back while the ratio holds (`_fill`): 'local' where
+    the most is dropped, 'global' the best ranked. `count(p)`: per target, the units a percentage `p` drops
+    ('local').
     A ValueError when even that cannot meet the ratio."""
     if method == 'local':
         costs.set_orders([torch.sort(s, stable=True).indices for s in scores])
@@ -323,7 +324,7 @@ def plan_drops(costs, scores, ratio, method, count):
         # put back first the unit ranked most important per unit of cost saved
         first = lambda i, k: float(ranked[i][costs.orders[i][k - 1]])
     floor = [int(torch.isneginf(s).sum()) for s in scores]   # held units stay dropped
-    chosen = _fill(costs, list(chosen), ratio, first, floor)
+    if fill: chosen = _fill(costs, list(chosen), ratio, first, floor)
     return [o[:k] for o, k in zip(costs.orders, chosen)]
 
 
