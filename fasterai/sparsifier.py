@@ -238,8 +238,8 @@ class Sparsifier(SparsityReport):
         ratio = costs.modelled_for(budget.ratio)
         if isinstance(budget, Latency):   # a ratio past what the model can reach: as far as it goes (timing tells)
             ratio = max(ratio, costs.floor + 1e-9)
-        # (a Latency plan is not filled: its modelled cost only guides the plans `calibrate` times, and filled
-        # 'global' plans moved the small ResNet's allocation: 65.72% at half the latency against 73.90 unfilled)
+        # (a Latency plan is not filled: its modelled cost only guides the plans `calibrate` times, which searches
+        # finer plans itself)
         return _Drops(plan_drops(costs, scores, ratio, self.method, count, fill=not isinstance(budget, Latency)))
 
     def cost_ratio(self, budget):
