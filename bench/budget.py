@@ -210,7 +210,7 @@ def main():
     if kept and not args.resume: kept.write_text('')
     code = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip() or 'unknown'
-    code += '+changes' if subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '../fasterai', '.'],
+    code += '+changes' if subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', '../fasterai', '.', ':!results'],
                                          cwd=Path(__file__).parent).returncode else ''
     def runs_of(part, *child):
         got = [r for r in old if r.get('part') == part]
