@@ -132,12 +132,18 @@ class CostModel:
         return self.cols[key]
 
     def kept(self, dropped):
-        "Per column, the fraction of channels kept when `dropped` channels (a vector by column) go; 1 appended."
-        return 1 - torch.cat([dropped.double(), torch.zeros(1, dtype=torch.float64)]) / self.channels
+        """Per column, the fraction of channels kept when `dropped` channels (a vector by column, or rows of them)
+        go; 1 appended."""
+        dropped = dropped.double()
+        return 1 - torch.cat([dropped, dropped.new_zeros(*dropped.shape[:-1], 1)], -1) / self.channels
 
     def cost_of(self, dropped):
         "The cost when `dropped` channels (a vector by column) go."
-        return self.const + float((self.coef * self.kept(dropped)[self.term_cols].prod(1)).sum())
+        return self.costs_of(dropped.view(1, -1))[0]
+
+    def costs_of(self, dropped):
+        "The cost of each row of `dropped` (channels gone, a row per plan and a column per column), as a list."
+        return (self.const + (self.kept(dropped)[:, self.term_cols].prod(2) * self.coef).sum(1)).tolist()
 
     def dropped(self, drops):
         "Channels removed per column when target `i` drops units `drops[i]` (indices or a bool per unit)."
@@ -164,25 +170,26 @@ class CostModel:
                     torch.cat([torch.zeros(1, len(cols), dtype=torch.float64), per[o].cumsum(0)])   # in steps)
                     for t, (cols, per), o in zip(self.targets, self.parts, orders)]
 
-    def cost(self, ks):
-        "The cost when target `i` drops the first `ks[i]` units of its order."
+    def dropped_at(self, ks):
+        "Channels removed per column when target `i` drops the first `ks[i]` units of its order."
         out = torch.zeros(len(self.n), dtype=torch.float64)
         for (cols, _), c, k in zip(self.parts, self.cum, ks): out.index_add_(0, cols, c[k])
-        return self.cost_of(out)
+        return out
+
+    def cost(self, ks):
+        "The cost when target `i` drops the first `ks[i]` units of its order."
+        return self.cost_of(self.dropped_at(ks))
 
     def ratio(self, ks): return self.cost(ks) / self.dense
 
     def costs_with(self, ks, changes):
         "For each `(i, k)` of `changes`, the cost when target `i` drops its first `k` units and the others `ks`."
         if not changes: return []
-        out = torch.zeros(len(self.n), dtype=torch.float64)
-        for (cols, _), c, k in zip(self.parts, self.cum, ks): out.index_add_(0, cols, c[k])
-        rows = out.repeat(len(changes), 1)
+        rows = self.dropped_at(ks).repeat(len(changes), 1)
         for r, (i, k) in enumerate(changes):
             cols, c = self.parts[i][0], self.cum[i]
             rows[r].index_add_(0, cols, c[k] - c[ks[i]])
-        kept = 1 - torch.cat([rows, torch.zeros(len(changes), 1, dtype=torch.float64)], 1) / self.channels
-        return (self.const + (kept[:, self.term_cols].prod(2) * self.coef).sum(1)).tolist()
+        return self.costs_of(rows)
 
     def _points(self): return sorted({(1., 1.), *self.measured})
 
@@ -314,23 +321,16 @@ def plan_drops(costs, scores, ratio, method, count, fill=True):
         chosen = ks(hi)
         # put back first where the most is dropped (the percentage stays as even as the units allow)
         first = lambda i, k: k / max(costs.targets[i].units, 1)
-        ranked = None
     else:
         dropped = torch.zeros(len(costs.n), dtype=torch.float64)
         for _ in range(2):   # rank at dense widths, then again at the widths the first plan leaves
             chosen, ranked = _global_prefix(costs, scores, costs.savings(dropped), ratio)
-            dropped = torch.zeros(len(costs.n), dtype=torch.float64)
-            for (cols, _), c, k in zip(costs.parts, costs.cum, chosen): dropped.index_add_(0, cols, c[k])
+            dropped = costs.dropped_at(chosen)
         # put back first the unit ranked most important per unit of cost saved
         first = lambda i, k: float(ranked[i][costs.orders[i][k - 1]])
     floor = [int(torch.isneginf(s).sum()) for s in scores]   # held units stay dropped
     if fill: chosen = _fill(costs, list(chosen), ratio, first, floor)
     return [o[:k] for o, k in zip(costs.orders, chosen)]
-
-
-def _unrounded(costs):
-    "The targets whose units a plan may change one at a time (not those that round their kept channels)."
-    return [i for i, t in enumerate(costs.targets) if not getattr(t, 'round_to', None) or hasattr(t, 'cumulative')]
 
 
 def _fill(costs, ks, ratio, first, floor, most=256):
@@ -343,7 +343,7 @@ def _fill(costs, ks, ratio, first, floor, most=256):
     drops are zero at the next plan and rank first; conv2 kept whole, conv3 halved: the seed net at half its MACs
     lost 5 points)."""
     limit = ratio * costs.dense * (1 + 1e-12)
-    ok = _unrounded(costs)
+    ok = [i for i, t in enumerate(costs.targets) if not getattr(t, 'round_to', None) or hasattr(t, 'cumulative')]
     for _ in range(most):
         can = [i for i in ok if ks[i] > floor[i]]
         if not can: break
