@@ -182,6 +182,7 @@ class SparsifyCallback(Callback):
         kept for the prunings, and after one the removed units count as zero."""
         self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria, self.layer_type,
                                      example, self.leaf_modules, self.exclude, self.round_to)
+        self.sparsifier.final = self.target
         if not self.prune_every: return
         self._example = example
         if self._origins is None:

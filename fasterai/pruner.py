@@ -155,6 +155,7 @@ class Pruner:
         else:
             sp = Sparsifier(model, 'filter', self.method, self.criteria, self.layer_type, self.example_input,
                             self.leaf_modules, round_to=self.round_to)
+            sp.final = self.target
             if isinstance(self.target, Latency): sp.calibrate(self.target)
             graph, masks = sp.graph, sp.plan_masks(self.sparsity if self.target is None else self.target)
         example = self.example_input if is_tensors(self.example_input) else graph.input_shape

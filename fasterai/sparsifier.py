@@ -159,6 +159,7 @@ class Sparsifier(SparsityReport):
         self.maskset = MaskSet(dict(model.named_parameters(remove_duplicate=False)), len(self.targets))
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
         self.planned = None  # the budget those masks were planned for (None: a sparsity): kept until it changes
+        self.final = None   # the budget a schedule ends on (its plan may trade a costly unit: `budget._trade`)
         self._refill = None  # the weights when `measure` first timed the model: what it refills masked zeros with
         self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
         self.example_input, self.costs = example_input, {}   # the cost models of budgets, by budget (ratio aside)
@@ -240,7 +241,8 @@ class Sparsifier(SparsityReport):
             ratio = max(ratio, costs.floor + 1e-9)
         # (a Latency plan is not filled: its modelled cost only guides the plans `calibrate` times, which searches
         # finer plans itself)
-        return _Drops(plan_drops(costs, scores, ratio, self.method, count, fill=not isinstance(budget, Latency)))
+        return _Drops(plan_drops(costs, scores, ratio, self.method, count, fill=not isinstance(budget, Latency),
+                                 trade=not isinstance(budget, Latency) and budget == self.final))
 
     def cost_ratio(self, budget):
         """The modelled cost ratio of `budget`'s kind without the units that are zero now (exact for MACs and

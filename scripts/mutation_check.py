@@ -65,6 +65,8 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: no unit put back after the plan stops below the ratio': (
         'fasterai/budget.py', '    for _ in range(most):\n        can = [i for i in ok if ks[i] > floor[i]]',
         '    for _ in range(0):\n        can = [i for i in ok if ks[i] > floor[i]]'),
+    "budget: the final 'global' plan keeps the costly unit it stops on": (
+        'fasterai/budget.py', '    if trade and method != \'local\': chosen', '    if False: chosen'),
     'sensitivity: damage ignored': (
         'fasterai/sensitivity.py', '                per = max(damage[i][up[i]] - damage[i][level[i]], 0.) / saved',
         '                per = 1 / saved'),
