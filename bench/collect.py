@@ -275,11 +275,12 @@ def budget(results):
 
 def timing_noise(results):
     "The same two models timed again (timing_noise.md): per model, the range of the ratio and the share within 3%."
-    t = read_table(results / 'timing_noise.md', 1, ['model', 'process', 'smallest', 'median', 'largest',
+    t = read_table(results / 'timing_noise.md', 1, ['threads', 'model', 'process', 'smallest', 'median', 'largest',
                                                      'timings within 3% of the median of all'])
     rows = [r for r in t.rows if r['process'] == 'all']
     if not rows: raise TableError(f"{t.where('process')}: no row 'all'")
-    each = '; '.join(f"{r['model']} {t.number_in(r, 'smallest'):.3f} to {t.number_in(r, 'largest'):.3f} (median "
+    each = '; '.join(f"{r['model']} at {r['threads']} thread{'s' * (r['threads'] != '1')} "
+                     f"{t.number_in(r, 'smallest'):.3f} to {t.number_in(r, 'largest'):.3f} (median "
                      f"{t.number_in(r, 'median'):.3f}; {r['timings within 3% of the median of all']} within 3% of it)"
                      for r in rows)
     return (f'How repeatable a latency ratio is on this machine: the same pruned model over its dense model, timed '
