@@ -167,19 +167,36 @@ def child(arch, n_train, epochs, seed, runs, threads):
 
 
 def plot(rows, path, threads):
+    """Pruned accuracy against the latency timed after the fit, a panel per model: a colour per method, a marker per
+    budget (filled: seed 0, hollow: other seeds), the dense net as a black star."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     archs = sorted({r['arch'] for r in rows})
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
+    methods = list(dict.fromkeys(r['method'] for r in rows if r['budget'] != 'dense'))
+    colour = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    marker = {'MACs': 'o', 'Latency': 's', 'Params': '^'}
+    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs) + 2.5, 4), squeeze=False)
     for ax, arch in zip(axes[0], archs):
-        mine = [r for r in rows if r['arch'] == arch]
-        for r in mine:
-            label = 'dense' if r['budget'] == 'dense' else f"{r['budget'].split('(')[0]} {r['asked']:g}, {r['method']}"
-            ax.scatter(r['latency'], r['acc'], label=f"{label} (seed {r['seed']})", s=25)
-        ax.set_title(arch); ax.set_xlabel(f'latency, pruned / dense (batch 64, {threads} thread{"s" * (threads > 1)}, timed)')
-        ax.set_ylabel('pruned accuracy (%)'); ax.legend(fontsize=6)
-    fig.tight_layout(); fig.savefig(path, dpi=110)
+        for r in (r for r in rows if r['arch'] == arch):
+            first = r['seed'] == min(q['seed'] for q in rows)
+            if r['budget'] == 'dense':
+                ax.scatter(r['latency'], r['acc'], marker='*', s=90, c='k' if first else 'none', edgecolors='k')
+                continue
+            c = colour[r['method']]
+            ax.scatter(r['latency'], r['acc'], marker=marker[r['budget'].split('(')[0]], s=32,
+                       c=[c] if first else 'none', edgecolors=[c])
+        ax.set_title(arch); ax.grid(alpha=0.3)
+        ax.set_xlabel(f'latency, pruned / dense (batch 64, {threads} thread{"s" * (threads > 1)}, timed)')
+        ax.set_ylabel('pruned accuracy (%)')
+    handles = [Line2D([], [], ls='', marker='s', color=colour[m], label=m) for m in methods]
+    handles += [Line2D([], [], ls='', marker=mk, color='grey', label=f'{b} budget') for b, mk in marker.items()]
+    handles += [Line2D([], [], ls='', marker='*', color='k', markersize=10, label='dense'),
+                Line2D([], [], ls='', marker='o', color='grey', label='seed 0 (filled)'),
+                Line2D([], [], ls='', marker='o', mfc='none', color='grey', label='seed 1 (hollow)')]
+    fig.legend(handles=handles, loc='center right', fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1)); fig.savefig(path, dpi=110)
 
 
 def table(rows):
