@@ -335,17 +335,20 @@ def plan_drops(costs, scores, ratio, method, count, fill=True, trade=False):
     return [o[:k] for o, k in zip(costs.orders, chosen)]
 
 
+def _unrounded(costs):
+    "The targets whose units a plan may change one at a time (not those that round their kept channels)."
+    return [i for i, t in enumerate(costs.targets) if not getattr(t, 'round_to', None) or hasattr(t, 'cumulative')]
+
+
 def _fill(costs, ks, ratio, first, floor, most=256):
     """`ks` with units put back, one at a time, while the cost stays within `ratio`: the plan may end on a costly unit
     (a channel of a wide layer) and leave the cost below the ratio by more than smaller units cost ('local' on the
     small ResNet at 0.3 of its parameters: 0.290 without). Each round puts back, of the targets whose last dropped
     unit fits, the one `first(i, k)` ranks highest; not in targets that round their kept channels (`round_to`).
-    At most `most` units. Only units the plan itself dropped come back: a plan that instead kept the costly unit
-    and dropped more of the next ones ('global') was tried, and over a fit it moved the allocation (the units it
-    drops are zero at the next plan and rank first; conv2 kept whole, conv3 halved: the seed net at half its MACs
-    lost 5 points)."""
+    At most `most` units. Only units the plan itself dropped come back (trading a costly unit for more of the next
+    ranked ones: `_trade`, on the final plan only)."""
     limit = ratio * costs.dense * (1 + 1e-12)
-    ok = [i for i, t in enumerate(costs.targets) if not getattr(t, 'round_to', None) or hasattr(t, 'cumulative')]
+    ok = _unrounded(costs)
     for _ in range(most):
         can = [i for i in ok if ks[i] > floor[i]]
         if not can: break
@@ -365,15 +368,16 @@ def _trade(costs, ks, ranked, ratio, first, floor):
     of a schedule, the units it drops instead are zero at the next plan and rank first, and the allocation drifts
     (tried: conv2 kept whole, conv3 halved, the seed net at half its MACs 5 points lower)."""
     limit = ratio * costs.dense * (1 + 1e-12)
-    ok = [i for i, t in enumerate(costs.targets) if not getattr(t, 'round_to', None) or hasattr(t, 'cumulative')]
+    ok = _unrounded(costs)
     best, best_cost = ks, costs.cost(ks)
     for big in [i for i in ok if ks[i] > floor[i]]:
         base = list(ks)
         base[big] -= 1
         for _ in range(sum(t.units for t in costs.targets)):   # down the ranking, without `big`, until the ratio holds
             if costs.cost(base) <= limit: break
-            nxt = [(float(ranked[j][costs.orders[j][base[j]]]), j) for j in ok if j != big
-                   and base[j] < costs.targets[j].units and math.isfinite(ranked[j][costs.orders[j][base[j]]])]
+            nxt = [(float(ranked[j][costs.orders[j][base[j]]]), j) for j in ok
+                   if j != big and base[j] < costs.targets[j].units]   # (the next unit's key; inf: a target's best)
+            nxt = [p for p in nxt if math.isfinite(p[0])]
             if not nxt: break
             base[min(nxt)[1]] += 1
         else: continue
