@@ -326,6 +326,7 @@ def plan_drops(costs, scores, ratio, method, count, fill=True, trade=False):
         dropped = torch.zeros(len(costs.n), dtype=torch.float64)
         for _ in range(2):   # rank at dense widths, then again at the widths the first plan leaves
             chosen, ranked = _global_prefix(costs, scores, costs.savings(dropped), ratio)
+            if any(_steps(t) for t in costs.targets): chosen = _global_blocks(costs, ranked, ratio)
             dropped = costs.dropped_at(chosen)
         # put back first the unit ranked most important per unit of cost saved
         first = lambda i, k: float(ranked[i][costs.orders[i][k - 1]])
@@ -412,6 +413,46 @@ def _global_prefix(costs, scores, savings, ratio):
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if costs.ratio(ks(mid)) <= ratio else (mid + 1, hi)
     return ks(lo), ranked
+
+
+def _steps(t):
+    """Target `t`'s kept units per multiple of its `round_to` (None: it does not round; a group that shuffles its
+    channels rounds them itself)."""
+    r = getattr(t, 'round_to', None)
+    if not r or hasattr(t, 'cumulative'): return None
+    return r // math.gcd(r, t.group.tie * t.group.width)
+
+
+def _global_blocks(costs, ranked, ratio):
+    """Units per target of the shortest prefix, in one ranking of blocks over all targets, that meets the ratio, where
+    each target that rounds (`round_to`) drops whole blocks: the units down to the largest multiple of its step below
+    its width, then a step at a time, never its last step (so its kept channels are a multiple of `round_to`, or all
+    of them; a group narrower than a step stays whole). A block ranks by its units' mean key (score over cost saved),
+    so a target's blocks come in its own order."""
+    keys, owner, size = [], [], []
+    for i, (t, r) in enumerate(zip(costs.targets, ranked)):
+        step, n = _steps(t), t.units
+        sizes = [1] * (n - 1) if step is None else \
+            ([n - (n - 1) // step * step] + [step] * ((n - 1) // step - 1) if n > step else [])
+        k = 0
+        for b in sizes:
+            v = r[costs.orders[i][k:k + b]].double()
+            keys.append(-math.inf if torch.isneginf(v).any() else float(v.mean()))
+            owner.append(i)
+            size.append(b)
+            k += b
+    order = sorted(range(len(keys)), key=lambda j: keys[j])   # (stable: a target's blocks stay in its order)
+    def ks(m):
+        out = [0] * len(costs.targets)
+        for j in order[:m]: out[owner[j]] += size[j]
+        return out
+    top = len(order)
+    _reachable(costs, ks(top), ratio)
+    lo, hi = sum(keys[j] == -math.inf for j in order), top
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if costs.ratio(ks(mid)) <= ratio else (mid + 1, hi)
+    return ks(lo)
 
 
 def _reachable(costs, ks, ratio):

@@ -97,8 +97,9 @@ class SparsifyCallback(Callback):
         self.lth, self.rewind_epoch = lth, _check_epoch(rewind_epoch, 'rewind_epoch')   # lottery-ticket rewinding
         self.exclude, self.leaf_modules = exclude, leaf_modules  # layers left dense; modules the tracer keeps whole
         self.round_to = check_round_to(round_to)                 # kept channels per group a multiple of it
-        if round_to is not None and self.method != 'local':     # (the Sparsifier would say so only at the first batch)
-            raise ValueError(f"round_to rounds the kept channels of each group: it needs method='local', got {method!r}")
+        if round_to is not None and self.method == 'global' and target is None:   # (the Sparsifier would say so only
+            raise ValueError("round_to with method='global' rounds the plans of a budget: pass target=MACs(...), "   # at
+                             "Params(...) or Latency(...) instead of a sparsity, or use method='local'")   # the first batch)
         self.prune_every = _check_prune_every(prune_every, granularity, lth, criteria)   # epochs between prunings
         self.sparsifier, self.history, self._rewind, self._origins, self._dense = None, [], None, None, None
         self._start = self.start_sparsity   # the schedule's start in this fit: raised to the sparsity found

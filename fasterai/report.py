@@ -54,13 +54,14 @@ def latency_ms(model, example_input, min_run_time=1.0, threads=None):
     """Median CPU latency in milliseconds of one eval-mode forward pass (torch.utils.benchmark), after one forward and
     backward pass of a copy (`latency.warm_allocator`: the allocator in the state training leaves it in); denormal
     weights are timed as zeros (`latency.without_denormals`)."""
-    from .latency import warm_allocator, without_denormals
+    from .latency import steady_allocator, warm_allocator, without_denormals
     model = without_denormals(model)   # (a masked weight the optimizer moved: see there)
-    warm_allocator(model, example_args(model, example_input))
-    with training_mode(model, False), torch.inference_mode():
-        timer = Timer('model(*x)', globals={'model': model, 'x': example_args(model, example_input)},
-                      num_threads=threads or torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    with steady_allocator(), training_mode(model, False):
+        warm_allocator(model, example_args(model, example_input))
+        with torch.inference_mode():
+            timer = Timer('model(*x)', globals={'model': model, 'x': example_args(model, example_input)},
+                          num_threads=threads or torch.get_num_threads())
+            return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def layer_shapes(model):

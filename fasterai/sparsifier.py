@@ -145,9 +145,9 @@ class Sparsifier(SparsityReport):
         if isinstance(self.granularity, NM) and method == 'global':
             raise ValueError("N:M sparsity is the same count in every block: use method='local'")
         check_round_to(round_to)
-        if round_to is not None and (self.granularity not in STRUCTURAL or method != 'local'):
+        if round_to is not None and self.granularity not in STRUCTURAL:
             raise ValueError("round_to rounds the kept channels of each group: it needs granularity='filter' (or "
-                             "'head') and method='local'")
+                             f"'head'), got {granularity!r}")
         self.round_to = round_to
         self.layers = find_layers(model, targeted_type(self.granularity, layer_type), exclude, self.granularity)
         self.excluded = _excluded(model, exclude)
@@ -219,6 +219,9 @@ class Sparsifier(SparsityReport):
             if self.graph is None: raise ValueError(f'a budget ({sparsity!r}) chooses whole channels: it needs '
                                                     f"granularity='filter' (or 'row', 'head'), got {self.granularity!r}")
             return sparsity
+        if self.round_to is not None and self.method == 'global':
+            raise ValueError(f"round_to with method='global' rounds the plans of a budget: pass target=MACs(...), "
+                             f"Params(...) or Latency(...) instead of a sparsity ({sparsity!r}), or use method='local'")
         return check_sparsities(sparsity, self.method, self.layers)
 
     def cost_model(self, budget):

@@ -67,6 +67,12 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         '    for _ in range(0):\n        can = [i for i in ok if ks[i] > floor[i]]'),
     "budget: the final 'global' plan keeps the costly unit it stops on": (
         'fasterai/budget.py', '    if trade and method != \'local\': chosen', '    if False: chosen'),
+    "budget: 'global' with round_to plans units one at a time": (
+        'fasterai/budget.py', '            if any(_steps(t) for t in costs.targets): chosen',
+        '            if False: chosen'),
+    'latency: timed with the allocator as the process left it': (
+        'fasterai/latency.py', '        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)\n        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)',
+        '        pass'),
     'sensitivity: damage ignored': (
         'fasterai/sensitivity.py', '                per = max(damage[i][up[i]] - damage[i][level[i]], 0.) / saved',
         '                per = 1 / saved'),
