@@ -39,6 +39,7 @@ bench: bench-setup data   ## every benchmark table and plot in bench/results (BE
 	$(BIN)/python bench/width_steps.py --out bench/results/width_steps.md
 	$(BIN)/python bench/timing_noise.py --out bench/results/timing_noise.md
 	$(BIN)/python bench/latency_model.py --out bench/results/latency_model.md
+	$(BIN)/python bench/allocator.py --out bench/results/allocator.md
 	$(BIN)/python bench/accuracy.py --out bench/results/accuracy.md
 	$(BIN)/python bench/collect.py
 

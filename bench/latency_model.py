@@ -2,7 +2,8 @@
 
 The seed net and the small ResNet of bench/accuracy.py (random weights, seed 0, eval, batch 64, --threads threads)
 are planned for `Latency(r)` at a few ratios r with `method='local'` (one percentage for every channel group) and
-`method='global'` (ranked per unit of modelled time saved), before any calibration: "modelled" is the cost model's
+`method='global'` (ranked per unit of modelled time saved; with `round_to=8`, in blocks that keep every group's
+channels a multiple of 8), before any calibration: "modelled" is the cost model's
 ratio for the plan (`Sparsifier.cost_ratio`: the per-layer table of `fasterai.latency`, each layer timed at full
 and half widths and fitted as a + b*f_in + c*f_out + d*f_in*f_out), "timed" the median of 3 timings of the pruned
 copy against the dense model (`Sparsifier.measure`). "kept" lists the channels each group keeps, in the order of the
@@ -40,10 +41,11 @@ def main():
     lines = ['| model | method | asked | modelled | timed | timed / modelled | kept per group |',
              '|---|---|---|---|---|---|---|']
     for name, make in (('seed_net', lambda: Net(in_channels=1)), ('small_resnet', SmallResNet)):
-        for method in ('local', 'global'):
+        for method, round_to in (('local', None), ('global', None), ('global', 8)):
             torch.manual_seed(0)
             sp = Sparsifier(make().eval(), 'filter', method, 'l1', (torch.nn.Conv2d, torch.nn.Linear),
-                            example_input=x[:2])
+                            example_input=x[:2], round_to=round_to)
+            if round_to: method = f'{method}, round_to {round_to}'
             for r in args.ratios:
                 budget = Latency(r, batch_size=64, threads=args.threads)
                 sp.sparsify(budget)

@@ -115,13 +115,17 @@ class CostModel:
         self.channels = torch.tensor(self.n + [1], dtype=torch.float64)
         self.dense = self.cost_of(torch.zeros(len(self.n)))
         self.orders = None
-        self.floor = self.cost_of(self.dropped([torch.arange(1, t.units) for t in targets])) / self.dense
-        # (the modelled ratio with every target down to one unit)
         self.measured = []   # (modelled ratio, measured ratio) of plans timed on pruned copies (`Sparsifier.calibrate`)
         self.pinned = {}     # ratio asked -> the modelled ratio whose plan timed closest to it
         self.plans = {}      # ratio asked -> the drops of a finer plan that timed closer still (`calibrate(fine=)`)
         self.plan_ratio = {}  # ratio asked -> what that finer plan timed
         self.timed = 0       # plans the last calibration timed
+
+    def floor(self):
+        """The modelled ratio with every target at its narrowest: one unit, or one step of its `round_to` (its width
+        when narrower)."""
+        return self.cost_of(self.dropped([torch.arange(min(_steps(t) or 1, t.units), t.units)
+                                          for t in self.targets])) / self.dense
 
     def _col(self, module, role, model):
         key = (module, role)
@@ -458,6 +462,7 @@ def _global_blocks(costs, ranked, ratio):
 def _reachable(costs, ks, ratio):
     r = costs.ratio(ks)
     if r > ratio + 1e-12:
-        raise ValueError(f'{costs.budget.at(ratio)!r} cannot be reached: with every targeted layer down to one unit the '
+        raise ValueError(f'{costs.budget.at(ratio)!r} cannot be reached: with every targeted layer down to one unit (or '
+                         'to round_to channels) the '
                          f'{costs.budget.metric} come to {r:.3f} of the dense model\'s (the rest is in layers no target '
                          'changes: the input and output, frozen or excluded groups, other layer types)')

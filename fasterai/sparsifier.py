@@ -129,8 +129,9 @@ class Sparsifier(SparsityReport):
     `example_input`: a tensor, a tuple of tensors (one per input) or a shape for tracing at 'filter' (guessed when None).
     `leaf_modules`: names or types of modules the tracer keeps whole ('filter'; see `graph.trace`).
     `exclude`: qualified names of modules (or the modules) whose layers are left dense.
-    `round_to`: at 'filter' and 'local', round each group's kept channels to a multiple of it (8 or 16 suit
-    vectorised kernels; a group smaller than it is left whole). 'auto': with a `Latency` budget, plans rounded to
+    `round_to`: at 'filter' (or 'head'), round each group's kept channels to a multiple of it (8 or 16 suit
+    vectorised kernels; a group smaller than it is left whole): 'local', the one percentage rounded per group;
+    'global' (budgets only), blocks of that many channels ranked over all groups. 'auto': with a `Latency` budget, plans rounded to
     multiples of each of `AUTO_ROUND` are timed too, and pruned where they pay (see `calibrate`); otherwise no
     rounding.
     A model wrapped in DataParallel or DistributedDataParallel is sparsified through its `module`; under DDP
@@ -241,7 +242,7 @@ class Sparsifier(SparsityReport):
         if round(budget.ratio, 9) in costs.plans: return costs.plans[round(budget.ratio, 9)]   # timed (calibrate)
         ratio = costs.modelled_for(budget.ratio)
         if isinstance(budget, Latency):   # a ratio past what the model can reach: as far as it goes (timing tells)
-            ratio = max(ratio, costs.floor + 1e-9)
+            ratio = max(ratio, costs.floor() + 1e-9)
         # (a Latency plan is not filled: its modelled cost only guides the plans `calibrate` times, which searches
         # finer plans itself)
         return _Drops(plan_drops(costs, scores, ratio, self.method, count, fill=not isinstance(budget, Latency),
