@@ -453,6 +453,18 @@ def test_global_round_to_drops_whole_blocks_of_groups_off_a_multiple():
     assert any(k != n for n, k in widths) and 0.45 <= pr.reached <= 0.5, (widths, pr.reached)
 
 
+def test_the_floor_of_a_rounded_plan_keeps_a_step_per_group():
+    """With round_to, a group keeps at least round_to channels, so the narrowest plan costs more than one unit per
+    group: a Latency budget below it is planned at that floor, not refused as past one unit per group."""
+    sp = Sparsifier(Net(in_channels=1), 'filter', 'global', 'l1', LAYERS, example_input=(2, 1, 28, 28))
+    costs = sp.cost_model(MACs(0.5))
+    unrounded = costs.floor()
+    for t in sp.targets: t.round_to = 8
+    assert costs.floor() > unrounded
+    assert costs.floor() == pytest.approx(costs.cost_of(costs.dropped([torch.arange(8, t.units) for t in sp.targets]))
+                                          / costs.dense)
+
+
 def _kept_of(sp, masks):
     "The channels each target keeps as `masks` drop."
     return [int(t.units - d.sum()) * t.group.tie * t.group.width for t, d in zip(sp.targets, _drops_of(sp, masks))]
