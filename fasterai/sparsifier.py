@@ -220,7 +220,7 @@ class Sparsifier(SparsityReport):
             if self.graph is None: raise ValueError(f'a budget ({sparsity!r}) chooses whole channels: it needs '
                                                     f"granularity='filter' (or 'row', 'head'), got {self.granularity!r}")
             return sparsity
-        if self.round_to is not None and self.method == 'global':
+        if self.round_to is not None and self.method == 'global' and sparsity != 0:   # (0: a fit that holds the masks)
             raise ValueError(f"round_to with method='global' rounds the plans of a budget: pass target=MACs(...), "
                              f"Params(...) or Latency(...) instead of a sparsity ({sparsity!r}), or use method='local'")
         return check_sparsities(sparsity, self.method, self.layers)

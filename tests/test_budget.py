@@ -465,6 +465,16 @@ def test_the_floor_of_a_rounded_plan_keeps_a_step_per_group():
                                           / costs.dense)
 
 
+def test_global_round_to_holds_through_a_frozen_phase():
+    """fine_tune's frozen epoch holds the masks (the callback asks for 0%): 'global' with round_to takes that, and
+    refuses any other percentage with the way out."""
+    sp = Sparsifier(Net(in_channels=1), 'filter', 'global', 'l1', LAYERS, example_input=(2, 1, 28, 28), round_to=8)
+    sp.sparsify(0.)
+    assert all(bool(m.all()) for m in sp.masks.values())
+    with pytest.raises(ValueError, match=r"round_to with method='global' rounds the plans of a budget.*\(30\)"):
+        sp.sparsify(30)
+
+
 def _kept_of(sp, masks):
     "The channels each target keeps as `masks` drop."
     return [int(t.units - d.sum()) * t.group.tie * t.group.width for t, d in zip(sp.targets, _drops_of(sp, masks))]
