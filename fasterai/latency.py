@@ -128,8 +128,9 @@ def _glibc():
     "glibc's C library (for `mallopt`), or None elsewhere."
     import ctypes
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc': return None
-    try: return ctypes.CDLL(None) if hasattr(ctypes.CDLL(None), 'mallopt') else None
+    try: libc = ctypes.CDLL(None)
     except OSError: return None
+    return libc if hasattr(libc, 'mallopt') else None
 
 
 @contextlib.contextmanager
