@@ -422,9 +422,7 @@ def _global_prefix(costs, scores, savings, ratio):
 def _steps(t):
     """Target `t`'s kept units per multiple of its `round_to` (None: it does not round; a group that shuffles its
     channels rounds them itself)."""
-    r = getattr(t, 'round_to', None)
-    if not r or hasattr(t, 'cumulative'): return None
-    return r // math.gcd(r, t.group.tie * t.group.width)
+    return None if hasattr(t, 'cumulative') or not hasattr(t, 'step') else t.step()
 
 
 def _global_blocks(costs, ranked, ratio):

@@ -134,10 +134,14 @@ class GroupTarget:
         The percentage is of `origin` units: a group a pruning made smaller counts its removed units as zero."""
         drop = self._unrounded(sparsity)
         if not self.round_to or drop == 0: return drop
-        per = self.group.tie * self.group.width   # channels per unit
-        step = self.round_to // math.gcd(self.round_to, per)   # kept units per multiple of round_to
+        step = self.step()
         kept = max(step, step * round_half_up((self.units - drop) / step))
         return max(self.units - kept, 0)
+
+    def step(self):
+        "Kept units per multiple of `round_to` channels (None: no rounding)."
+        if not self.round_to: return None
+        return self.round_to // math.gcd(self.round_to, self.group.tie * self.group.width)   # (tie * width: per unit)
 
     def _unrounded(self, sparsity):
         "Units to zero before `round_to`: round(sparsity% of `origin`), less those a pruning removed, keeping one."
