@@ -27,7 +27,9 @@ whatever else runs, and the same pair of models (the small ResNet at half its fi
 2 threads within and across processes, against 0.421 to 0.465 at one, within 4% of the median in each process
 (bench/results/timing_noise.md). "Reached" is the ratio of the budget's own cost.
 "Latency timed in the fit" is what the callback's last calibration timed for the plan it pruned (at 2/3 of the fit,
-against the model of that moment): the two differ by the timing noise of this machine.
+against the model of that moment, its masked channels given the values they were dropped with): the two differ by
+the timing noise of this machine, and by what the last third of the fit changes. "Dead channels kept": channels of
+the pruned model whose weights are below 1e-3 of their layer's largest (see `dead_kept`).
 The recovery table runs the seed net at half the latency on the longer budget (--long-n-train, --long-epochs), with
 and without distillation; its row 'uniform + KD of fasterai 0.4.1' trains as 'uniform + KD' with fasterai 0.4.1's
 `KnowledgeDistillationCallback` (its `SoftTarget` loss at T = 4, weight 0.5) in place of ours. fasterai 0.4.1 has no
@@ -164,6 +166,7 @@ def child(arch, n_train, epochs, seed, runs, threads):
                    macs=count_macs(p, xb[:1]) / count_macs(d, xb[:1]), params=count_params(p) / count_params(d),
                    latency=latency_ratio(p, d, xb[:64], threads=threads), threads=threads)
         row['reached'] = {'MACs': row['macs'], 'Params': row['params'], 'Latency': row['latency']}[bname]
+        row['dead'] = dead_kept(p)
         fit = re.findall(r'the closest at ([0-9.]+) of the dense model', printed.getvalue())
         if fit: row['fit'] = float(fit[-1])   # the callback's last calibration: the plan pruned, timed in the fit
         row['asked'] = budget.ratio
@@ -203,15 +206,27 @@ def plot(rows, path, threads):
     fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1)); fig.savefig(path, dpi=110)
 
 
+def dead_kept(model):
+    """Channels the pruned `model` kept that compute nothing: output rows of its convs and linear layers below 1e-3 of
+    the layer's largest (a channel the masks dropped, then gave back as zeros: only the optimizer's momentum moves it)."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            r = m.weight.detach().flatten(1).abs().sum(1)
+            n += int((r < 1e-3 * r.max()).sum())
+    return n
+
+
 def table(rows):
     lines = ['| model | seed | budget | method | pruned acc. | - dense | reached (asked) | MACs ratio | params ratio | '
-             'latency ratio | latency timed in the fit |', '|' + '---|' * 11]
+             'latency ratio | latency timed in the fit | dead channels kept |', '|' + '---|' * 12]
     dense = {(r['arch'], r['seed']): r['acc'] for r in rows if r['budget'] == 'dense'}
     for r in rows:
         asked = f" ({r['asked']:g})" if 'asked' in r else ''
         lines.append(f"| {r['arch']} | {r['seed']} | {r['budget']} | {r['method']} | {r['acc']:.2f} | "
                      f"{r['acc'] - dense[(r['arch'], r['seed'])]:+.2f} | {r['reached']:.3f}{asked} | {r['macs']:.3f} | "
-                     f"{r['params']:.3f} | {r['latency']:.3f} | {format(r['fit'], '.3f') if 'fit' in r else ''} |")
+                     f"{r['params']:.3f} | {r['latency']:.3f} | {format(r['fit'], '.3f') if 'fit' in r else ''} | "
+                     f"{r.get('dead', '')} |")
     return lines
 
 

@@ -1,13 +1,16 @@
-"""Does a CPU time depend on the values, not only the shapes? What `Sparsifier.measure` refills masked zeros with.
+"""Does a CPU time depend on the values, not only the shapes? What `Sparsifier.measure` gives masked units.
 
 A latency budget is calibrated by timing pruned copies of the model against a dense reference while it trains.
-The masks hold some weights at zero then; the timed copies have them refilled (the masks decide what goes, not the
-zeros, and near-zero values would be timed as slow denormals). Part 1 times single operations on random inputs and
+The masks hold some weights at zero then; the timed copies give the masked units back the values they had when
+dropped (the masks decide what goes, not the zeros; entries left near zero are made zero, or they would be timed
+as slow denormals). Part 1 times single operations on random inputs and
 on the same inputs with half the channels constant (what a filter of constant weights feeds on). Part 2 times the
 seed net (random weights, batch 64, eval) as `Sparsifier.measure` does for `Latency(0.5)` ('local', L1): the plan
-timed before its masks are applied, then after (the model holding their zeros), with the masked zeros refilled as
-`measure` does now (the values first timed) and as it did before (made 1); and the dense model with its masked
-filters made 1 against the dense model itself. Medians of `torch.utils.benchmark` runs; ratios of interleaved runs.
+timed before its masks are applied, then after (the model holding their zeros), with the masked units given back
+the values they were dropped with, as `measure` does, and made 1 (as it did at first, and still does for units
+dropped with no values kept: zeros found, a state loaded); and the dense model with its masked filters made 1,
+and left at zero (their channels constant: what a copy timed as the model holds it would be), against the dense
+model itself. Medians of `torch.utils.benchmark` runs; ratios of interleaved runs.
 
 Run: `.venv/bin/python bench/timed_values.py [--threads 1 2] [--out bench/results/timed_values.md]`
 """
@@ -57,21 +60,24 @@ def net_row(threads):
     before = sp.measure(budget, masks)
     sp.sparsify(budget)
     after = sp.measure(budget, masks)
-    sp._refill = {}   # as before: every masked zero made 1
+    sp._saved_units = [None if s is None else torch.zeros_like(s) for s in sp._saved_units]   # no values kept: 1
     ones = sp.measure(budget, masks)
     constant = copy.deepcopy(model)
     with torch.no_grad():
         for p in constant.parameters(): p.masked_fill_(p == 0, 1.)
-    fast = latency_ratio(constant, dense, batch_of(dense, (2, 1, 28, 28), 64), threads)
-    return f'| {threads} | {before:.3f} | {after:.3f} | {ones:.3f} | {fast:.3f} |'
+    example = batch_of(dense, (2, 1, 28, 28), 64)
+    fast = latency_ratio(constant, dense, example, threads)
+    zero = latency_ratio(model, dense, example, threads)
+    return f'| {threads} | {before:.3f} | {after:.3f} | {ones:.3f} | {fast:.3f} | {zero:.3f} |'
 
 
 def main():
     args = threads_args(__doc__)
     lines = ['| threads | operation | random input, us | half the channels constant, us | ratio |', '|---|---|---|---|---|']
     for t in args.threads: lines += op_rows(t)
-    lines += ['', '| threads | plan timed before its masks | after, zeros refilled as first timed | after, zeros made 1 '
-                  '(before this fix) | dense with masked filters made 1, over dense |', '|---|---|---|---|---|']
+    lines += ['', '| threads | plan timed before its masks | after, masked units as dropped | after, masked units made 1 '
+                  '| dense with masked filters made 1, over dense | dense with masked filters zero, over dense |',
+              '|---|---|---|---|---|---|']
     for t in args.threads: lines.append(net_row(t))
     print('\n'.join(lines))
     if args.out: write_result(args.out, 'Timings that depend on values', __doc__, lines)

@@ -18,7 +18,7 @@ from .layers import kind_of
 from .masks import MaskSet
 from .scoring import Scores
 from .report import SparsityReport
-from .targets import by_mean, make_targets, n_zero, weights_of
+from .targets import GroupTarget, by_mean, make_targets, n_zero, weights_of
 from .tracing import check_model, unwrap
 from .schedules import *  # noqa: F401,F403 (re-exported: the seed's `from fasterai.sparsifier import *`)
 from .schedules import __all__ as _schedules
@@ -161,7 +161,9 @@ class Sparsifier(SparsityReport):
         self.counts = None   # the zero units per target ('global': in all) the masks were made for
         self.planned = None  # the budget those masks were planned for (None: a sparsity): kept until it changes
         self.final = None   # the budget a schedule ends on (its plan may trade a costly unit: `budget._trade`)
-        self._refill = None  # the weights when `measure` first timed the model: what it refills masked zeros with
+        self._saved = {}     # tensor name -> CPU copy holding the values of the channel units the masks dropped
+        self._saved_units = [torch.zeros(t.units, dtype=torch.bool) if isinstance(t, GroupTarget) else None
+                             for t in self.targets]   # per channel target, the units whose values `_saved` holds
         self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
         self.example_input, self.costs = example_input, {}   # the cost models of budgets, by budget (ratio aside)
 
@@ -265,37 +267,42 @@ class Sparsifier(SparsityReport):
         `masks` (default: the current masks) drop, over the dense model's."""
         from .pruner import _pruned_copy, plan
         masks = self.masks if masks is None else masks
-        # on a copy whose zero weights are made non-zero: only the masks decide what goes (the model may hold the
-        # zeros of an earlier plan, which pruning it now would also remove). Weights near zero are refilled as well: a
-        # weight the masks hold at zero is moved by the optimizer's decaying momentum between a step and the masks'
-        # re-application (to 1e-30 and below), and its products underflow to denormals, which x86 multiplies tens of
-        # times more slowly (a small ResNet mid-training: 13.4 ms instead of 8.7): the copy, also the dense
-        # reference, is timed for its architecture, not for that moment. They are refilled with the values they had
-        # when this Sparsifier first timed the model (1 where those were zero too), not with a constant: CPU max
-        # pooling branches on its values, and channels of a constant weight pool a third faster than live ones (the
-        # seed net's dense reference with its masked filters made 1 timed 5% faster than the dense model: every plan
-        # calibrated against it went 5% too far)
-        probe = self._probe(isinstance(budget, Latency))
+        # on a copy in which every channel unit the masks dropped holds the values it had when dropped (`_swap`), so
+        # that only `masks` decide what goes (a plan timed by `calibrate` may keep units the model holds at zero now,
+        # which a sparsify to it would give back their values), and the dense reference is the model as it would
+        # compute with all its channels. Not with a constant: CPU max pooling branches on its values, and channels
+        # of a constant output pool a third faster than live ones (bench/results/timed_values.md), so a reference
+        # with constant channels runs faster than the dense model and every plan calibrated against it goes too far.
+        # Entries left near zero are made zero: a weight the masks hold at zero is moved by the optimizer's decaying
+        # momentum between a step and the masks' re-application (to 1e-30 and below), and its products underflow to
+        # denormals, which x86 multiplies tens of times more slowly (a small ResNet mid-training: 13.4 ms instead of
+        # 8.7): the copy is timed for its architecture, not for that moment
+        probe = self._probe()
         keep = plan(dataclasses.replace(self.graph, model=probe), masks)
         pruned = _pruned_copy(probe, keep, masks)
         return reached(budget, probe, pruned, self.example_input if self.example_input is not None else
                        self.graph.input_shape)
 
     @torch.no_grad()
-    def _probe(self, timed=True):
-        """A copy of the model to time, its weights near zero refilled (see `measure`); not `timed` (a count of MACs
-        or parameters), the values do not matter and no weights are kept to refill from."""
+    def _probe(self):
+        """A copy of the model to measure (see `measure`): every channel unit zero now gets back the values put aside
+        when the masks dropped it (1 where none were: zeros found, or a state loaded), other entries near zero are
+        made zero."""
         from .pruner import _computed, copy_modules
-        if self._refill is None and timed:
-            self._refill = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.is_floating_point()}
         probe = copy_modules(self.model, _computed(self.model))
-        for n, p in probe.named_parameters():
-            if not p.is_floating_point(): continue
-            near = p.data.abs() < NEAR_ZERO
-            if not near.any(): continue
-            old = (self._refill or {}).get(n)
-            if old is not None and old.shape == p.shape: p.data[near] = old.to(p.device, p.dtype)[near]
-            p.data.masked_fill_(p.data.abs() < NEAR_ZERO, 1.)
+        tensors = {**dict(probe.named_parameters(remove_duplicate=False)),
+                   **dict(probe.named_buffers(remove_duplicate=False))}
+        for t, saved in zip(self.targets, self._saved_units):
+            if saved is None: continue
+            zero = t.zero_units(NEAR_ZERO)
+            for name, _, d, idx in t.state(zero & saved):
+                x = tensors[name]
+                x.index_copy_(d, idx.to(x.device), self._saved[name].index_select(d, idx).to(x.device, x.dtype))
+            for name, _, d, idx in t.state(zero & ~saved):
+                x = tensors[name]
+                if isinstance(x, nn.Parameter): x.index_fill_(d, idx.to(x.device), 1.)
+        for x in probe.parameters():
+            if x.is_floating_point(): x.masked_fill_(x.abs() < NEAR_ZERO, 0.)
         return probe
 
     def calibrate(self, budget, tol=0.015, steps=6, fresh=False, fine=5):
@@ -483,11 +490,34 @@ class Sparsifier(SparsityReport):
         """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units and apply the masks.
         A target is re-scored only when its count of zero units changes ('global': when the total changes).
         Returns True when the masks changed."""
+        before = list(self.maskset.by_target)
         rescored = self._rescore(sparsity)
+        if rescored: self._swap(before)
         self.apply_masks()
         if rescored and self.criterion.updating:   # the reference moves only where masks were chosen anew
             self.set_reference([n for t in rescored for n in t.scored()])
         return rescored is not None
+
+    @torch.no_grad()
+    def _swap(self, before):
+        """Channel units the masks drop now (were not dropped under `before`, each target's masks before) have their
+        values put aside; units they release get back the values they had when dropped. A channel unit is zeroed in
+        every producer row, bias and norm scale and shift, so released as zeros it would stay dead: its output is
+        constant, and after a norm whose scale is zero, or before a ReLU, no gradient reaches its weights. It would
+        cost what a live channel costs and compute nothing; and as a constant output pools faster on a CPU, the
+        pruned model would time faster than the plan timed in the fit (the seed net's Latency(0.5) plans timed
+        0.487-0.512 at 2/3 of the fit and 0.454-0.485 after it when units came back as zeros: the rows at 14a50b5 in
+        bench/results/budget.md's history). Running statistics come back with them."""
+        for i, (t, old, new) in enumerate(zip(self.targets, before, self.maskset.by_target)):
+            if old is new or self._saved_units[i] is None: continue
+            was, now = t.dropped(old), t.dropped(new)
+            gone, back = now & ~was, was & ~now & self._saved_units[i]
+            for name, x, d, idx in t.state(gone):
+                if name not in self._saved: self._saved[name] = torch.zeros(x.shape, dtype=x.dtype)
+                self._saved[name].index_copy_(d, idx, x.detach().index_select(d, idx.to(x.device)).cpu())
+            for name, x, d, idx in t.state(back):
+                x.index_copy_(d, idx.to(x.device), self._saved[name].index_select(d, idx).to(x.device, x.dtype))
+            self._saved_units[i] |= gone
 
     @torch.no_grad()
     def plan_masks(self, sparsity):
@@ -542,10 +572,11 @@ class Sparsifier(SparsityReport):
 
     # ------------------------------------------------------------ state
     def state_dict(self):
-        "Each target's masks, the zero counts they were made for, and the criterion's state: what resuming needs."
+        """Each target's masks, the zero counts they were made for, the criterion's state and the values of the units
+        dropped (what a plan that gives them back restores): what resuming needs."""
         return {'counts': None if self.counts is None else list(self.counts),
                 'target_masks': list(self.maskset.by_target), 'ref': dict(self.ref), 'acc': dict(self.acc),
-                'held': list(self.held),
+                'held': list(self.held), 'saved': dict(self._saved), 'saved_units': list(self._saved_units),
                 'planned': None if self.planned is None else (type(self.planned).__name__, dict(vars(self.planned)))}
 
     @torch.no_grad()
@@ -558,10 +589,20 @@ class Sparsifier(SparsityReport):
         if len(held) != len(self.targets) or any(h is not None and h.numel() != t.units
                                                  for h, t in zip(held, self.targets)):
             raise ValueError(unfit + 'the held units do not match the targets')
+        saved, units = state.get('saved', {}), state.get('saved_units')   # (a state saved before: none kept)
+        units = [None if u is None else torch.zeros_like(u) for u in self._saved_units] if units is None else units
+        tensors = {**dict(self.model.named_parameters(remove_duplicate=False)),
+                   **dict(self.model.named_buffers(remove_duplicate=False))}
+        if len(units) != len(self.targets) or any((u is None) != (v is None) or (u is not None and u.shape != v.shape)
+                                                  for u, v in zip(units, self._saved_units)) \
+                or any(n not in tensors or tensors[n].shape != v.shape for n, v in saved.items()):
+            raise ValueError(unfit + 'the values kept of the dropped units do not match the targets')
         counts = state['counts']
         self.counts = None if counts is None else (_Drops(counts) if counts and isinstance(counts[0], torch.Tensor)
                                                    else tuple(counts))
         self.held = [None if h is None else h.cpu() for h in held]
+        self._saved = {n: v.cpu() for n, v in saved.items()}
+        self._saved_units = [None if u is None else u.cpu() for u in units]
         self.planned = _budget_from(state.get('planned'))
         self.maskset.load_state(state['target_masks'])
         self.scores.load_state(state)

@@ -167,8 +167,9 @@ class GroupTarget:
 
     def drop(self, scores, k): return torch.topk(scores, k, largest=False).indices
 
-    def zero_units(self):
-        "Bool per unit: every entry its masks cover (producer rows and biases, norm scales and shifts) is zero."
+    def zero_units(self, below=0.):
+        """Bool per unit: every entry its masks cover (producer rows and biases, norm scales and shifts) is zero (of a
+        magnitude at most `below`)."""
         live = torch.zeros(self.group.size, dtype=torch.bool)
         for s in self.group.slices:
             if s.role == 'in': continue
@@ -176,7 +177,7 @@ class GroupTarget:
             for name, d in kind_of(m).rows(s.role):
                 p = getattr(m, name, None)
                 if p is None: continue
-                rows = (p.detach() != 0).movedim(d, 0).reshape(p.shape[d], -1).any(1).cpu()
+                rows = (~(p.detach().abs() <= below)).movedim(d, 0).reshape(p.shape[d], -1).any(1).cpu()
                 live[s.start:s.start + s.length] |= rows[s.offset:s.offset + s.length]
         return ~self.group.per_unit(live, 'any')
 
@@ -196,6 +197,30 @@ class GroupTarget:
                 mask = out.setdefault(pname(s.module, name), new)[0]
                 mask[s.offset:s.offset + s.length] &= k
         return {name: mask.view(shape).to(device) for name, (mask, shape, device) in out.items()}
+
+    def dropped(self, masks):
+        "Bool per unit: `masks` (this target's own, as `masks` made them; None: none) drop it."
+        drop = torch.zeros(self.group.size, dtype=torch.bool)
+        for s in self.group.slices:
+            if s.role == 'in' or masks is None: continue
+            for name, _ in kind_of(self.modules[s.module]).rows(s.role):
+                keep = masks.get(pname(s.module, name))
+                if keep is not None: drop[s.start:s.start + s.length] |= ~keep.flatten().cpu()[s.offset:s.offset + s.length]
+        return self.group.per_unit(drop, 'all')
+
+    def state(self, units):
+        """(qualified name, tensor, dim, indices) of every tensor entry that holds `units` (bool per unit): producer
+        rows and biases, depthwise rows, norm scales, shifts and running statistics."""
+        ch = self.group.channels(units)
+        for s in self.group.slices:
+            if s.role == 'in': continue
+            idx = ch[s.start:s.start + s.length].nonzero().flatten() + s.offset
+            if not len(idx): continue
+            m, kind = self.modules[s.module], kind_of(self.modules[s.module])
+            extra = [(b, 0) for b in kind.buffers] if s.role == 'norm' else []
+            for name, d in [*kind.rows(s.role), *extra]:
+                t = getattr(m, name, None)
+                if isinstance(t, torch.Tensor): yield pname(s.module, name), t, d, idx
 
 
 

@@ -90,9 +90,14 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'budget: the finer plan timed is not the plan pruned': (
         'fasterai/sparsifier.py', '        if round(budget.ratio, 9) in costs.plans: return costs.plans[round(budget.ratio, 9)]',
         '        if False: return costs.plans[round(budget.ratio, 9)]'),
-    'budget: masked zeros of the timed copy made 1, not refilled with the values first timed': (
-        'fasterai/sparsifier.py', '            if old is not None and old.shape == p.shape: p.data[near] = old.to(p.device, p.dtype)[near]',
-        '            pass'),
+    'budget: masked units of the timed copy made 1, not given the values they were dropped with': (
+        'fasterai/sparsifier.py', '            for name, _, d, idx in t.state(zero & saved):',
+        '            for name, _, d, idx in t.state(zero & saved & False):'),
+    'sparsify: the values of dropped units are not saved with the state': (
+        'fasterai/sparsifier.py', "                'held': list(self.held), 'saved': dict(self._saved), 'saved_units': list(self._saved_units),",
+        "                'held': list(self.held),"),
+    'sparsify: units a plan releases come back as zeros': (
+        'fasterai/sparsifier.py', '            for name, x, d, idx in t.state(back):', '            for name, x, d, idx in []:'),
     "budget: round_to='auto' never prunes the rounded plan": (
         'fasterai/sparsifier.py', '        if rounded is not None and self._pays(rounded[1], closest, ratio, tol):',
         '        if False:'),

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from fastai.callback.core import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import FlatNet, max_rel_diff, randomize_norms
@@ -335,8 +336,8 @@ def test_denormal_weights_are_timed_as_zeros():
 
 def test_a_latency_measured_mid_training_ignores_the_optimizers_near_zeros():
     """Between a step and the masks' re-application, masked weights hold the optimizer's decaying momentum (1e-37 and
-    the like): their products are denormals, slow on x86. `measure` times copies whose near-zero weights are refilled,
-    the dense reference too, so the ratio is the architecture's whatever that moment holds."""
+    the like): their products are denormals, slow on x86. `measure` times copies whose masked units get back the values
+    they were dropped with, the dense reference too, so the ratio is the architecture's whatever that moment holds."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(32, 8, 1)).eval()
@@ -402,22 +403,74 @@ def test_latency_calibration_gives_back_what_a_stepped_layer_saves(monkeypatch):
     assert int((~_drops_of(sp, sp.masks)[conv2]).sum()) <= 32
 
 
-def test_the_timed_copy_refills_masked_zeros_with_the_values_first_timed():
-    """CPU max pooling branches on its values, and channels of a constant weight pool faster than live ones: a dense
+def test_the_timed_copy_gives_masked_units_the_values_they_were_dropped_with():
+    """CPU max pooling branches on its values, and channels of a constant output pool faster than live ones: a dense
     reference whose masked filters were made 1 timed 5% faster than the dense model, and every plan calibrated
-    against it went too far. `measure` refills them with the values the model had when it was first timed."""
+    against it went too far. `measure` times a copy whose masked units hold the values they had when dropped."""
     torch.manual_seed(0)
     model = Net(in_channels=1).eval()
-    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    randomize_norms(model)
     sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
-    sp._probe()   # first timed while dense
+    first = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    sp.sparsify(20)
+    zero20 = {n: t == 0 for n, t in model.state_dict().items()}
+    with torch.no_grad():   # training moves the live weights; the masked ones stay zero
+        for p in model.parameters(): p.mul_(1.5)
     sp.sparsify(50)
     assert sp.sparsity() > 40
-    probe = sp._probe()
-    for n, p in probe.named_parameters():
-        live = dense[n].abs() >= 1e-12
-        assert torch.equal(p[live], dense[n][live]), n   # masked or not, the values first timed
-        assert (p[~live] == 1).all(), n                  # what was zero then too (a fresh BatchNorm's bias) is made 1
+    probe, now = sp._probe().state_dict(), model.state_dict()
+    for n, p in probe.items():
+        if not p.is_floating_point(): continue
+        zero = now[n] == 0
+        assert torch.equal(p[~zero], now[n][~zero]), n   # live entries as they are
+        assert torch.equal(p[zero20[n]], first[n][zero20[n]]), n   # dropped at 20%: the values of then
+        late = zero & ~zero20[n]
+        assert late.any() == (n.startswith(('conv', 'bn', 'fc1')) and 'running' not in n), n   # (buffers: not masked)
+        assert torch.equal(p[late], first[n][late] * 1.5), n   # dropped at 50%: the values of then
+
+
+def test_units_a_plan_releases_come_back_with_the_values_they_were_dropped_with():
+    """A channel unit is zeroed in every producer row, bias and norm scale and shift: released as zeros it would be
+    dead (constant output; after a norm of zero scale, or before a ReLU, no gradient). A plan that gives units back
+    (a lower sparsity, a recalibrated Latency plan) gives them the values, running statistics included, they had
+    when dropped."""
+    torch.manual_seed(0)
+    model = Net(in_channels=1).eval()
+    randomize_norms(model)
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
+    first = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    sp.sparsify(50)
+    dropped = (model.conv1.weight.detach().flatten(1) == 0).all(1)
+    assert dropped.sum() == 10
+    with torch.no_grad():
+        model.bn1.running_var[dropped] = 0.   # what training a zero channel leaves in its statistics
+    sp.sparsify(0)
+    assert sp.sparsity() == 0
+    for n in ('conv1.weight', 'conv1.bias', 'bn1.weight', 'bn1.bias', 'bn1.running_mean', 'bn1.running_var'):
+        assert torch.equal(model.state_dict()[n], first[n]), n
+
+
+def test_dense_sparse_dense_on_filters_trains_the_filters_it_gives_back():
+    """dsd ramps the sparsity up, then back to zero: the filters it gives back come back with their values and
+    train on (released as zeros, every one stays zero: no gradient reaches a zero filter before a norm of zero
+    scale)."""
+    from test_toolbox import fit
+    from fasterai.sparsifier import SparsifyCallback
+    seen = []
+    class Watch(Callback):
+        order = SparsifyCallback.order + 1
+        def after_batch(self):
+            if self.training: seen.append(self.learn.model.conv2.weight.detach().clone())
+    learn = fit([SparsifyCallback(50, 'filter', 'local', sched_func='dsd', layer_type=LAYERS), Watch()], epochs=4)
+    zero = lambda w: (w.flatten(1) == 0).all(1)
+    most = max(range(len(seen)), key=lambda i: int(zero(seen[i]).sum()))
+    assert zero(seen[most]).sum() == 25
+    back = zero(seen[most])
+    norms = learn.model.conv2.weight.detach().flatten(1).abs().sum(1)
+    # every filter given back is live at the end, as large as the others (released as zeros, a filter is moved only
+    # by what is left of the optimizer's momentum: 1e-6 of the others, and less)
+    assert norms[back].min() > 0.3 * norms[~back].median(), (norms[back], norms[~back])
+    assert not torch.equal(learn.model.conv2.weight.detach()[back], seen[0][back])   # and trained on
 
 
 @pytest.mark.parametrize('method', ['local', 'global'])

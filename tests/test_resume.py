@@ -47,6 +47,7 @@ def fit(learn, cbs, **kw):
 SETTINGS = {
     'filter-l1': dict(sparsity=50, granularity='filter'),
     'weight-global-taylor': dict(sparsity=60, granularity='weight', method='global', criteria='taylor'),
+    'filter-dsd': dict(sparsity=50, granularity='filter', sched_func='dsd'),   # gives back filters after the crash
     'kernel-init-lth': dict(sparsity=40, granularity='kernel', criteria='large_init', lth=True,
                             sched_func='one_shot', end_epoch=3),
 }
