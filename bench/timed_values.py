@@ -60,7 +60,7 @@ def net_row(threads):
     before = sp.measure(budget, masks)
     sp.sparsify(budget)
     after = sp.measure(budget, masks)
-    sp._saved_units = [None if s is None else torch.zeros_like(s) for s in sp._saved_units]   # no values kept: 1
+    sp._saved_units = [None if s is None else torch.zeros_like(s) for s in sp._saved_units]   # none kept: made 1
     ones = sp.measure(budget, masks)
     constant = copy.deepcopy(model)
     with torch.no_grad():

@@ -164,6 +164,7 @@ class Sparsifier(SparsityReport):
         self._saved = {}     # tensor name -> CPU copy holding the values of the channel units the masks dropped
         self._saved_units = [torch.zeros(t.units, dtype=torch.bool) if isinstance(t, GroupTarget) else None
                              for t in self.targets]   # per channel target, the units whose values `_saved` holds
+        self._applied = [None] * len(self.targets)   # each target's masks as `sparsify` last applied them
         self.held = [None] * len(self.targets)   # per target, the units found zero that are never released
         self.example_input, self.costs = example_input, {}   # the cost models of budgets, by budget (ratio aside)
 
@@ -490,27 +491,27 @@ class Sparsifier(SparsityReport):
         """Zero `sparsity` percent (a number, or a dict by layer name) of the targeted units and apply the masks.
         A target is re-scored only when its count of zero units changes ('global': when the total changes).
         Returns True when the masks changed."""
-        before = list(self.maskset.by_target)
         rescored = self._rescore(sparsity)
-        if rescored: self._swap(before)
+        self._swap()   # (also when `plan_masks` planned these masks)
         self.apply_masks()
         if rescored and self.criterion.updating:   # the reference moves only where masks were chosen anew
             self.set_reference([n for t in rescored for n in t.scored()])
         return rescored is not None
 
     @torch.no_grad()
-    def _swap(self, before):
-        """Channel units the masks drop now (were not dropped under `before`, each target's masks before) have their
-        values put aside; units they release get back the values they had when dropped. A channel unit is zeroed in
-        every producer row, bias and norm scale and shift, so released as zeros it would stay dead: its output is
-        constant, and after a norm whose scale is zero, or before a ReLU, no gradient reaches its weights. It would
-        cost what a live channel costs and compute nothing; and as a constant output pools faster on a CPU, the
+    def _swap(self):
+        """Channel units the masks drop now that they did not drop when last applied have their values put aside;
+        units they release get back the values they had when dropped. A channel unit is zeroed in every producer row,
+        bias and norm scale and shift, so released as zeros it would stay dead: its output is constant, and after a
+        norm whose scale is zero, or before a ReLU, no gradient reaches its weights. It would cost what a live channel
+        costs and compute nothing; and as a constant output pools faster on a CPU, the
         pruned model would time faster than the plan timed in the fit (the seed net's Latency(0.5) plans timed
         0.487-0.512 at 2/3 of the fit and 0.454-0.485 after it when units came back as zeros: the rows at 14a50b5 in
         bench/results/budget.md's history). Running statistics come back with them."""
-        for i, (t, old, new) in enumerate(zip(self.targets, before, self.maskset.by_target)):
+        for i, (t, old, new) in enumerate(zip(self.targets, self._applied, self.maskset.by_target)):
             if old is new or self._saved_units[i] is None: continue
             was, now = t.dropped(old), t.dropped(new)
+            self._applied[i] = new
             gone, back = now & ~was, was & ~now & self._saved_units[i]
             for name, x, d, idx in t.state(gone):
                 if name not in self._saved: self._saved[name] = torch.zeros(x.shape, dtype=x.dtype)
@@ -605,6 +606,7 @@ class Sparsifier(SparsityReport):
         self._saved_units = [None if u is None else u.cpu() for u in units]
         self.planned = _budget_from(state.get('planned'))
         self.maskset.load_state(state['target_masks'])
+        self._applied = list(self.maskset.by_target)
         self.scores.load_state(state)
         self.apply_masks()
 

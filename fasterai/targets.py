@@ -205,7 +205,8 @@ class GroupTarget:
             if s.role == 'in' or masks is None: continue
             for name, _ in kind_of(self.modules[s.module]).rows(s.role):
                 keep = masks.get(pname(s.module, name))
-                if keep is not None: drop[s.start:s.start + s.length] |= ~keep.flatten().cpu()[s.offset:s.offset + s.length]
+                if keep is None: continue
+                drop[s.start:s.start + s.length] |= ~keep.flatten().cpu()[s.offset:s.offset + s.length]
         return self.group.per_unit(drop, 'all')
 
     def state(self, units):

@@ -96,6 +96,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     'sparsify: the values of dropped units are not saved with the state': (
         'fasterai/sparsifier.py', "                'held': list(self.held), 'saved': dict(self._saved), 'saved_units': list(self._saved_units),",
         "                'held': list(self.held),"),
+    'sparsify: values put aside only when the masks are planned anew (not after plan_masks)': (
+        'fasterai/sparsifier.py', '        self._swap()   # (also when `plan_masks` planned these masks)',
+        '        if rescored: self._swap()'),
     'sparsify: units a plan releases come back as zeros': (
         'fasterai/sparsifier.py', '            for name, x, d, idx in t.state(back):', '            for name, x, d, idx in []:'),
     "budget: round_to='auto' never prunes the rounded plan": (

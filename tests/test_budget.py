@@ -622,3 +622,16 @@ def test_the_latency_table_persists_between_processes(monkeypatch, tmp_path):
     assert len(first) == len(second)
     monkeypatch.setenv('FASTERAI_CACHE', '')   # empty: nothing written or read
     assert latency.cache_file() is None
+
+
+def test_masks_planned_before_they_are_applied_keep_the_values_they_drop():
+    "`plan_masks` then `sparsify` of the same budget (nothing re-planned): the units it drops still have values kept."
+    torch.manual_seed(0)
+    model = Net(in_channels=1).eval()
+    first = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
+    sp.plan_masks(MACs(0.5))
+    sp.sparsify(MACs(0.5))
+    assert (model.conv2.weight.detach().flatten(1) == 0).all(1).any()
+    sp.sparsify(0)
+    for n, t in model.state_dict().items(): assert torch.equal(t, first[n]), n
