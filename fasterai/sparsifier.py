@@ -296,9 +296,7 @@ class Sparsifier(SparsityReport):
         for t, saved in zip(self.targets, self._saved_units):
             if saved is None: continue
             zero = t.zero_units(NEAR_ZERO)
-            for name, _, d, idx in t.state(zero & saved):
-                x = tensors[name]
-                x.index_copy_(d, idx.to(x.device), self._saved[name].index_select(d, idx).to(x.device, x.dtype))
+            for name, _, d, idx in t.state(zero & saved): self._put_back(name, tensors[name], d, idx)
             for name, _, d, idx in t.state(zero & ~saved):
                 x = tensors[name]
                 if isinstance(x, nn.Parameter): x.index_fill_(d, idx.to(x.device), 1.)
@@ -504,10 +502,10 @@ class Sparsifier(SparsityReport):
         units they release get back the values they had when dropped. A channel unit is zeroed in every producer row,
         bias and norm scale and shift, so released as zeros it would stay dead: its output is constant, and after a
         norm whose scale is zero, or before a ReLU, no gradient reaches its weights. It would cost what a live channel
-        costs and compute nothing; and as a constant output pools faster on a CPU, the
-        pruned model would time faster than the plan timed in the fit (the seed net's Latency(0.5) plans timed
-        0.487-0.512 at 2/3 of the fit and 0.454-0.485 after it when units came back as zeros: the rows at 14a50b5 in
-        bench/results/budget.md's history). Running statistics come back with them."""
+        costs and compute nothing; and as a constant output pools faster on a CPU, the pruned model would time faster
+        than the plan timed in the fit (the seed net's Latency(0.5) plans timed 0.487-0.512 at 2/3 of the fit and
+        0.454-0.485 after it when units came back as zeros: the rows at 14a50b5 in bench/results/budget.md's
+        history). Running statistics come back with them."""
         for i, (t, old, new) in enumerate(zip(self.targets, self._applied, self.maskset.by_target)):
             if old is new or self._saved_units[i] is None: continue
             was, now = t.dropped(old), t.dropped(new)
@@ -516,9 +514,12 @@ class Sparsifier(SparsityReport):
             for name, x, d, idx in t.state(gone):
                 if name not in self._saved: self._saved[name] = torch.zeros(x.shape, dtype=x.dtype)
                 self._saved[name].index_copy_(d, idx, x.detach().index_select(d, idx.to(x.device)).cpu())
-            for name, x, d, idx in t.state(back):
-                x.index_copy_(d, idx.to(x.device), self._saved[name].index_select(d, idx).to(x.device, x.dtype))
+            for name, x, d, idx in t.state(back): self._put_back(name, x, d, idx)
             self._saved_units[i] |= gone
+
+    def _put_back(self, name, x, d, idx):
+        "Entries `idx` along dim `d` of tensor `x` (named `name` in the model) get the values put aside for them."
+        x.index_copy_(d, idx.to(x.device), self._saved[name].index_select(d, idx).to(x.device, x.dtype))
 
     @torch.no_grad()
     def plan_masks(self, sparsity):

@@ -91,8 +91,8 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/sparsifier.py', '        if round(budget.ratio, 9) in costs.plans: return costs.plans[round(budget.ratio, 9)]',
         '        if False: return costs.plans[round(budget.ratio, 9)]'),
     'budget: masked units of the timed copy made 1, not given the values they were dropped with': (
-        'fasterai/sparsifier.py', '            for name, _, d, idx in t.state(zero & saved):',
-        '            for name, _, d, idx in t.state(zero & saved & False):'),
+        'fasterai/sparsifier.py', '            for name, _, d, idx in t.state(zero & saved): self._put_back(name, tensors[name], d, idx)',
+        '            pass'),
     'sparsify: the values of dropped units are not saved with the state': (
         'fasterai/sparsifier.py', "                'held': list(self.held), 'saved': dict(self._saved), 'saved_units': list(self._saved_units),",
         "                'held': list(self.held),"),
@@ -100,7 +100,8 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/sparsifier.py', '        self._swap()   # (also when `plan_masks` planned these masks)',
         '        if rescored: self._swap()'),
     'sparsify: units a plan releases come back as zeros': (
-        'fasterai/sparsifier.py', '            for name, x, d, idx in t.state(back):', '            for name, x, d, idx in []:'),
+        'fasterai/sparsifier.py', '            for name, x, d, idx in t.state(back): self._put_back(name, x, d, idx)',
+        '            pass'),
     "budget: round_to='auto' never prunes the rounded plan": (
         'fasterai/sparsifier.py', '        if rounded is not None and self._pays(rounded[1], closest, ratio, tol):',
         '        if False:'),

@@ -403,15 +403,21 @@ def test_latency_calibration_gives_back_what_a_stepped_layer_saves(monkeypatch):
     assert int((~_drops_of(sp, sp.masks)[conv2]).sum()) <= 32
 
 
-def test_the_timed_copy_gives_masked_units_the_values_they_were_dropped_with():
-    """CPU max pooling branches on its values, and channels of a constant output pool faster than live ones: a dense
-    reference whose masked filters were made 1 timed 5% faster than the dense model, and every plan calibrated
-    against it went too far. `measure` times a copy whose masked units hold the values they had when dropped."""
+def _seed_net_sparsifier(norms=True):
+    "The seed net (eval; its norms randomised unless not `norms`), its 'local' L1 Sparsifier and its state as built."
     torch.manual_seed(0)
     model = Net(in_channels=1).eval()
-    randomize_norms(model)
+    if norms: randomize_norms(model)
     sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
-    first = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return model, sp, {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def test_the_timed_copy_gives_masked_units_the_values_they_were_dropped_with():
+    """CPU max pooling branches on its values, and channels of a constant output pool faster than live ones (0.65 of
+    the time with half of them constant, bench/results/timed_values.md): a dense reference with constant channels
+    runs faster than the dense model, and every plan calibrated against it goes too far. `measure` times a copy whose
+    masked units hold the values they had when dropped."""
+    model, sp, first = _seed_net_sparsifier()
     sp.sparsify(20)
     zero20 = {n: t == 0 for n, t in model.state_dict().items()}
     with torch.no_grad():   # training moves the live weights; the masked ones stay zero
@@ -434,11 +440,7 @@ def test_units_a_plan_releases_come_back_with_the_values_they_were_dropped_with(
     dead (constant output; after a norm of zero scale, or before a ReLU, no gradient). A plan that gives units back
     (a lower sparsity, a recalibrated Latency plan) gives them the values, running statistics included, they had
     when dropped."""
-    torch.manual_seed(0)
-    model = Net(in_channels=1).eval()
-    randomize_norms(model)
-    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
-    first = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    model, sp, first = _seed_net_sparsifier()
     sp.sparsify(50)
     dropped = (model.conv1.weight.detach().flatten(1) == 0).all(1)
     assert dropped.sum() == 10
@@ -626,10 +628,7 @@ def test_the_latency_table_persists_between_processes(monkeypatch, tmp_path):
 
 def test_masks_planned_before_they_are_applied_keep_the_values_they_drop():
     "`plan_masks` then `sparsify` of the same budget (nothing re-planned): the units it drops still have values kept."
-    torch.manual_seed(0)
-    model = Net(in_channels=1).eval()
-    first = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    sp = Sparsifier(model, 'filter', 'local', 'l1', LAYERS, example_input=(2, 1, 28, 28))
+    model, sp, first = _seed_net_sparsifier(norms=False)
     sp.plan_masks(MACs(0.5))
     sp.sparsify(MACs(0.5))
     assert (model.conv2.weight.detach().flatten(1) == 0).all(1).any()
