@@ -9,7 +9,8 @@ the budget from the dense cost, cosine, reached at 2/3 of training) and pruned (
   that meets B;
 - **uniform, round_to auto**: the same with `round_to='auto'`: plans with every group's kept channels a multiple of
   8 timed too, the rounded one pruned where it pays (within 1.5% of B and more MACs kept, or closer);
-- **global**: `method='global'`: the channels least important (L1 over the layer's mean) per unit of B's cost saved;
+- **global**: `method='global'`: the channels least important per unit of B's cost saved (a channel's share of the L1
+  its group keeps, times the square root of the group's cost: `fasterai.budget._shares`, `BALANCE`);
 - **global, round_to auto**: the same with `round_to='auto'`: plans ranked in blocks that keep every group's
   channels a multiple of 8 (16, 32) timed too, the rounded one pruned where it pays;
 - **global, Taylor**: the same with `criteria='taylor'` (first-order loss change, accumulated over the steps);

@@ -60,6 +60,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
         'fasterai/budget.py', "    if role == 'in': return pname == kind.weight", "    if role == 'in': return False"),
     'budget: ranked by score alone, not per cost saved': (
         'fasterai/budget.py', '        s = s / save.clamp_min(1e-300)', '        s = s / 1'),
+    "budget: 'global' ranks by score over the group's mean, not by the share of the scores it keeps": (
+        'fasterai/budget.py', '    out[order] = v / v.flip(0).cumsum(0).flip(0).clamp_min(1e-300)',
+        '    out[order] = v / v.mean().clamp_min(1e-300)'),
     'budget: held units released': (
         'fasterai/budget.py', '    lo, hi = int(torch.isneginf(flat).sum()), top', '    lo, hi = 0, top'),
     'budget: no unit put back after the plan stops below the ratio': (

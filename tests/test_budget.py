@@ -116,6 +116,17 @@ def test_global_budget_removes_the_costliest_of_equally_important_channels():
     assert by_macs['conv1'] > 0 == by_macs['conv2'] and by_params['conv2'] > 0 == by_params['conv1'], (by_macs, by_params)
 
 
+def test_global_budget_thins_every_group_before_it_empties_one():
+    """A group's units grow more important as it thins (`_shares`): with every score equal, 'global' at 0.3 of the
+    parameters takes some units of every group, the most (as a fraction) of the one whose channels hold the most
+    parameters, and leaves each more than a quarter of its width. Ranked by score over the group's mean, conv2 kept 3
+    of its 16 channels and the other groups all of theirs."""
+    sp = Sparsifier(TwoScales(), 'filter', 'global', 'l1', LAYERS, example_input=(2, 3, 32, 32))
+    sp.sparsify(Params(0.3))
+    kept = {t.name: int((~t.zero_units()).sum()) / t.units for t in sp.targets}
+    assert all(0.25 < k < 1 for k in kept.values()) and min(kept, key=kept.get) == 'conv2', kept
+
+
 @pytest.mark.parametrize('bad,match', [
     (dict(target=MACs(0.5), sparsity=30), 'not both'), (dict(), 'not neither'),
     (dict(target='macs'), r'a budget must be one of MACs\(ratio\), Params\(ratio\), Latency\(ratio\)'),
