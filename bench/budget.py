@@ -115,7 +115,7 @@ def child(arch, n_train, epochs, seed, runs, threads):
     from fastai.metrics import accuracy
     import fastai.callback.schedule  # noqa: F401
     from accuracy import SmallResNet
-    from fasterai.budget import reached
+    import fasterai.budget as budgets
     from fasterai.distill import KnowledgeDistillationCallback
     from fasterai.latency import latency_ratio
     from fasterai.pruner import Pruner
@@ -136,7 +136,7 @@ def child(arch, n_train, epochs, seed, runs, threads):
     teacher.model.eval()
     print(json.dumps(dict(arch=arch, seed=seed, budget='dense', method='', acc=dense, sparse=dense, macs=1., params=1.,
                           latency=1., reached=1., threads=threads)), flush=True)
-    sens = None
+    sens, default_balance = None, budgets.BALANCE
     for bname, method in runs:
         budget = budget_of(bname, threads)
         torch.manual_seed(seed)
@@ -148,6 +148,8 @@ def child(arch, n_train, epochs, seed, runs, threads):
             cb = SparsifyCallback(sens.sparsities(budget), 'filter', 'local', 'l1', 'cos', layer_type=layers,
                                   end_epoch=2 * epochs / 3)
         else:
+            balanced = re.fullmatch(r'global, balance ([0-9.]+)', method)   # bench/balance.py's rows
+            budgets.BALANCE = float(balanced[1]) if balanced else default_balance
             cb = SparsifyCallback(target=budget, method='local' if method.startswith('uniform') else 'global',
                                   criteria='taylor' if method == TAYLOR else 'l1', layer_type=layers,
                                   end_epoch=2 * epochs / 3, round_to='auto' if method in (AUTO, GLOBAL_AUTO) else None)

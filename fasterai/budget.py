@@ -330,8 +330,8 @@ def plan_drops(costs, scores, ratio, method, count, fill=True, trade=False):
     else:
         dropped = torch.zeros(len(costs.n), dtype=torch.float64)
         for _ in range(2):   # rank at dense widths, then again at the widths the first plan leaves
-            chosen, ranked = _global_prefix(costs, scores, costs.savings(dropped), ratio)
-            if any(_steps(t) for t in costs.targets): chosen = _global_blocks(costs, ranked, ratio)
+            ranked = _rank(costs, scores, costs.savings(dropped))
+            chosen = (_global_blocks if any(_steps(t) for t in costs.targets) else _global_prefix)(costs, ranked, ratio)
             dropped = costs.dropped_at(chosen)
         # put back first the unit ranked most important per unit of cost saved
         first = lambda i, k: float(ranked[i][costs.orders[i][k - 1]])
@@ -393,9 +393,9 @@ def _trade(costs, ks, ranked, ratio, first, floor):
     return best
 
 
-def _global_prefix(costs, scores, savings, ratio):
-    """Units per target of the shortest prefix, in one ranking over all targets, that meets the ratio; and the ranking
-    (per target, each unit's score over its cost saved)."""
+def _rank(costs, scores, savings):
+    """Per target, each unit's key in the ranking over all targets (its share of the scores, weighted by the target's
+    cost, over the cost it saves: see `plan_drops`), each target's best unit at inf; the targets' orders set by it."""
     ranked = []
     for s, save in zip(scores, savings):
         s, finite = s.double(), torch.isfinite(s)
@@ -404,6 +404,11 @@ def _global_prefix(costs, scores, savings, ratio):
         s[torch.argmax(torch.where(torch.isneginf(s), -math.inf, s))] = math.inf   # each target keeps its best unit
         ranked.append(s)
     costs.set_orders([torch.sort(s, stable=True).indices for s in ranked])
+    return ranked
+
+
+def _global_prefix(costs, ranked, ratio):
+    "Units per target of the shortest prefix, in the ranking (`_rank`) over all targets, that meets the ratio."
     flat = torch.cat(ranked)
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(ranked)])
     order = owner[torch.sort(flat, stable=True).indices]
@@ -415,7 +420,7 @@ def _global_prefix(costs, scores, savings, ratio):
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if costs.ratio(ks(mid)) <= ratio else (mid + 1, hi)
-    return ks(lo), ranked
+    return ks(lo)
 
 
 BALANCE = 0.5

@@ -8,7 +8,7 @@ from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
 
-from .budget import Latency, check_budget
+from .budget import Latency, Params, check_budget, reached
 from .criteria import resolve_criterion
 from .granularity import STRUCTURAL, resolve_granularity
 from .schedules import annealing_cos, resolve_schedule
@@ -62,7 +62,9 @@ class SparsifyCallback(Callback):
     schedule ramps the cost from the dense model's down to it, and at each step the Sparsifier zeroes the channels
     that meet it ('local': one percentage for every group; 'global': the channels least important per unit of cost
     saved). `history` then records (epoch, planned ratio, reached ratio); a Latency budget is timed on pruned copies
-    on the first batch and at the end.
+    on the first batch and at the end. With `prune_every` the budget stays a ratio of the dense model's cost: after a
+    pruning the plans ask the smaller model for the budget over the share of it that is left (counted, or timed
+    against a copy of the model taken before the first pruning).
     """
     order = 55         # after Recorder (which prints the epoch row), before ProgressCallback (the header)
     run_valid = False
@@ -78,8 +80,9 @@ class SparsifyCallback(Callback):
             if resolve_granularity(granularity) not in STRUCTURAL:
                 raise ValueError(f"a budget chooses whole channels: it needs granularity='filter' (or 'row', 'head'), "
                                  f'got {granularity!r}')
-            if prune_every is not None or start_sparsity:
-                raise ValueError('a budget does not combine with prune_every or start_sparsity yet')
+            if start_sparsity:
+                raise ValueError(f'start_sparsity is a percentage ({start_sparsity!r}); a budget ramps the cost from the '
+                                 "dense model's: give start_epoch instead, or a sparsity")
         self.sparsity = None if sparsity is None else check_sparsities(sparsity, check_method(method))   # target %
         self.start_sparsity = check_sparsity(start_sparsity)    # percentage at the start of training
         self.granularity = granularity                          # see GRANULARITIES, 'N:M' or a dims tuple
@@ -102,6 +105,7 @@ class SparsifyCallback(Callback):
                              "Params(...) or Latency(...) instead of a sparsity, or use method='local'")   # the first batch)
         self.prune_every = _check_prune_every(prune_every, granularity, lth, criteria)   # epochs between prunings
         self.sparsifier, self.history, self._rewind, self._origins, self._dense = None, [], None, None, None
+        self._scale, self._reference = 1., None   # prune_every with a budget: dense cost over the current model's
         self._start = self.start_sparsity   # the schedule's start in this fit: raised to the sparsity found
 
     def planned(self, epoch, n_epoch):
@@ -117,6 +121,28 @@ class SparsifyCallback(Callback):
             return {k: self.sched_func(min(start, v), v, pos) for k, v in self.sparsity.items()}
         return self.sched_func(min(start, self.sparsity), self.sparsity, pos)
 
+    def _here(self, budget):
+        """`budget` (a ratio of the dense model's cost) as a ratio of the current model's: the same after
+        `prune_every` has removed channels (the Sparsifier's dense model is then the pruned one)."""
+        return budget if self._scale == 1 else budget.at(min(budget.ratio * self._scale, 1.))
+
+    def _cost_ratio(self, measure=False):
+        "The budget's cost ratio of the model now (modelled, or `measure`d), over the dense model's."
+        here = self._here(self.target)
+        return (self.sparsifier.measure(here) if measure else self.sparsifier.cost_ratio(here)) / self._scale
+
+    def _count(self):
+        "The model's MACs or parameters, as the budget counts them."
+        from .report import count_macs, count_params
+        model = unwrap(self.learn.model)
+        return count_params(model) if isinstance(self.target, Params) else count_macs(model, self._example)
+
+    def _rescale(self):
+        """With `prune_every` and a budget: the dense model's cost over the current model's, counted (MACs,
+        parameters) or timed against a copy of the model taken before the first pruning (latency)."""
+        if not isinstance(self.target, Latency): self._scale = self._reference / self._count(); return
+        self._scale = 1 / reached(self.target, self._reference, unwrap(self.learn.model), self._example)
+
     # ------------------------------------------------------------ events
     def before_fit(self):
         if any(isinstance(c, LRFinder) for c in self.learn.cbs):
@@ -127,7 +153,8 @@ class SparsifyCallback(Callback):
         layers = find_layers(model, targeted_type(g, self.layer_type), self.exclude, g)
         if self.sparsifier is not None and self.sparsifier.model is not model:
             self.sparsifier = None   # learn.model was replaced (learn.prune()): traced anew on the first batch
-            self._origins = self._dense = None
+            self._origins = self._dense = self._reference = None
+            self._scale = 1.
         self.history, self._rewind, self._measured, self._ready, self._retimed = [], None, 0., False, False
         self._start = self.start_sparsity
         # fine_tune's first phase (learn.freeze()): frozen layers cannot recover, so the sparsity is held
@@ -160,14 +187,14 @@ class SparsifyCallback(Callback):
             xb = tuple(x[:8].detach().clone() for x in self.xb) if self.prune_every else tuple(self.xb)
             self._build(xb[0] if len(xb) == 1 else xb)
         if self.target is not None and not self._frozen:
-            if isinstance(self.target, Latency) and not self.sparsifier.cost_model(self.target).measured:
-                got = self.sparsifier.calibrate(self.target)
+            if isinstance(self.target, Latency) and not self.sparsifier.cost_model(self._here(self.target)).measured:
+                got = self.sparsifier.calibrate(self._here(self.target)) / self._scale
                 print(f'Latency budget: {self.sparsifier.cost_model(self.target).timed} pruned copies timed '
                       f'(the closest at {got:.3f} of the dense model)')
                 if got > self.target.ratio + 0.03:
                     print(f'Latency budget {self.target.ratio:g} looks out of reach: the closest plan timed at '
                           f'{got:.3f} of the dense model; the schedule goes as far as the targeted layers can')
-            self.sparsifier._budget_drops(self.target)   # an unreachable budget raises now, not epochs later
+            self.sparsifier._budget_drops(self._here(self.target))   # an unreachable budget raises now, not epochs later
         state = self.learn.__dict__.pop('_sparsify_resume', None)   # left by learn.load (see below)
         if state is not None and any(isinstance(c, SkipToEpoch) for c in self.learn.cbs):
             self.load_state_dict(state)   # fit(..., start_epoch=k) after learn.load: the same run goes on
@@ -183,12 +210,14 @@ class SparsifyCallback(Callback):
         kept for the prunings, and after one the removed units count as zero."""
         self.sparsifier = Sparsifier(self.learn.model, self.granularity, self.method, self.criteria, self.layer_type,
                                      example, self.leaf_modules, self.exclude, self.round_to)
-        self.sparsifier.final = self.target
+        self.sparsifier.final = None if self.target is None else self._here(self.target)
         if not self.prune_every: return
         self._example = example
         if self._origins is None:
             self._origins = {t.name: t.units for t in self.sparsifier.targets}
             self._dense = {n: (rows.numel(), getattr(m, weights_of(m)[0]).numel()) for n, m, rows in self._rows()}
+            if self.target is not None:   # the dense cost, or for latency the dense model to time against
+                self._reference = self.sparsifier._probe() if isinstance(self.target, Latency) else self._count()
         else:
             self.sparsifier.set_origins(self._origins)
 
@@ -216,12 +245,12 @@ class SparsifyCallback(Callback):
         planned = 0. if self._frozen else self.planned(epoch, self.n_epoch)   # held: only the units found zero
         if isinstance(self.target, Latency) and not self._frozen and planned == self.target and not self._retimed:
             self._retimed = True   # the schedule reached the budget: time the plans of the trained weights
-            got = self.sparsifier.calibrate(self.target, fresh=True)
+            got = self.sparsifier.calibrate(self._here(self.target), fresh=True) / self._scale
             print(f'Latency budget reached by the schedule: {self.sparsifier.cost_model(self.target).timed} plans timed '
                   f'again, the closest at {got:.3f} of the dense model')
-        if self.sparsifier.sparsify(planned):
+        if self.sparsifier.sparsify(self._here(planned) if self.target is not None and planned else planned):
             if self.lth and self._rewind is not None: self._rewind_weights()
-            self._measured = self.measured() if self.target is None else self.sparsifier.cost_ratio(self.target)
+            self._measured = self.measured() if self.target is None else self._cost_ratio()
         if self.target is not None and not self._frozen: planned = planned.ratio
         self.history.append((epoch, self._measured if self._frozen else planned, self._measured))
 
@@ -234,7 +263,7 @@ class SparsifyCallback(Callback):
     def after_epoch(self):
         if self.sparsifier is None: return
         budget = '' if self.target is None else \
-            f' ({self.target.metric} at {self.sparsifier.cost_ratio(self.target):.3f} of the dense model)'
+            f' ({self.target.metric} at {self._cost_ratio():.3f} of the dense model)'
         print(f'Sparsity at epoch {self.epoch}: {self.measured():.2f}%{budget}')
         if self.prune_every and not self._frozen and (self.epoch + 1) % self.prune_every == 0: self._prune()
 
@@ -246,12 +275,20 @@ class SparsifyCallback(Callback):
         self.sparsifier.hold_zeros()   # a group's last channel, kept though zero, stays zero
         left = sum(p.numel() for p in self.learn.model.parameters())
         print(f'Pruned after epoch {self.epoch}: {left:,} parameters left of {dense:,}')
+        if self.target is None: return
+        self._rescale()
+        self.sparsifier.final = self._here(self.target)
+        if isinstance(self.target, Latency) and self._here(self.target).ratio < 1 and self.epoch + 1 < self.n_epoch:
+            # the plans of the smaller model timed (the ones timed before were of the model it was)
+            got = self.sparsifier.calibrate(self._here(self.target)) / self._scale
+            print(f'Latency budget: {self.sparsifier.cost_model(self.target).timed} plans of the pruned model timed '
+                  f'(the closest at {got:.3f} of the dense model)')
 
     def after_fit(self):
         if self.sparsifier is not None and not self._frozen:
             print(f'Final Sparsity: {self.measured():.2f}')
             if self.target is not None:
-                got = self.sparsifier.measure(self.target)
+                got = self._cost_ratio(measure=True)
                 print(f'Final {self.target.metric}: {got:.3f} of the dense model once pruned '
                       f'({"timed" if isinstance(self.target, Latency) else "counted"}; asked {self.target.ratio:g})')
 

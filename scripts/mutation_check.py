@@ -63,6 +63,9 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     "budget: 'global' ranks by score over the group's mean, not by the share of the scores it keeps": (
         'fasterai/budget.py', '    out[order] = v / v.flip(0).cumsum(0).flip(0).clamp_min(1e-300)',
         '    out[order] = v / v.mean().clamp_min(1e-300)'),
+    'budget: after a prune_every pruning, the budget asked of the smaller model as it stands': (
+        'fasterai/callback.py', '        return budget if self._scale == 1 else budget.at(min(budget.ratio * self._scale, 1.))',
+        '        return budget'),
     'budget: held units released': (
         'fasterai/budget.py', '    lo, hi = int(torch.isneginf(flat).sum()), top', '    lo, hi = 0, top'),
     'budget: no unit put back after the plan stops below the ratio': (

@@ -131,7 +131,7 @@ def test_global_budget_thins_every_group_before_it_empties_one():
     (dict(target=MACs(0.5), sparsity=30), 'not both'), (dict(), 'not neither'),
     (dict(target='macs'), r'a budget must be one of MACs\(ratio\), Params\(ratio\), Latency\(ratio\)'),
     (dict(target=MACs(0.5), granularity='weight'), "needs granularity='filter'"),
-    (dict(target=MACs(0.5), prune_every=1), 'does not combine with prune_every'),
+    (dict(target=MACs(0.5), start_sparsity=10), 'start_sparsity is a percentage'),
     (dict(target=MACs(0.5), round_to='8'), "round_to must be a positive int.*'auto'"),
     (dict(sparsity=30, method='global', round_to=8), "round_to with method='global' rounds the plans of a budget"),
 ])
@@ -185,6 +185,54 @@ def test_callback_ramps_a_budget_and_reaches_it(budget):
     real = count_macs(pruned, (1, 1, 28, 28)) / count_macs(dense, (1, 1, 28, 28)) if isinstance(budget, MACs) else \
         count_params(pruned) / count_params(dense)
     assert budget.ratio - 0.01 <= real <= budget.ratio and abs(real - final) < 1e-3
+
+
+def _fit_pruning_every_epoch(budget, epochs=3):
+    "The seed net fitted `epochs` epochs to `budget` with prune_every=1: (learner, callback, printed, dense copy)."
+    import copy
+    from fastai.learner import Learner
+    import fastai.callback.schedule  # noqa: F401
+    from fasterai.examples import fashion_mnist_dls
+    from fasterai.sparsifier import SparsifyCallback
+    torch.manual_seed(0)
+    dls = fashion_mnist_dls(n_train=512, n_valid=128, bs=64)
+    learn = Learner(dls, Net(in_channels=1))
+    dense = copy.deepcopy(learn.model)
+    cb = SparsifyCallback(target=budget, method='global', layer_type=LAYERS, prune_every=1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), learn.no_bar(): learn.fit_one_cycle(epochs, 1e-3, cbs=cb)
+    return learn, cb, out.getvalue(), dense
+
+
+@pytest.mark.parametrize('budget', [MACs(0.5), Params(0.3)], ids=repr)
+def test_prune_every_counts_a_budget_against_the_dense_model(budget):
+    """With prune_every the model shrinks after every epoch, and the budget stays a ratio of the dense model's cost:
+    the model the fit ends with lands within 1% below it (the plans after a pruning ask the smaller model for the
+    budget over what it has left; asked of it as they stand, the second epoch would halve the MACs again)."""
+    learn, cb, text, dense = _fit_pruning_every_epoch(budget)
+    assert text.count('Pruned after epoch') == 3
+    x = (1, 1, 28, 28)
+    real = count_macs(learn.model, x) / count_macs(dense, x) if isinstance(budget, MACs) else \
+        count_params(learn.model) / count_params(dense)
+    final = float(re.search(rf'Final {budget.metric}: (\d\.\d+) of the dense model once pruned', text).group(1))
+    assert budget.ratio - 0.01 <= real <= budget.ratio and abs(real - final) < 1e-3, (real, final)
+    planned = [h[1] for h in cb.history]
+    assert planned == sorted(planned, reverse=True) and planned[-1] == budget.ratio
+    assert all(r <= p + 1e-9 for _, p, r in cb.history)   # every step meets its planned cost, of the dense model
+
+
+def test_prune_every_times_a_latency_budget_against_the_dense_model(monkeypatch):
+    """A Latency budget with prune_every: the model after a pruning is timed against a copy of the dense one (here the
+    timing is a stand-in, the MACs ratio, so that the test is exact), and the plans ask it for the rest."""
+    def macs_ratio(model, reference, example_input, threads=None, **kw):
+        return count_macs(model, example_input[:1]) / count_macs(reference, example_input[:1])
+    monkeypatch.setattr('fasterai.latency.latency_ratio', macs_ratio)
+    learn, cb, text, dense = _fit_pruning_every_epoch(Latency(0.5, batch_size=8), epochs=2)
+    assert text.count('Pruned after epoch') == 2 and text.count('plans of the pruned model timed') == 1
+    real = count_macs(learn.model, (1, 1, 28, 28)) / count_macs(dense, (1, 1, 28, 28))
+    final = float(re.search(r'Final latency: (\d\.\d+) of the dense model once pruned', text).group(1))
+    assert abs(real - 0.5) <= 0.03 and abs(real - final) < 1e-3, (real, final)
+    assert cb._scale == pytest.approx(1 / real, rel=1e-6)
 
 
 def test_latency_calibration_maps_modelled_to_measured(monkeypatch):
