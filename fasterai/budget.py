@@ -426,10 +426,9 @@ def _global_prefix(costs, ranked, ratio):
 BALANCE = 0.5
 """How a 'global' budget plan weighs each channel group's cost: a unit's importance (`_shares`) times the group's cost
 to this power. At 0 the plan evens out what every group keeps of the cost (a costly group thins most); at 1, with
-equal scores, every group keeps the same fraction of its units, whatever it costs (as 'local' does). The small ResNet
-at half its latency, seeds 0 / 1, 3 epochs (/tmp runs of bench/budget.py's 'global' row, the key patched): 0 gave
-74.65 / -, 0.5 gave 76.41 / 76.88, 1 gave 77.91 / 78.86; 'local' 77.78 / 76.70. The seed net at 0.3 of its
-parameters: 0.5 gave 84.40, 1 gave 82.59 ('local' 82.13). 0.5 is the compromise."""
+equal scores, every group keeps the same fraction of its units, whatever it costs (as 'local' does). On
+bench/results/balance.md (seeds 0 and 1, points against 'local'): the small ResNet at half its latency -6.82 at 0,
+-2.28 at 0.5, -0.35 at 1; the seed net at 0.3 of its parameters +0.40, +1.07 and -0.75. 0.5 is the compromise."""
 
 
 def _shares(s):
