@@ -74,8 +74,8 @@ MUTATIONS = {   # name: (file, line as it is, line broken)
     "budget: the final 'global' plan keeps the costly unit it stops on": (
         'fasterai/budget.py', '    if trade and method != \'local\': chosen', '    if False: chosen'),
     "budget: 'global' with round_to plans units one at a time": (
-        'fasterai/budget.py', '            if any(_steps(t) for t in costs.targets): chosen',
-        '            if False: chosen'),
+        'fasterai/budget.py', '            chosen = (_global_blocks if any(_steps(t) for t in costs.targets) else _global_prefix)',
+        '            chosen = (_global_prefix)'),
     'latency: timed with the allocator as the process left it': (
         'fasterai/latency.py', '        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)\n        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)',
         '        pass'),

@@ -113,3 +113,14 @@ def test_only_the_block_between_the_markers_changes():
     assert collect.readme_block(collect.with_headlines(readme, '- a')) == '- a'
     with pytest.raises(ValueError, match='needs one'):
         collect.with_headlines('# no markers\n', '- a')
+
+
+def test_every_mutation_of_the_safety_net_still_finds_its_line():
+    """scripts/mutation_check.py breaks one line per mutation; a line the code no longer holds (renamed, refactored)
+    would stop the script at that mutation, so each must be found exactly once in its file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('mutation_check', ROOT / 'scripts' / 'mutation_check.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    missing = [n for n, (f, line, _) in mod.MUTATIONS.items() if (ROOT / f).read_text().count(line) != 1]
+    assert not missing, missing
