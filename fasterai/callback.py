@@ -187,7 +187,7 @@ class SparsifyCallback(Callback):
             xb = tuple(x[:8].detach().clone() for x in self.xb) if self.prune_every else tuple(self.xb)
             self._build(xb[0] if len(xb) == 1 else xb)
         if self.target is not None and not self._frozen:
-            if isinstance(self.target, Latency) and not self.sparsifier.cost_model(self._here(self.target)).measured:
+            if isinstance(self.target, Latency) and not self.sparsifier.cost_model(self.target).measured:
                 got = self.sparsifier.calibrate(self._here(self.target)) / self._scale
                 print(f'Latency budget: {self.sparsifier.cost_model(self.target).timed} pruned copies timed '
                       f'(the closest at {got:.3f} of the dense model)')
